@@ -1,0 +1,1 @@
+"""natlab: real kernel NATs in network namespaces, to prove NAT traversal."""

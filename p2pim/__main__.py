@@ -1,0 +1,3 @@
+from p2pim.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""The result of `p2pim nat`: one dataclass, rendered as a table or JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .classify import ADVICE, Behaviour, Label
+
+Addr = tuple[str, int]
+
+
+@dataclass
+class LifetimeResult:
+    """How long an idle UDP binding survived (RFC 5780 §4.6)."""
+
+    #: Longest idle time (s) after which a binding still let the server's answer in.
+    alive_for: float | None
+    #: Shortest idle time (s) after which a binding was gone; None: none died.
+    dead_after: float | None
+    #: Keepalive interval this implies (s).
+    keepalive: float
+    #: Longest idle time tested (s).
+    tested_up_to: float
+
+
+@dataclass
+class NatReport:
+    """Everything `p2pim nat` found; ``None`` fields could not be measured (see ``notes``)."""
+
+    server: Addr
+    #: "rfc5780" (OTHER-ADDRESS), "rfc3489" (CHANGED-ADDRESS), "single-address", or "no answer".
+    server_kind: str
+    alternate: Addr | None = None
+    local: Addr | None = None
+    mapped: Addr | None = None
+    rtt_ms: float | None = None
+    nat_present: bool | None = None
+    mapping: Behaviour = Behaviour.UNKNOWN
+    filtering: Behaviour = Behaviour.UNKNOWN
+    port_preserved: bool | None = None
+    hairpin: bool | None = None
+    label: Label = Label.UNKNOWN
+    lifetime: LifetimeResult | None = None
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    #: Datagrams that arrived but were not STUN or matched no probe.
+    ignored_datagrams: int = 0
+
+    @property
+    def responded(self) -> bool:
+        return self.mapped is not None
+
+    def to_json(self) -> dict[str, Any]:
+        def addr(a: Addr | None) -> str | None:
+            return _fmt(a) if a else None
+
+        return {
+            "server": addr(self.server),
+            "server_kind": self.server_kind,
+            "alternate": addr(self.alternate),
+            "local": addr(self.local),
+            "mapped": addr(self.mapped),
+            "rtt_ms": self.rtt_ms,
+            "nat_present": self.nat_present,
+            "mapping": self.mapping.value,
+            "filtering": self.filtering.value,
+            "port_preserved": self.port_preserved,
+            "hairpin": self.hairpin,
+            "label": self.label.value,
+            "lifetime": None if self.lifetime is None else dict(self.lifetime.__dict__),
+            "notes": list(self.notes),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "ignored_datagrams": self.ignored_datagrams,
+        }
+
+    def render(self) -> str:
+        """Human table."""
+        kind = {
+            "rfc5780": "RFC 5780",
+            "rfc3489": "RFC 3489",
+            "single-address": "cannot change address",
+            "no answer": "no answer",
+        }.get(self.server_kind, self.server_kind)
+        head = f"STUN server {_fmt(self.server)} ({kind}"
+        if self.alternate:
+            head += f", alternate {_fmt(self.alternate)}"
+        if self.rtt_ms is not None:
+            head += f", RTT {self.rtt_ms:.1f} ms"
+        head += ")"
+        rows = [
+            ("NAT type", self.label.value),
+            ("Mapped address", _fmt(self.mapped) if self.mapped else "-"),
+            ("Local address", _fmt(self.local) if self.local else "-"),
+            ("Behind a NAT", _yesno(self.nat_present)),
+            ("Mapping", self.mapping.value),
+            ("Filtering", self.filtering.value),
+            ("Port preservation", self._nat_only(self.port_preserved)),
+            ("Hairpinning", self._nat_only(self.hairpin)),
+            ("Binding lifetime", self._lifetime_text()),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [head, ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines += ["", f"  {ADVICE[self.label]}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  ({self.elapsed_s:.2f} s)")
+        return "\n".join(lines)
+
+    def _nat_only(self, v: bool | None) -> str:
+        return "n/a (no NAT)" if self.nat_present is False else _yesno(v)
+
+    def _lifetime_text(self) -> str:
+        lt = self.lifetime
+        if lt is None:
+            return "not measured (--lifetime)"
+        if lt.alive_for is None and lt.dead_after is None:
+            return "unknown"
+        if lt.dead_after is None:
+            span = f"over {lt.alive_for:g} s (tested up to {lt.tested_up_to:g} s)"
+        elif lt.alive_for is None:
+            span = f"under {lt.dead_after:g} s"
+        else:
+            span = f"{lt.alive_for:g}-{lt.dead_after:g} s"
+        return f"{span}; keepalive every {lt.keepalive:g} s"
+
+
+def _fmt(a: Addr) -> str:
+    return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def _yesno(v: bool | None) -> str:
+    return "unknown" if v is None else ("yes" if v else "no")

@@ -1,0 +1,1 @@
+"""The rendezvous server: STUN service now; accounts, presence and relay to come."""

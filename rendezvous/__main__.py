@@ -1,0 +1,3 @@
+from rendezvous.cli import main
+
+raise SystemExit(main())

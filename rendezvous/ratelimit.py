@@ -1,0 +1,45 @@
+"""Per-key token buckets with a bounded table.
+
+Used for the STUN service (per source IP) and, later, logins (per user and per
+address). Time is passed in, so tests drive it with a fake clock.
+
+The table is bounded: an attacker spraying source addresses must not grow our
+memory without limit. When full, the least recently seen key is forgotten,
+which at worst gives that key a fresh bucket: a bounded leak of tokens,
+never unbounded memory.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+DEFAULT_MAX_KEYS = 65536
+
+
+class RateLimiter:
+    """Allow ``rate`` events per second per key, with bursts up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        # key -> (tokens, time of last refill); most recently used last.
+        self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: Hashable, now: float) -> bool:
+        """Take one token for ``key``; False when its bucket is empty."""
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)
