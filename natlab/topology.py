@@ -1,0 +1,273 @@
+"""Topologies of network namespaces: a public segment and private LANs behind NATs.
+
+::
+
+      [rdv 203.0.113.10,.11]   [pub1 203.0.113.20]        public segment 203.0.113.0/24
+               |                     |                    (bridge br0 in namespace "inet")
+     ==========+=========+===========+==========+==========
+                         |                      |
+                 wan 203.0.113.101       wan 203.0.113.102
+                 [nat1: NAT profile]     [nat2: ...]        routers (nftables)
+                 lan 10.0.1.1/24         lan 10.0.2.1/24    (bridge "lan")
+                   |        |               |
+                 [h1 .2]  [h2 .3]         [h3 10.0.2.2]     hosts, default route via the router
+
+Every namespace is named ``<prefix>-<node>``, with a per-run prefix starting with
+:data:`~natlab.netns.TAG`. Nothing is routed to the host's own network: these
+addresses exist only inside the namespaces. Use a :class:`Topology` as a context
+manager so it is torn down also on failure; ``natlab down --all`` removes what a
+crashed run left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import netns
+from .netns import LabError, ip, nsexec, sh
+from .profiles import NatProfile, ruleset, sysctls
+
+PUBLIC_NET = "203.0.113"  # TEST-NET-3 (RFC 5737): never routed anywhere
+STATE_DIR = Path("/run/natlab")
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+
+def new_prefix() -> str:
+    return f"{netns.TAG}{secrets.token_hex(3)}"
+
+
+@dataclass
+class Node:
+    name: str
+    ns: str
+    kind: str  # "public", "router" or "host"
+    addresses: list[str] = field(default_factory=list)
+    #: For a host: its router's name. For a router: its WAN address is addresses[0].
+    router: str | None = None
+    #: For a router: its profile and LAN subnet.
+    profile: NatProfile | None = None
+    lan_net: str | None = None
+
+    @property
+    def ip(self) -> str:
+        return self.addresses[0]
+
+
+class Topology:
+    """Build with ``add_public`` / ``add_nat`` / ``add_host``; each acts at once."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        reason = netns.missing_requirements()
+        if reason:
+            raise LabError(reason)
+        self.prefix = prefix or new_prefix()
+        if not self.prefix.startswith(netns.TAG):
+            raise LabError(f"prefix must start with {netns.TAG!r}")
+        self.nodes: dict[str, Node] = {}
+        self._next_public = 20
+        self._next_wan = 101
+        self._next_lan = 1
+        self._hosts_on: dict[str, int] = {}
+        self.inet = f"{self.prefix}-inet"
+        self._created: list[str] = []
+        try:
+            self._make_ns(self.inet)
+            ip(self.inet, "link", "add", "br0", "type", "bridge")
+            ip(self.inet, "link", "set", "br0", "up")
+        except Exception:
+            self.down()
+            raise
+
+    # -- building ------------------------------------------------------------
+    def _make_ns(self, ns: str) -> None:
+        sh(["ip", "netns", "add", ns])
+        self._created.append(ns)
+        ip(ns, "link", "set", "lo", "up")
+
+    def _new_node(self, name: str, kind: str) -> Node:
+        if not _NAME.match(name) or name == "inet":
+            raise LabError(f"node name {name!r}: 1-10 lowercase letters/digits, starting with a letter")
+        if name in self.nodes:
+            raise LabError(f"node {name!r} exists")
+        node = Node(name, f"{self.prefix}-{name}", kind)
+        self._make_ns(node.ns)
+        self.nodes[name] = node
+        return node
+
+    def _plug_public(self, node: Node, ifname: str) -> None:
+        """A veth from ``node`` (named ``ifname``) to the public bridge."""
+        ip(self.inet, "link", "add", node.name, "type", "veth", "peer", "name", ifname, "netns", node.ns)
+        ip(self.inet, "link", "set", node.name, "master", "br0")
+        ip(self.inet, "link", "set", node.name, "up")
+        ip(node.ns, "link", "set", ifname, "up")
+
+    def add_public(self, name: str, addresses: Sequence[str] | int = 1) -> Node:
+        """A host on the public segment with one or more addresses."""
+        node = self._new_node(name, "public")
+        if isinstance(addresses, int):
+            addresses = [f"{PUBLIC_NET}.{self._take_public()}" for _ in range(addresses)]
+        self._plug_public(node, "eth0")
+        for a in addresses:
+            ip(node.ns, "addr", "add", f"{a}/24", "dev", "eth0")
+        node.addresses = list(addresses)
+        return node
+
+    def _take_public(self) -> int:
+        n = self._next_public
+        self._next_public += 1
+        if n >= 100:
+            raise LabError("too many public hosts")
+        return n
+
+    def add_nat(self, name: str, profile: NatProfile) -> Node:
+        """A NAT router with an empty LAN behind it."""
+        if profile.kind == "none":
+            raise LabError("profile 'none' is a public host: use add_public")
+        node = self._new_node(name, "router")
+        wan_ip = f"{PUBLIC_NET}.{self._next_wan}"
+        self._next_wan += 1
+        lan_net = f"10.0.{self._next_lan}"
+        self._next_lan += 1
+        node.addresses = [wan_ip, f"{lan_net}.1"]
+        node.profile = profile
+        node.lan_net = f"{lan_net}.0/24"
+        self._plug_public(node, "wan")
+        ip(node.ns, "addr", "add", f"{wan_ip}/24", "dev", "wan")
+        ip(node.ns, "link", "add", "lan", "type", "bridge")
+        ip(node.ns, "addr", "add", f"{lan_net}.1/24", "dev", "lan")
+        ip(node.ns, "link", "set", "lan", "up")
+        sh(nsexec(node.ns, ["nft", "-f", "-"]), input=ruleset(profile, wan_ip, node.lan_net))
+        # After the ruleset: conntrack's sysctls exist once NAT has loaded it.
+        for key, value in sysctls(profile).items():
+            sh(nsexec(node.ns, ["sysctl", "-qw", f"{key}={value}"]))
+        self._hosts_on[name] = 2
+        return node
+
+    def add_host(self, name: str, behind: str) -> Node:
+        """A host on ``behind``'s LAN, routed through it."""
+        router = self.nodes.get(behind)
+        if router is None or router.kind != "router" or router.lan_net is None:
+            raise LabError(f"no router named {behind!r}")
+        node = self._new_node(name, "host")
+        node.router = behind
+        n = self._hosts_on[behind]
+        self._hosts_on[behind] = n + 1
+        addr = router.lan_net.rsplit(".", 1)[0] + f".{n}"
+        ip(router.ns, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", node.ns)
+        ip(router.ns, "link", "set", name, "master", "lan")
+        ip(router.ns, "link", "set", name, "up")
+        ip(node.ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+        ip(node.ns, "link", "set", "eth0", "up")
+        ip(node.ns, "route", "add", "default", "via", router.addresses[1])
+        node.addresses = [addr]
+        return node
+
+    # -- using ----------------------------------------------------------------
+    def cmd(self, node: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` wrapped to run inside ``node``'s namespace."""
+        return nsexec(self.nodes[node].ns, argv)
+
+    def run(self, node: str, argv: Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.cmd(node, argv), capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, node: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.cmd(node, argv), text=True, **kw)  # type: ignore[call-overload, no-any-return]
+
+    def flush_conntrack(self, router: str) -> None:
+        """Forget every NAT binding on ``router`` (as a reboot or timeout would)."""
+        sh(nsexec(self.nodes[router].ns, ["conntrack", "-F"]), check=False)
+        sh(nsexec(self.nodes[router].ns, ["nft", "flush", "map", "ip", "natlab", "ports"]), check=False)
+        sh(nsexec(self.nodes[router].ns, ["nft", "flush", "map", "ip", "natlab", "peers"]), check=False)
+
+    # -- lifecycle ------------------------------------------------------------
+    def down(self) -> None:
+        """Remove every namespace this topology made (processes inside are killed)."""
+        for ns in reversed(self._created):
+            netns.delete_namespace(ns)
+        self._created.clear()
+        (STATE_DIR / f"{self.prefix}.json").unlink(missing_ok=True)
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "prefix": self.prefix,
+            "nodes": {
+                n.name: {
+                    "ns": n.ns,
+                    "kind": n.kind,
+                    "addresses": n.addresses,
+                    "router": n.router,
+                    "profile": n.profile.as_dict() if n.profile else None,
+                    "lan_net": n.lan_net,
+                }
+                for n in self.nodes.values()
+            },
+        }
+
+    def save(self) -> Path:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        path = STATE_DIR / f"{self.prefix}.json"
+        path.write_text(json.dumps(self.describe(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, prefix: str) -> Topology:
+        """A handle on a topology made by an earlier ``natlab up``."""
+        path = STATE_DIR / f"{prefix}.json"
+        if not path.exists():
+            raise LabError(f"no topology {prefix!r} (see `natlab list`)")
+        data = json.loads(path.read_text())
+        topo = cls.__new__(cls)
+        topo.prefix = prefix
+        topo.inet = f"{prefix}-inet"
+        topo.nodes = {}
+        for name, d in data["nodes"].items():
+            prof = NatProfile(**d["profile"]) if d["profile"] else None
+            topo.nodes[name] = Node(name, d["ns"], d["kind"], d["addresses"], d["router"], prof, d["lan_net"])
+        topo._created = [topo.inet] + [n.ns for n in topo.nodes.values()]
+        return topo
+
+
+def down_all() -> list[str]:
+    """Remove every natlab namespace on this machine (leftovers of crashed runs)."""
+    gone = [ns for ns in netns.namespaces() if ns.startswith(netns.TAG)]
+    # Hosts and routers first, the public bridge last.
+    for ns in sorted(gone, key=lambda n: n.endswith("-inet")):
+        netns.delete_namespace(ns)
+    if STATE_DIR.exists():
+        for f in STATE_DIR.glob(f"{netns.TAG}*.json"):
+            f.unlink(missing_ok=True)
+    return gone
+
+
+def standard(prefix: str | None, profiles: Sequence[NatProfile], hosts_per_nat: int = 1) -> Topology:
+    """The rendezvous on two public addresses plus one NAT (or public host) per profile.
+
+    Node names: ``rdv``; for profile i (1-based) a router ``nat<i>`` with hosts
+    ``h<i>``, ``h<i>b``, ...; for profile "none" a public host ``h<i>``.
+    """
+    topo = Topology(prefix)
+    try:
+        topo.add_public("rdv", [f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11"])
+        for i, prof in enumerate(profiles, 1):
+            if prof.kind == "none":
+                topo.add_public(f"h{i}")
+                continue
+            topo.add_nat(f"nat{i}", prof)
+            for k in range(hosts_per_nat):
+                topo.add_host(f"h{i}" + ("" if k == 0 else chr(ord("a") + k)), f"nat{i}")
+    except Exception:
+        topo.down()
+        raise
+    return topo
