@@ -161,6 +161,11 @@ class Topology:
         addr = router.lan_net.rsplit(".", 1)[0] + f".{n}"
         ip(router.ns, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", node.ns)
         ip(router.ns, "link", "set", name, "master", "lan")
+        if router.profile is not None and router.profile.hairpin:
+            # A hairpinned packet from a host back to itself leaves the router
+            # through the bridge port it came in on; a Linux bridge drops such
+            # frames unless the port is in hairpin mode.
+            ip(router.ns, "link", "set", "dev", name, "type", "bridge_slave", "hairpin", "on")
         ip(router.ns, "link", "set", name, "up")
         ip(node.ns, "addr", "add", f"{addr}/24", "dev", "eth0")
         ip(node.ns, "link", "set", "eth0", "up")
