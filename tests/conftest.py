@@ -1,0 +1,81 @@
+"""Shared fixtures: free ports, the real `rendezvous stun` on loopback, lab guard."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def free_udp_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
+    """``n`` UDP ports free on ``ip`` right now (bound together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((ip, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class StunProcess:
+    def __init__(self, proc: subprocess.Popen[str], ip: str, port: int, alt_ip: str | None, alt_port: int) -> None:
+        self.proc, self.ip, self.port, self.alt_ip, self.alt_port = proc, ip, port, alt_ip, alt_port
+
+    @property
+    def server(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def stop(self) -> str:
+        """Stop it (SIGTERM, by pid) and return what it printed."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        return out
+
+
+def start_stun(alt_ip: str | None = "127.0.0.2", extra: tuple[str, ...] = ()) -> StunProcess:
+    port, alt_port = free_udp_ports(2)
+    argv = [tool("rendezvous"), "stun", "--ip", "127.0.0.1", "--port", str(port), "--alt-port", str(alt_port)]
+    if alt_ip:
+        argv += ["--alt-ip", alt_ip]
+    proc = subprocess.Popen([*argv, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    banner = proc.stdout.readline()
+    if "STUN on" not in banner:
+        proc.kill()
+        raise RuntimeError(f"rendezvous stun did not start: {banner}")
+    return StunProcess(proc, "127.0.0.1", port, alt_ip, alt_port)
+
+
+@pytest.fixture
+def stun_server() -> Iterator[StunProcess]:
+    srv = start_stun()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def single_address_server() -> Iterator[StunProcess]:
+    srv = start_stun(alt_ip=None)
+    yield srv
+    srv.stop()
+
+
+def run_p2pim(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("p2pim"), *args], capture_output=True, text=True, timeout=timeout)
