@@ -38,7 +38,9 @@ def tool(name: str) -> str:
 
 
 @contextmanager
-def stun_server(topo: Topology, node: str = "rdv", extra: Sequence[str] = ()) -> Iterator[subprocess.Popen[str]]:
+def stun_server(
+    topo: Topology, node: str = "rdv", extra: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[str]]:
     """`rendezvous stun` on both of ``node``'s addresses, until the block ends."""
     n = topo.nodes[node]
     argv = [tool("rendezvous"), "stun", "--ip", n.addresses[0], "--port", str(STUN_PORT)]
@@ -141,7 +143,11 @@ def render(rows: Sequence[Row]) -> str:
 
     lines = [f"{'profile':<26} {'field':<15} {'expected':<27} {'observed':<27} ok"]
     for r in rows:
-        name = r.profile.kind + (" +hairpin" if r.profile.hairpin else "") + (" +block" if r.profile.block_udp else "")
+        name = (
+            r.profile.kind
+            + (" +hairpin" if r.profile.hairpin else "")
+            + (" +block" if r.profile.block_udp else "")
+        )
         if r.error:
             lines.append(f"{name:<26} {'-':<15} {'-':<27} {'ERROR: ' + r.error[:60]}")
             continue

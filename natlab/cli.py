@@ -30,7 +30,10 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
 
 def _profiles(args: argparse.Namespace) -> list[NatProfile]:
     kinds = [k.strip() for k in args.profiles.split(",") if k.strip()]
-    return [NatProfile(k, args.hairpin, args.udp_timeout, args.loss, args.block_udp and k != "none") for k in kinds]
+    return [
+        NatProfile(k, args.hairpin, args.udp_timeout, args.loss, args.block_udp and k != "none")
+        for k in kinds
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +82,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         topo = standard(args.prefix, _profiles(args), hosts_per_nat=args.hosts)
         topo.save()
         print(json.dumps(topo.describe(), indent=2))
-        print(f"natlab: up as {topo.prefix}; `natlab exec {topo.prefix} NODE -- CMD`, "
-              f"`natlab down {topo.prefix}`", file=sys.stderr)
+        print(
+            f"natlab: up as {topo.prefix}; `natlab exec {topo.prefix} NODE -- CMD`, "
+            f"`natlab down {topo.prefix}`",
+            file=sys.stderr,
+        )
         return 0
     if args.command == "exec":
         topo = Topology.load(args.prefix)

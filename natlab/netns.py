@@ -23,7 +23,9 @@ class LabError(RuntimeError):
 def sh(argv: Sequence[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise LabError(
+            f"{' '.join(argv)}: exit {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 

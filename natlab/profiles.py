@@ -94,7 +94,9 @@ def ruleset(profile: NatProfile, wan_ip: str, lan_net: str, wan: str = "wan", la
     random = " random" if profile.kind == "symmetric" else ""
     inbound = {
         "full-cone": f'iifname "{wan}" udp dport @ports dnat ip to udp dport map @ports',
-        "restricted": f'iifname "{wan}" ip saddr . udp dport @peers dnat ip to ip saddr . udp dport map @peers',
+        "restricted": (
+            f'iifname "{wan}" ip saddr . udp dport @peers dnat ip to ip saddr . udp dport map @peers'
+        ),
     }.get(profile.kind, "")
     hairpin_in = hairpin_out = ""
     if profile.hairpin:

@@ -182,7 +182,7 @@ class Topology:
         return subprocess.run(self.cmd(node, argv), capture_output=True, text=True, timeout=timeout)
 
     def popen(self, node: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.cmd(node, argv), text=True, **kw)  # type: ignore[call-overload, no-any-return]
+        return subprocess.Popen(self.cmd(node, argv), text=True, **kw)  # type: ignore[call-overload]
 
     def flush_conntrack(self, router: str) -> None:
         """Forget every NAT binding on ``router`` (as a reboot or timeout would)."""

@@ -30,7 +30,9 @@ def _add_stun_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate", type=float, default=DEFAULT_RATE, help="requests/s per source IP (default %(default)s)"
     )
-    parser.add_argument("--burst", type=float, default=DEFAULT_BURST, help="burst per source IP (default %(default)s)")
+    parser.add_argument(
+        "--burst", type=float, default=DEFAULT_BURST, help="burst per source IP (default %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.service = service
         self.local = local
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.service.datagram_received(data, self.local, (addr[0], addr[1]))
 
     def error_received(self, exc: Exception) -> None:

@@ -34,7 +34,9 @@ def free_udp_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
 
 
 class StunProcess:
-    def __init__(self, proc: subprocess.Popen[str], ip: str, port: int, alt_ip: str | None, alt_port: int) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], ip: str, port: int, alt_ip: str | None, alt_port: int
+    ) -> None:
         self.proc, self.ip, self.port, self.alt_ip, self.alt_port = proc, ip, port, alt_ip, alt_port
 
     @property

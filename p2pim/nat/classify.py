@@ -123,7 +123,6 @@ ADVICE = {
     "expect the relay with other hard NATs.",
     Label.SYMMETRIC_UDP_FIREWALL: "Public address behind a stateful firewall: you can reach "
     "out, peers must punch in.",
-    Label.BLOCKED: "No UDP answer from the server: UDP may be blocked; messages will go "
-    "through the relay.",
+    Label.BLOCKED: "No UDP answer from the server: UDP may be blocked; messages will go through the relay.",
     Label.UNKNOWN: "Not enough answers to classify; see the notes.",
 }

@@ -87,7 +87,9 @@ class NatDiscovery:
 
     sockets = SOCKETS
 
-    def __init__(self, server: Addr, local: dict[str, Addr], now: float, timings: Timings = Timings()) -> None:
+    def __init__(
+        self, server: Addr, local: dict[str, Addr], now: float, timings: Timings = Timings()
+    ) -> None:
         self.server = server
         self.local = local
         self.timings = timings

@@ -56,7 +56,9 @@ class LifetimeMeasurement:
         self.notes: list[str] = []
         for step in self.steps:
             self._binds[step] = self.probes.add(
-                binding_probe(f"bind-{step:g}", self._sock(step), server, now, timings.first_rto, timings.give_up, 7)
+                binding_probe(
+                    f"bind-{step:g}", self._sock(step), server, now, timings.first_rto, timings.give_up, 7
+                )
             )
         self._finished = False
 

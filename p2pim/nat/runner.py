@@ -9,6 +9,7 @@ what it asks, and sleeps until its next timer or the next datagram.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Protocol
 
@@ -42,7 +43,7 @@ class _Sock(asyncio.DatagramProtocol):
         self.label = label
         self.sink = sink
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.sink.on_datagram(self.label, data, (addr[0], addr[1]))
 
     def error_received(self, exc: Exception) -> None:
@@ -97,10 +98,8 @@ class _Sockets:
             timer = core.get_timer()
             self.wake.clear()
             timeout = None if timer is None else max(0.0, timer - self.loop.time())
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
-            except TimeoutError:
-                pass
         self.core = None
 
     def close(self) -> None:
@@ -124,7 +123,11 @@ async def discover(
         report = core.report()
         if lifetime_max and report.responded:
             life = LifetimeMeasurement(
-                server, loop.time(), lifetime_max, wait=max(0.5, timings.negative_wait(core.rtt)), timings=timings
+                server,
+                loop.time(),
+                lifetime_max,
+                wait=max(0.5, timings.negative_wait(core.rtt)),
+                timings=timings,
             )
             await socks.open(life.sockets, ip)
             await socks.drive(life)

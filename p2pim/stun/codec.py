@@ -190,15 +190,11 @@ def binding_request(
 
 def mapped_address(message: stun.Message) -> Addr | None:
     """The reflexive address: XOR-MAPPED-ADDRESS, else classic MAPPED-ADDRESS."""
-    addr = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get(
-        "MAPPED-ADDRESS"
-    )
-    return tuple(addr) if addr else None  # type: ignore[return-value]
+    addr = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get("MAPPED-ADDRESS")
+    return (str(addr[0]), int(addr[1])) if addr else None
 
 
 def other_address(message: stun.Message) -> Addr | None:
     """The server's alternate address: OTHER-ADDRESS (5780) or CHANGED-ADDRESS (3489)."""
-    addr = message.attributes.get("OTHER-ADDRESS") or message.attributes.get(
-        "CHANGED-ADDRESS"
-    )
-    return tuple(addr) if addr else None  # type: ignore[return-value]
+    addr = message.attributes.get("OTHER-ADDRESS") or message.attributes.get("CHANGED-ADDRESS")
+    return (str(addr[0]), int(addr[1])) if addr else None

@@ -1,0 +1,26 @@
+"""CLI argument handling (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pim.cli.main import UsageError, main, parse_server
+
+
+def test_parse_server_forms() -> None:
+    assert parse_server("127.0.0.1") == ("127.0.0.1", 3478)
+    assert parse_server("127.0.0.1:5000") == ("127.0.0.1", 5000)
+    assert parse_server("[::1]:5000") == ("::1", 5000)
+    assert parse_server("::1") == ("::1", 3478)
+    assert parse_server("localhost:7")[1] == 7
+
+
+@pytest.mark.parametrize("bad", ["", ":5000", "1.2.3.4:0", "1.2.3.4:x", "[::1]x", "[::1"])
+def test_parse_server_rejects(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_server(bad)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nat", "--server", "127.0.0.1", "--lifetime", "0"]) == 2
+    assert "--lifetime" in capsys.readouterr().err

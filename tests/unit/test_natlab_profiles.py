@@ -1,0 +1,50 @@
+"""natlab's profile -> nftables translation (no root needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from natlab.profiles import PROFILES, NatProfile, ruleset, sysctls
+
+
+def rules(kind: str, **kw: object) -> str:
+    return ruleset(NatProfile(kind, **kw), "203.0.113.101", "10.0.1.0/24")  # type: ignore[arg-type]
+
+
+def test_mapping_and_filtering_rules_per_profile() -> None:
+    assert "masquerade random" in rules("symmetric")
+    for kind in ("full-cone", "restricted", "port-restricted"):
+        assert "masquerade random" not in rules(kind)
+        assert 'oifname "wan" masquerade' in rules(kind)
+    assert 'iifname "wan" udp dport @ports dnat' in rules("full-cone")
+    assert "ip saddr . udp dport @peers dnat" in rules("restricted")
+    for kind in ("port-restricted", "symmetric"):
+        assert 'iifname "wan"' not in rules(kind).split("chain prerouting")[1].split("}")[0]
+
+
+def test_options() -> None:
+    assert "hairpin" not in rules("full-cone") and "@ports dnat" not in rules("port-restricted")
+    hp = rules("port-restricted", hairpin=True)
+    assert 'iifname "lan" ip daddr 203.0.113.101 udp dport @ports dnat' in hp
+    assert "snat ip to 203.0.113.101" in hp
+    assert "numgen random mod 100 < 10 drop" in rules("full-cone", loss=10)
+    assert "meta l4proto udp drop" in rules("full-cone", block_udp=True).split("chain forward")[1]
+    assert "timeout 7s" in rules("full-cone", udp_timeout=7)
+    assert sysctls(NatProfile("full-cone", udp_timeout=7))["net.netfilter.nf_conntrack_udp_timeout"] == "7"
+
+
+def test_expectations_cover_every_profile() -> None:
+    for kind in PROFILES:
+        exp = NatProfile(kind).expected()
+        assert exp["label"]
+    assert NatProfile("symmetric").expected()["port_preserved"] is False
+    assert NatProfile("full-cone", block_udp=True).expected() == {"label": "blocked"}
+
+
+def test_bad_profiles_are_refused() -> None:
+    with pytest.raises(ValueError):
+        NatProfile("cone")
+    with pytest.raises(ValueError):
+        NatProfile("full-cone", loss=101)
+    with pytest.raises(ValueError):
+        ruleset(NatProfile("none"), "203.0.113.1", "10.0.0.0/24")
