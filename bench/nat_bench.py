@@ -15,7 +15,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,14 +58,18 @@ def main() -> int:
             expected = prof.expected()
             ours, theirs = [], []
             for _ in range(args.runs):
-                secs, out, code = timed(topo, host, [tool("p2pim"), "nat", "--json", "--server", f"{STUN_IP}"])
+                secs, out, code = timed(
+                    topo, host, [tool("p2pim"), "nat", "--json", "--server", f"{STUN_IP}"]
+                )
                 rep = json.loads(out) if out.strip() else {}
                 ok = code == 0 and all(rep.get(k) == v for k, v in expected.items())
                 ours.append({"seconds": secs, "ok": ok, "label": rep.get("label")})
                 port = str(random.randint(20000, 60000))
                 argv = [tool("pystun3"), "-H", STUN_IP, "-P", str(STUN_PORT), "-i", host_ip, "-p", port]
                 secs, out, code = timed(topo, host, argv)
-                label = next((ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("NAT Type")), None)
+                label = next(
+                    (ln.split(": ", 1)[1] for ln in out.splitlines() if ln.startswith("NAT Type")), None
+                )
                 theirs.append({"seconds": secs, "ok": label == PYSTUN3_LABELS[prof.kind], "label": label})
             row = {
                 "profile": prof.kind,
@@ -104,7 +107,11 @@ def main() -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"python": platform.python_version(), "machine": platform.machine(), "when": time.strftime("%F %T")}
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "when": time.strftime("%F %T"),
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
     print(f"saved {out}")
     return 0
