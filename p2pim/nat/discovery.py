@@ -27,7 +27,7 @@ from p2pim.stun.codec import CHANGE_IP, CHANGE_PORT, Addr
 from p2pim.stun.transaction import ClientTransaction
 
 from .classify import Behaviour, classic_label, filtering_behaviour, mapping_behaviour
-from .probes import Outcome, Probe, ProbeSet
+from .probes import Outcome, Probe, ProbePlanner, ProbeSet
 from .report import NatReport
 
 SOCKETS = ("map", "filter-ip", "filter-port", "hairpin")
@@ -82,7 +82,7 @@ def binding_probe(
     return Probe(name, sock, tx, **kw)  # type: ignore[arg-type]
 
 
-class NatDiscovery:
+class NatDiscovery(ProbePlanner):
     """Runs the tests in the module docstring against one STUN server."""
 
     sockets = SOCKETS
@@ -102,27 +102,6 @@ class NatDiscovery:
         )
         self._phase2: dict[str, Probe] | None = None
         self._notes: list[str] = []
-
-    # -- shell interface -------------------------------------------------
-    def receive(self, sock: str, data: bytes, source: Addr, now: float) -> None:
-        self.probes.receive(sock, data, source, now)
-        self._advance(now)
-
-    def socket_error(self, sock: str, now: float) -> None:
-        self.probes.socket_error(sock)
-        self._advance(now)
-
-    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes, Addr]]:
-        out = self.probes.datagrams_to_send(now)
-        self._advance(now)
-        return out
-
-    def get_timer(self) -> float | None:
-        return self.probes.get_timer()
-
-    def handle_timer(self, now: float) -> None:
-        self.probes.handle_timer(now)
-        self._advance(now)
 
     @property
     def done(self) -> bool:

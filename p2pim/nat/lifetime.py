@@ -18,7 +18,7 @@ from p2pim.stun.codec import Addr
 
 from .classify import keepalive_for
 from .discovery import Timings, binding_probe
-from .probes import Outcome, Probe, ProbeSet
+from .probes import Outcome, Probe, ProbePlanner, ProbeSet
 from .report import LifetimeResult
 
 #: Idle times tested (s). Dense at the short end, where NAT timeouts matter most
@@ -34,7 +34,7 @@ def steps_up_to(max_idle: float) -> list[float]:
     return steps
 
 
-class LifetimeMeasurement:
+class LifetimeMeasurement(ProbePlanner):
     """See the module docstring; ``wait`` is how long to wait for each check's answer."""
 
     def __init__(
@@ -65,24 +65,6 @@ class LifetimeMeasurement:
     @staticmethod
     def _sock(step: float) -> str:
         return f"life-{step:g}"
-
-    # -- shell interface -------------------------------------------------
-    def receive(self, sock: str, data: bytes, source: Addr, now: float) -> None:
-        self.probes.receive(sock, data, source, now)
-        self._advance(now)
-
-    def socket_error(self, sock: str, now: float) -> None:
-        self._advance(now)
-
-    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes, Addr]]:
-        return self.probes.datagrams_to_send(now)
-
-    def get_timer(self) -> float | None:
-        return self.probes.get_timer()
-
-    def handle_timer(self, now: float) -> None:
-        self.probes.handle_timer(now)
-        self._advance(now)
 
     @property
     def done(self) -> bool:

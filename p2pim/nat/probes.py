@@ -150,3 +150,36 @@ class ProbeSet:
     def _settle(probe: Probe) -> None:
         if probe.tx.state is TxState.TIMED_OUT and not probe.done:
             probe.outcome = Outcome.TIMED_OUT
+
+
+class ProbePlanner:
+    """The shell interface of a planner that runs its tests as a :class:`ProbeSet`.
+
+    Subclasses set ``self.probes`` and implement :meth:`_advance`, which looks at
+    finished probes and adds new ones; it runs after every input.
+    """
+
+    probes: ProbeSet
+
+    def receive(self, sock: str, data: bytes, source: Addr, now: float) -> None:
+        self.probes.receive(sock, data, source, now)
+        self._advance(now)
+
+    def socket_error(self, sock: str, now: float) -> None:
+        self.probes.socket_error(sock)
+        self._advance(now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes, Addr]]:
+        out = self.probes.datagrams_to_send(now)
+        self._advance(now)
+        return out
+
+    def get_timer(self) -> float | None:
+        return self.probes.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.probes.handle_timer(now)
+        self._advance(now)
+
+    def _advance(self, now: float) -> None:
+        raise NotImplementedError

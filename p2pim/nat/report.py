@@ -103,7 +103,8 @@ class NatReport:
         lines = [head, ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += ["", f"  {ADVICE[self.label]}"]
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append(f"  ({self.elapsed_s:.2f} s)")
+        took = f"{self.elapsed_s * 1000:.0f} ms" if self.elapsed_s < 1 else f"{self.elapsed_s:.1f} s"
+        lines.append(f"  (tests took {took})")
         return "\n".join(lines)
 
     def _nat_only(self, v: bool | None) -> str:
