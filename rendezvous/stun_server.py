@@ -49,7 +49,7 @@ SOFTWARE = "p2pim rendezvous"
 
 # Optional attributes, shed in this order when an answer would be too large.
 _SHEDDABLE = ("SOFTWARE", "MAPPED-ADDRESS", "FINGERPRINT", "RESPONSE-ORIGIN")
-# Comprehension-required attributes we understand and act on or may ignore.
+# Comprehension-required attributes we recognise but refuse with 420 (see above).
 _REFUSED = {0x0002: "RESPONSE-ADDRESS", 0x0026: "PADDING"}
 
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
+from natlab.classify import tool
 
 
 def free_udp_ports(n: int, ip: str = "127.0.0.1") -> list[int]:

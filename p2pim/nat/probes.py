@@ -84,9 +84,6 @@ class ProbeSet:
         self._by_tid[probe.tx.transaction_id] = probe
         return probe
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._by_tid.values())
-
     @property
     def all_done(self) -> bool:
         return all(p.done for p in self._by_tid.values())

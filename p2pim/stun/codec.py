@@ -188,13 +188,19 @@ def binding_request(
     return msg
 
 
+def _first_address(message: stun.Message, *names: str) -> Addr | None:
+    for name in names:
+        addr = message.attributes.get(name)
+        if addr:
+            return (str(addr[0]), int(addr[1]))
+    return None
+
+
 def mapped_address(message: stun.Message) -> Addr | None:
     """The reflexive address: XOR-MAPPED-ADDRESS, else classic MAPPED-ADDRESS."""
-    addr = message.attributes.get("XOR-MAPPED-ADDRESS") or message.attributes.get("MAPPED-ADDRESS")
-    return (str(addr[0]), int(addr[1])) if addr else None
+    return _first_address(message, "XOR-MAPPED-ADDRESS", "MAPPED-ADDRESS")
 
 
 def other_address(message: stun.Message) -> Addr | None:
     """The server's alternate address: OTHER-ADDRESS (5780) or CHANGED-ADDRESS (3489)."""
-    addr = message.attributes.get("OTHER-ADDRESS") or message.attributes.get("CHANGED-ADDRESS")
-    return (str(addr[0]), int(addr[1])) if addr else None
+    return _first_address(message, "OTHER-ADDRESS", "CHANGED-ADDRESS")
