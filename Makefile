@@ -41,8 +41,8 @@ lint: install
 	$(BIN)/mypy
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -Ip2pim/wire --python_out=p2pim/wire \
-	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=p2pim/wire p2pim/wire/*.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. p2pim/wire/*.proto
 
 bench: install system-deps
 	$(BIN)/python bench/nat_bench.py

@@ -1,6 +1,7 @@
 """The ``rendezvous`` command.
 
-Exit codes: 0 clean shutdown, 1 could not start (address in use, bad address), 2 usage.
+Exit codes: 0 clean shutdown, 1 could not start (address in use, bad address,
+unreadable database or certificate), 2 usage.
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import sqlite3
+import ssl
 import sys
+from pathlib import Path
 
+from .passwords import COSTS
 from .stun_server import DEFAULT_BURST, DEFAULT_RATE, StunServerCore
 from .stun_service import StunService
 
@@ -41,7 +47,112 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     stun = sub.add_parser("stun", help="run the STUN service alone (RFC 8489/5780/3489)")
     _add_stun_arguments(stun)
+    serve = sub.add_parser(
+        "serve",
+        help="run the rendezvous: accounts, buddies, presence, relay, offline store, and STUN",
+        description="WebSocket control endpoint plus the STUN service. Prints one line when ready; "
+        "on SIGTERM/SIGINT prints its counters as JSON and exits 0.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="control address (default %(default)s)")
+    serve.add_argument("--port", type=int, default=7788, help="control TCP port (default %(default)s)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// instead of ws://")
+    serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    serve.add_argument("--db", help=f"SQLite database (default {default_db()})")
+    serve.add_argument(
+        "--kdf-cost",
+        choices=sorted(COSTS),
+        default="interactive",
+        help="argon2id cost for new password hashes (default %(default)s; 'min' only for tests)",
+    )
+    serve.add_argument("--heartbeat", type=int, default=20, help="ping interval and timeout, s (default 20)")
+    serve.add_argument("--login-ip-rate", type=float, default=5.0, help="logins/s per address (default 5)")
+    serve.add_argument(
+        "--login-ip-burst", type=float, default=50, help="login burst per address (default 50)"
+    )
+    serve.add_argument(
+        "--offline-quota", type=int, default=1000, help="offline envelopes per user (default 1000)"
+    )
+    serve.add_argument(
+        "--offline-days", type=float, default=30, help="offline envelope expiry (default 30 days)"
+    )
+    serve.add_argument("--stun-ip", help="STUN primary address (default: --host)")
+    serve.add_argument("--alt-ip", help="second STUN address for RFC 5780/3489 change requests")
+    serve.add_argument("--stun-port", type=int, default=3478, help="STUN port (default %(default)s)")
+    serve.add_argument("--stun-alt-port", type=int, default=3479, help="STUN alternate port (default 3479)")
+    serve.add_argument("--no-stun", action="store_true", help="do not run the STUN service")
     return parser
+
+
+def default_db() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "p2pim-rendezvous" / "rendezvous.db"
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run_serve(args: argparse.Namespace) -> int:
+    from .db import Database, SchemaTooNew
+    from .hub import Hub, Limits
+    from .passwords import PasswordHasher
+    from .server import RendezvousServer
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("rendezvous: give both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"rendezvous: cannot load TLS certificate: {exc}", file=sys.stderr)
+            return EXIT_START_FAILED
+    db_path = Path(args.db) if args.db else default_db()
+    try:
+        db = Database(db_path)
+    except (SchemaTooNew, sqlite3.Error, OSError) as exc:
+        print(f"rendezvous: cannot open database {db_path}: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    limits = Limits(
+        heartbeat_s=args.heartbeat,
+        login_ip_rate=args.login_ip_rate,
+        login_ip_burst=args.login_ip_burst,
+        offline_max_envelopes=args.offline_quota,
+        offline_max_age_s=args.offline_days * 86400,
+    )
+    hub = Hub(db, limits)
+    server = RendezvousServer(hub, PasswordHasher(args.kdf_cost))
+    stun = None
+    try:
+        await server.start(args.host, args.port, tls)
+        if not args.no_stun:
+            stun_ip = args.stun_ip or args.host
+            core = StunServerCore(stun_ip, args.stun_port, args.alt_ip, args.stun_alt_port)
+            stun = await StunService.start(core)
+    except OSError as exc:
+        print(f"rendezvous: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await server.close()
+        return EXIT_START_FAILED
+    scheme = "wss" if tls else "ws"
+    where = f"{scheme}://{args.host}:{server.port}"
+    stun_text = ", ".join(f"{ip}:{port}" for ip, port in stun.addresses) if stun else "off"
+    print(f"rendezvous: control on {where}; STUN on {stun_text}; database {db_path}", flush=True)
+    await _wait_for_signal()
+    await server.close()
+    if stun is not None:
+        stun.close()
+    db.close()
+    counters = hub.counters.as_dict()
+    if stun is not None:
+        counters.update({f"stun_{k}": v for k, v in stun.core.counters.as_dict().items()})
+    print("rendezvous: stopped; " + json.dumps(counters), flush=True)
+    return 0
 
 
 async def _run_stun(args: argparse.Namespace) -> int:
@@ -54,11 +165,7 @@ async def _run_stun(args: argparse.Namespace) -> int:
     where = ", ".join(f"{ip}:{port}" for ip, port in service.addresses)
     mode = "RFC 5780 (can change IP and port)" if args.alt_ip else "single address (cannot change IP)"
     print(f"rendezvous: STUN on {where}; {mode}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _wait_for_signal()
     service.close()
     print("rendezvous: stopped; " + json.dumps(core.counters.as_dict()), flush=True)
     return 0
@@ -69,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
     if args.command == "stun":
         return asyncio.run(_run_stun(args))
+    if args.command == "serve":
+        return asyncio.run(_run_serve(args))
     return 2

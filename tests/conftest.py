@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,52 @@ def single_address_server() -> Iterator[StunProcess]:
 
 def run_p2pim(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([tool("p2pim"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_tcp_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+class RendezvousProcess:
+    """A real ``rendezvous serve`` on loopback, with its own database file."""
+
+    def __init__(self, db: Path, extra: tuple[str, ...] = (), port: int | None = None) -> None:
+        self.db = db
+        self.extra = extra
+        self.port = port or free_tcp_port()
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[str] | None = None
+        self.start()
+
+    def start(self) -> None:
+        argv = [tool("rendezvous"), "serve", "--port", str(self.port), "--db", str(self.db)]
+        argv += ["--no-stun", "--kdf-cost", "min", *self.extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None
+        banner = self.proc.stdout.readline()
+        if "control on" not in banner:
+            self.proc.kill()
+            raise RuntimeError(f"rendezvous serve did not start: {banner}{self.proc.stdout.read()}")
+
+    def stop(self) -> str:
+        """SIGTERM (by pid) and return what it printed."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        return out
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush or say goodbye."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def rendezvous(tmp_path: Path) -> Iterator[RendezvousProcess]:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    yield srv
+    srv.stop()

@@ -11,30 +11,34 @@ from p2pim.nat.report import LifetimeResult, NatReport
 from p2pim.nat.wire import behaviour_from_proto, to_proto
 from p2pim.wire import nat_pb2
 
-WIRE = Path(__file__).resolve().parents[2] / "p2pim" / "wire"
+ROOT = Path(__file__).resolve().parents[2]
+WIRE = ROOT / "p2pim" / "wire"
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     plugin = Path(sys.executable).parent / "protoc-gen-mypy"
+    protos = sorted(WIRE.glob("*.proto"))
+    assert {p.name for p in protos} >= {"nat.proto", "control.proto", "envelope.proto"}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{WIRE}",
+            f"-I{ROOT}",
             f"--python_out={tmp_path}",
             f"--plugin=protoc-gen-mypy={plugin}",
             f"--mypy_out={tmp_path}",
-            str(WIRE / "nat.proto"),
+            *(str(p.relative_to(ROOT)) for p in protos),
         ],
         capture_output=True,
         text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
-    for name in ("nat_pb2.py", "nat_pb2.pyi"):
-        assert (tmp_path / name).read_text() == (WIRE / name).read_text(), (
-            f"{name} is stale: run `make proto`"
-        )
+    for proto in protos:
+        for name in (proto.stem + "_pb2.py", proto.stem + "_pb2.pyi"):
+            fresh = tmp_path / "p2pim" / "wire" / name
+            assert fresh.read_text() == (WIRE / name).read_text(), f"{name} is stale: run `make proto`"
 
 
 def test_report_round_trip() -> None:

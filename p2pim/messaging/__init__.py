@@ -1,0 +1,1 @@
+"""Messaging: envelopes, delivery (outbox, acks, receipts) and the local store."""

@@ -1,0 +1,225 @@
+"""The client's SQLite database: account, contacts (pinned keys), history, outbox.
+
+Every write commits before the caller goes on, so a message is in the outbox
+before :meth:`p2pim.client.Client.send` returns and a received message is in
+the history before its receipt or offline ack leaves: ``kill -9`` at any point
+loses nothing and shows nothing twice (the history's primary key is the
+message id, which is what deduplicates).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE account (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        server TEXT NOT NULL,
+        username TEXT NOT NULL,
+        token BLOB NOT NULL DEFAULT x''
+    );
+    CREATE TABLE contacts (
+        username TEXT PRIMARY KEY,
+        identity_key BLOB NOT NULL,     -- pinned at first sight
+        offered_key BLOB,               -- a different key the server offered; NULL when none
+        pinned_ms INTEGER NOT NULL
+    );
+    CREATE TABLE messages (
+        msg_id BLOB PRIMARY KEY,
+        peer TEXT NOT NULL,
+        outgoing INTEGER NOT NULL,      -- 1 sent by us, 0 received
+        text TEXT NOT NULL,
+        sent_at_ms INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,         -- when written here
+        state TEXT NOT NULL             -- out: queued|relayed|failed|stored|delivered|read; in: received|read
+    );
+    CREATE INDEX messages_peer ON messages(peer, msg_id);
+    CREATE TABLE outbox (
+        msg_id BLOB PRIMARY KEY,
+        peer TEXT NOT NULL,
+        receipt INTEGER NOT NULL,       -- 1: a receipt (no ack of its own), 0: a text
+        envelope BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    """,
+]
+
+STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Contact:
+    username: str
+    identity_key: bytes
+    offered_key: bytes | None
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    msg_id: bytes
+    peer: str
+    outgoing: bool
+    text: str
+    sent_at_ms: int
+    state: str
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    msg_id: bytes
+    peer: str
+    receipt: bool
+    envelope: bytes
+
+
+class ClientStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise SchemaTooNew(f"{self.path} was written by a newer p2pim (schema {version})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- account --------------------------------------------------------------
+
+    def account(self) -> tuple[str, str, bytes] | None:
+        row = self.conn.execute("SELECT server, username, token FROM account").fetchone()
+        return (row[0], row[1], bytes(row[2])) if row else None
+
+    def set_account(self, server: str, username: str, token: bytes) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO account VALUES (1, ?, ?, ?)", (server, username, token))
+
+    def clear_account(self) -> None:
+        self.conn.execute("DELETE FROM account")
+
+    # -- contacts (trust on first use, changes never silent) -----------------------
+
+    def contact(self, username: str) -> Contact | None:
+        row = self.conn.execute(
+            "SELECT username, identity_key, offered_key FROM contacts WHERE username = ?", (username,)
+        ).fetchone()
+        return Contact(row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None) if row else None
+
+    def see_key(self, username: str, key: bytes, now_ms: int) -> str:
+        """Record a key the server says ``username`` has: "new", "same" or "changed"."""
+        known = self.contact(username)
+        if known is None:
+            self.conn.execute(
+                "INSERT INTO contacts (username, identity_key, pinned_ms) VALUES (?, ?, ?)",
+                (username, key, now_ms),
+            )
+            return "new"
+        if known.identity_key == key:
+            if known.offered_key is not None:
+                self.conn.execute("UPDATE contacts SET offered_key = NULL WHERE username = ?", (username,))
+            return "same"
+        self.conn.execute("UPDATE contacts SET offered_key = ? WHERE username = ?", (key, username))
+        return "changed"
+
+    def trust_offered_key(self, username: str, now_ms: int) -> bool:
+        """The user checked the new fingerprint: pin the offered key. False if none was offered."""
+        cur = self.conn.execute(
+            "UPDATE contacts SET identity_key = offered_key, offered_key = NULL, pinned_ms = ? "
+            "WHERE username = ? AND offered_key IS NOT NULL",
+            (now_ms, username),
+        )
+        return cur.rowcount > 0
+
+    # -- history ----------------------------------------------------------------
+
+    def add_incoming(self, msg_id: bytes, peer: str, text: str, sent_at_ms: int, now_ms: int) -> bool:
+        """Store a received text; False if this id was seen before (a duplicate)."""
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO messages VALUES (?, ?, 0, ?, ?, ?, 'received')",
+            (msg_id, peer, text, sent_at_ms, now_ms),
+        )
+        return cur.rowcount > 0
+
+    def queue_outgoing(
+        self, msg_id: bytes, peer: str, text: str | None, envelope: bytes, sent_at_ms: int, now_ms: int
+    ) -> None:
+        """History row (for texts) and outbox row, in one transaction."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            if text is not None:
+                self.conn.execute(
+                    "INSERT INTO messages VALUES (?, ?, 1, ?, ?, ?, 'queued')",
+                    (msg_id, peer, text, sent_at_ms, now_ms),
+                )
+            self.conn.execute(
+                "INSERT INTO outbox VALUES (?, ?, ?, ?, ?)",
+                (msg_id, peer, int(text is None), envelope, now_ms),
+            )
+
+    def advance(self, msg_id: bytes, state: str) -> bool:
+        """Move an outgoing message forward (never back); True if it moved."""
+        row = self.conn.execute(
+            "SELECT state FROM messages WHERE msg_id = ? AND outgoing = 1", (msg_id,)
+        ).fetchone()
+        if row is None or STATE_RANK[state] <= STATE_RANK[row[0]]:
+            return False
+        self.conn.execute("UPDATE messages SET state = ? WHERE msg_id = ?", (state, msg_id))
+        return True
+
+    def outgoing_peer(self, msg_id: bytes) -> str | None:
+        row = self.conn.execute(
+            "SELECT peer FROM messages WHERE msg_id = ? AND outgoing = 1", (msg_id,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def unread(self, peer: str) -> list[bytes]:
+        rows = self.conn.execute(
+            "SELECT msg_id FROM messages WHERE peer = ? AND outgoing = 0 AND state = 'received' "
+            "ORDER BY msg_id",
+            (peer,),
+        ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def mark_read(self, msg_ids: list[bytes]) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "UPDATE messages SET state = 'read' WHERE msg_id = ?", [(m,) for m in msg_ids]
+            )
+
+    def history(self, peer: str, limit: int = 50) -> list[HistoryRow]:
+        rows = self.conn.execute(
+            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state FROM messages WHERE peer = ? "
+            "ORDER BY sent_at_ms DESC, msg_id DESC LIMIT ?",
+            (peer, limit),
+        ).fetchall()
+        return [HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5]) for r in reversed(rows)]
+
+    # -- outbox -----------------------------------------------------------------
+
+    def outbox(self) -> list[OutboxRow]:
+        rows = self.conn.execute(
+            "SELECT msg_id, peer, receipt, envelope FROM outbox ORDER BY msg_id"
+        ).fetchall()
+        return [OutboxRow(bytes(r[0]), r[1], bool(r[2]), bytes(r[3])) for r in rows]
+
+    def outbox_done(self, msg_id: bytes, state: str | None) -> None:
+        """Drop from the outbox and, for texts, record how far it got."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,))
+            if state is not None:
+                self.advance(msg_id, state)

@@ -1,0 +1,48 @@
+"""Where a user's identity and local database live.
+
+``$XDG_DATA_HOME/p2pim/profiles/NAME`` (``~/.local/share/...`` when unset), one
+directory per ``--profile``, created mode 0700. It holds ``identity.key``
+(0600) and ``p2pim.db`` (0600; contacts with pinned keys, history, outbox, and
+the server session).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .identity import Identity
+
+PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class ProfileError(Exception):
+    """A bad profile name or an unusable profile directory."""
+
+
+def data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+
+
+class Profile:
+    def __init__(self, name: str = "default", root: Path | None = None) -> None:
+        if not PROFILE_RE.fullmatch(name):
+            raise ProfileError(f"bad profile name {name!r} (letters, digits, '.', '_', '-')")
+        self.name = name
+        self.path = (root or data_home() / "p2pim" / "profiles") / name
+        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ProfileError(f"cannot create profile directory {self.path}: {exc.strerror}") from None
+        self._identity: Identity | None = None
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            self._identity = Identity.load_or_create(self.path / "identity.key")
+        return self._identity
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / "p2pim.db"

@@ -1,0 +1,587 @@
+"""The rendezvous core: sessions, accounts, buddies, presence, relay, offline store.
+
+No I/O. The asyncio shell (``rendezvous.server``) creates a :class:`Session`
+per WebSocket, hands every received frame to :meth:`Hub.receive` with the
+time, and after each call sends what :meth:`Hub.take_output` returns. Password
+hashing is the one slow step, so login and register come in two halves
+(``begin_*`` checks and returns the work, the shell runs it in a thread,
+``finish_*`` applies the result).
+
+Requests the hub accepts (``Frame.body``), and what answers them:
+
+===================  ==============================================  =====================
+body                 needs                                           reply
+===================  ==============================================  =====================
+register             —                                               ok / error
+login                —                                               login_ok / error
+logout               login                                           ok, then close
+buddy_request        login                                           ok / error
+buddy_accept         login, a request from that user                 ok / error
+buddy_decline        login, a request from that user                 ok / error
+buddy_remove         login                                           ok / error
+buddy_list           login                                           buddies
+set_status           login                                           ok
+publish_endpoints    login                                           ok
+lookup_endpoints     login, mutual buddy                             endpoints / error
+relay                login, mutual buddy online                      error only on refusal
+store                login, mutual buddy                             ok / error
+offline_ack          login                                           ok
+===================  ==============================================  =====================
+
+Pushes (frame id 0): presence, buddy_event, relay_in, offline_envelope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+
+from p2pim.identity import verify_login
+from p2pim.wire import control_pb2 as pb
+
+from .db import Database, User
+from .passwords import MAX_PASSWORD, MIN_PASSWORD
+from .ratelimit import RateLimiter
+
+MAX_FRAME = 256 * 1024  # bytes; bigger frames are a protocol error (the connection closes)
+MAX_RELAY = 64 * 1024  # one relayed datagram
+MAX_ENVELOPE = 64 * 1024
+NONCE_SIZE = 32
+TOKEN_SIZE = 32
+TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
+USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,31}")
+MAX_HOST_ENDPOINTS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server policy; every number a deployment may want to change."""
+
+    # Login attempts: per username (guessing one password) and per source IP (spraying).
+    login_user_rate: float = 5 / 60
+    login_user_burst: float = 10
+    login_ip_rate: float = 5.0
+    login_ip_burst: float = 50
+    # Offline store per recipient.
+    offline_max_envelopes: int = 1000
+    offline_max_bytes: int = 16 * 1024 * 1024
+    offline_max_age_s: float = 30 * 24 * 3600
+    heartbeat_s: int = 20
+
+
+@dataclass
+class Session:
+    """One connection. ``username`` is empty until login."""
+
+    remote: tuple[str, int]
+    nonce: bytes = field(default_factory=lambda: os.urandom(NONCE_SIZE))
+    username: str = ""
+    user_id: int = 0
+    presence: pb.Presence.ValueType = pb.OFFLINE
+    token_hash: bytes = b""
+    endpoints: pb.PublishEndpoints | None = None
+    closed: bool = False
+    transport: object = None  # the shell's handle (the WebSocket); the hub never touches it
+
+
+@dataclass
+class Counters:
+    connections: int = 0
+    frames: int = 0
+    bad_frames: int = 0
+    registered: int = 0
+    logins: int = 0
+    login_failures: int = 0
+    login_throttled: int = 0
+    relayed: int = 0
+    relay_refused: int = 0
+    stored: int = 0
+    offline_delivered: int = 0
+    offline_acked: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class HashWork:
+    """Register: the password to hash in a thread."""
+
+    password: str
+
+
+@dataclass(frozen=True)
+class VerifyWork:
+    """Login: the stored hash (None for an unknown user) to check the password against."""
+
+    user: User | None
+    password: str
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: send the error, then close its connection."""
+
+
+class RequestError(Exception):
+    """A refused request: answered with an error frame; the connection stays."""
+
+    def __init__(self, code: int, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+def error_frame(request_id: int, code: int, message: str, retry_after_ms: int = 0) -> pb.Frame:
+    return pb.Frame(
+        id=request_id,
+        error=pb.Error(code=code, message=message, retry_after_ms=retry_after_ms),  # type: ignore[arg-type]
+    )
+
+
+def _check_username(name: str) -> str:
+    if not USERNAME_RE.fullmatch(name):
+        raise RequestError(
+            pb.BAD_REQUEST,
+            "usernames are 2-32 characters: a-z, 0-9, '.', '_', '-', starting with a letter or digit",
+        )
+    return name
+
+
+class Hub:
+    def __init__(self, db: Database, limits: Limits | None = None) -> None:
+        self.db = db
+        self.limits = limits or Limits()
+        self.counters = Counters()
+        self.online: dict[str, Session] = {}
+        self.buddies: dict[str, set[str]] = {}  # mutual buddies of each online user
+        self._out: list[tuple[Session, bytes | None]] = []
+        lim = self.limits
+        self._user_limiter = RateLimiter(lim.login_user_rate, lim.login_user_burst)
+        self._ip_limiter = RateLimiter(lim.login_ip_rate, lim.login_ip_burst)
+        self._handlers: dict[str, Callable[[Session, pb.Frame, float], pb.Frame | None]] = {
+            "logout": self._logout,
+            "buddy_request": self._buddy_request,
+            "buddy_accept": self._buddy_accept,
+            "buddy_decline": self._buddy_decline,
+            "buddy_remove": self._buddy_remove,
+            "buddy_list": self._buddy_list,
+            "set_status": self._set_status,
+            "publish_endpoints": self._publish_endpoints,
+            "lookup_endpoints": self._lookup_endpoints,
+            "relay": self._relay,
+            "store": self._store,
+            "offline_ack": self._offline_ack,
+        }
+
+    # -- plumbing -------------------------------------------------------------
+
+    def take_output(self) -> list[tuple[Session, bytes | None]]:
+        """Frames to send, in order; ``None`` means close that session after what came before."""
+        out, self._out = self._out, []
+        return out
+
+    def _send(self, session: Session, frame: pb.Frame) -> None:
+        if not session.closed:
+            self._out.append((session, frame.SerializeToString()))
+
+    def _close(self, session: Session) -> None:
+        if not session.closed:
+            self._out.append((session, None))
+            session.closed = True
+
+    def connect(self, remote: tuple[str, int]) -> Session:
+        session = Session(remote=remote)
+        self.counters.connections += 1
+        self._send(
+            session, pb.Frame(challenge=pb.Challenge(nonce=session.nonce, server="p2pim-rendezvous/0.1"))
+        )
+        return session
+
+    def parse(self, session: Session, data: bytes | str) -> pb.Frame | None:
+        """Decode one frame; on garbage, queue an error and a close and return None."""
+        self.counters.frames += 1
+        try:
+            if isinstance(data, str):
+                raise ProtocolError("text frames are not part of this protocol; send binary protobuf")
+            if len(data) > MAX_FRAME:
+                raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+            try:
+                frame = pb.Frame.FromString(data)
+            except DecodeError:
+                raise ProtocolError("frame is not a valid protobuf Frame") from None
+            kind = frame.WhichOneof("body")
+            if kind not in self._handlers and kind not in ("register", "login"):
+                raise ProtocolError(f"unknown or missing request body ({kind or 'none'})")
+        except ProtocolError as exc:
+            self.counters.bad_frames += 1
+            self._send(session, error_frame(0, pb.BAD_FRAME, str(exc)))
+            self._close(session)
+            return None
+        return frame
+
+    def receive(self, session: Session, frame: pb.Frame, now: float) -> None:
+        """Handle a parsed request other than register/login (those go through begin/finish)."""
+        kind = frame.WhichOneof("body")
+        assert kind is not None
+        try:
+            if not session.username:
+                raise RequestError(pb.NOT_LOGGED_IN, "log in first")
+            reply = self._handlers[kind](session, frame, now)
+        except RequestError as exc:
+            reply = error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms)
+        if reply is not None:
+            reply.id = frame.id
+            self._send(session, reply)
+
+    def disconnect(self, session: Session, now: float) -> None:
+        """The connection is gone (closed, failed, or missed heartbeats)."""
+        session.closed = True
+        self._go_offline(session, now)
+
+    # -- register -------------------------------------------------------------
+
+    def begin_register(self, session: Session, frame: pb.Frame, now: float) -> HashWork | None:
+        req = frame.register
+        try:
+            self._throttle(session, None, now)
+            _check_username(req.username)
+            if not MIN_PASSWORD <= len(req.password) <= MAX_PASSWORD:
+                raise RequestError(
+                    pb.BAD_REQUEST, f"passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters"
+                )
+            if len(req.identity_key) != 32:
+                raise RequestError(pb.BAD_REQUEST, "identity_key must be a 32-byte Ed25519 public key")
+            if self.db.user(req.username) is not None:
+                raise RequestError(pb.USERNAME_TAKEN, f"the name {req.username!r} is taken")
+        except RequestError as exc:
+            self._send(session, error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms))
+            return None
+        return HashWork(req.password)
+
+    def finish_register(self, session: Session, frame: pb.Frame, pw_hash: bytes, now: float) -> None:
+        req = frame.register
+        if self.db.add_user(req.username, pw_hash, req.identity_key, int(now * 1000)):
+            self.counters.registered += 1
+            self._send(session, pb.Frame(id=frame.id, ok=pb.Ok()))
+        else:
+            self._send(
+                session, error_frame(frame.id, pb.USERNAME_TAKEN, f"the name {req.username!r} is taken")
+            )
+
+    # -- login ----------------------------------------------------------------
+
+    def _throttle(self, session: Session, username: str | None, now: float) -> None:
+        ok_ip = self._ip_limiter.allow(session.remote[0], now)
+        ok_user = username is None or self._user_limiter.allow(username, now)
+        if not (ok_ip and ok_user):
+            self.counters.login_throttled += 1
+            rate = self.limits.login_ip_rate if not ok_ip else self.limits.login_user_rate
+            raise RequestError(pb.RATE_LIMITED, "too many attempts; wait and retry", int(1000 / rate))
+
+    def begin_login(self, session: Session, frame: pb.Frame, now: float) -> VerifyWork | None:
+        """Checks that need no hashing. None: answered already (error, or a token login done)."""
+        req = frame.login
+        try:
+            if session.username:
+                raise RequestError(pb.BAD_REQUEST, "already logged in")
+            # A resume token is 256 random bits: guessing it is hopeless, so token logins only
+            # count against the address. That also keeps a user whose password is under
+            # attack (and so throttled) able to log in from devices holding a token.
+            self._throttle(session, None if req.resume_token else req.username, now)
+            user = self.db.user(req.username)
+            if req.resume_token:
+                ok = user is not None and self.db.token_valid(
+                    user.id, _token_hash(req.resume_token), int(now * 1000)
+                )
+                self._finish(session, frame, user if ok else None, now)
+                return None
+            if not req.password:
+                raise RequestError(pb.BAD_REQUEST, "give a password or a resume token")
+        except RequestError as exc:
+            self._send(session, error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms))
+            return None
+        return VerifyWork(user, req.password)
+
+    def finish_login(
+        self, session: Session, frame: pb.Frame, work: VerifyWork, password_ok: bool, now: float
+    ) -> None:
+        self._finish(session, frame, work.user if password_ok else None, now)
+
+    def _finish(self, session: Session, frame: pb.Frame, user: User | None, now: float) -> None:
+        req = frame.login
+        if session.closed:
+            return
+        if user is None or not verify_login(user.identity_key, session.nonce, req.username, req.signature):
+            # One answer for unknown user, wrong password, stale token and bad signature.
+            self.counters.login_failures += 1
+            self._send(session, error_frame(frame.id, pb.AUTH_FAILED, "wrong username or password"))
+            return
+        old = self.online.get(user.username)
+        if old is not None:
+            self._send(old, error_frame(0, pb.AUTH_FAILED, "logged in from another place"))
+            self._close(old)
+            self._go_offline(old, now, announce=False)
+        session.username, session.user_id = user.username, user.id
+        session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
+        self.online[user.username] = session
+        self.buddies[user.username] = self.db.mutual_buddies(user.id)
+        self.counters.logins += 1
+        token = os.urandom(TOKEN_SIZE) if req.want_token else b""
+        if token:
+            self.db.add_token(user.id, _token_hash(token), int(now * 1000) + TOKEN_LIFETIME_MS)
+        if token or req.resume_token:
+            session.token_hash = _token_hash(token or req.resume_token)
+        pending = self.db.pending_offline(user.id)
+        self._send(
+            session,
+            pb.Frame(
+                id=frame.id,
+                login_ok=pb.LoginOk(
+                    resume_token=token, heartbeat_s=self.limits.heartbeat_s, offline_pending=len(pending)
+                ),
+            ),
+        )
+        self._announce(session, now)
+        for env in pending:
+            self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms)
+
+    # -- presence -------------------------------------------------------------
+
+    def _announce(self, session: Session, now: float) -> None:
+        """Tell online mutual buddies about ``session``'s presence."""
+        update = pb.Frame(
+            presence=pb.PresenceUpdate(
+                username=session.username,
+                presence=session.presence,
+                last_seen_ms=int(now * 1000),
+            )
+        )
+        for name in self.buddies.get(session.username, ()):
+            peer = self.online.get(name)
+            if peer is not None:
+                self._send(peer, update)
+
+    def _go_offline(self, session: Session, now: float, announce: bool = True) -> None:
+        if not session.username or self.online.get(session.username) is not session:
+            return
+        del self.online[session.username]
+        self.db.set_last_seen(session.user_id, int(now * 1000))
+        session.presence = pb.OFFLINE
+        if announce:
+            self._announce(session, now)
+        self.buddies.pop(session.username, None)
+
+    def _logout(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame | None:
+        if frame.logout.revoke_token and session.token_hash:
+            self.db.revoke_token(session.token_hash)
+        self._go_offline(session, now)
+        self._send(session, pb.Frame(id=frame.id, ok=pb.Ok()))
+        self._close(session)
+        return None
+
+    def _set_status(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        if frame.set_status.presence not in (pb.ONLINE, pb.AWAY):
+            raise RequestError(pb.BAD_REQUEST, "status is online or away (log out to go offline)")
+        session.presence = frame.set_status.presence
+        self._announce(session, now)
+        return pb.Frame(ok=pb.Ok())
+
+    # -- buddies --------------------------------------------------------------
+
+    def _other(self, session: Session, name: str) -> User:
+        other = self.db.user(name)
+        if other is None:
+            raise RequestError(pb.NO_SUCH_USER, f"no user {name!r}")
+        if other.id == session.user_id:
+            raise RequestError(pb.BAD_REQUEST, "that is you")
+        return other
+
+    def _buddy_entry(self, name: str, key: bytes, state: str, last_seen_ms: int) -> pb.Buddy:
+        states = {"mutual": pb.MUTUAL, "sent": pb.REQUEST_SENT, "received": pb.REQUEST_RECEIVED}
+        presence = pb.OFFLINE
+        peer = self.online.get(name)
+        if state == "mutual" and peer is not None:
+            presence = peer.presence
+        return pb.Buddy(
+            username=name,
+            identity_key=key,
+            state=states[state],
+            presence=presence,
+            last_seen_ms=last_seen_ms if state == "mutual" else 0,
+        )
+
+    def _event(self, to: str, kind: int, about: User, state: str, now: float) -> None:
+        peer = self.online.get(to)
+        if peer is not None:
+            entry = self._buddy_entry(about.username, about.identity_key, state, int(now * 1000))
+            self._send(peer, pb.Frame(buddy_event=pb.BuddyEvent(kind=kind, buddy=entry)))  # type: ignore[arg-type]
+
+    def _me(self, session: Session) -> User:
+        me = self.db.user(session.username)
+        assert me is not None
+        return me
+
+    def _buddy_request(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        other = self._other(session, frame.buddy_request.username)
+        mine, theirs = (
+            self.db.relation(session.user_id, other.id),
+            self.db.relation(other.id, session.user_id),
+        )
+        if mine == "mutual":
+            return pb.Frame(ok=pb.Ok())
+        if theirs == "sent":  # they asked us already: asking back is accepting
+            return self._accept(session, other, now)
+        self.db.add_request(session.user_id, other.id)
+        self._event(other.username, pb.BuddyEvent.REQUESTED, self._me(session), "received", now)
+        return pb.Frame(ok=pb.Ok())
+
+    def _buddy_accept(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        other = self._other(session, frame.buddy_accept.username)
+        state = self.db.relation(other.id, session.user_id)
+        if state == "mutual":
+            return pb.Frame(ok=pb.Ok())
+        if state != "sent":
+            raise RequestError(pb.BAD_REQUEST, f"{other.username} has not asked to be your buddy")
+        return self._accept(session, other, now)
+
+    def _accept(self, session: Session, other: User, now: float) -> pb.Frame:
+        self.db.make_mutual(session.user_id, other.id)
+        for a, b in ((session.username, other.username), (other.username, session.username)):
+            if a in self.buddies:
+                self.buddies[a].add(b)
+        self._event(other.username, pb.BuddyEvent.ACCEPTED, self._me(session), "mutual", now)
+        # Both sides learn each other's presence now, as if the other had just logged in.
+        peer = self.online.get(other.username)
+        if peer is not None:
+            self._send(
+                session,
+                pb.Frame(presence=pb.PresenceUpdate(username=other.username, presence=peer.presence)),
+            )
+            self._send(
+                peer,
+                pb.Frame(presence=pb.PresenceUpdate(username=session.username, presence=session.presence)),
+            )
+        return pb.Frame(ok=pb.Ok())
+
+    def _buddy_decline(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        other = self._other(session, frame.buddy_decline.username)
+        if self.db.relation(other.id, session.user_id) != "sent":
+            raise RequestError(pb.BAD_REQUEST, f"{other.username} has not asked to be your buddy")
+        self.db.remove_relation(session.user_id, other.id)
+        self._event(other.username, pb.BuddyEvent.DECLINED, self._me(session), "sent", now)
+        return pb.Frame(ok=pb.Ok())
+
+    def _buddy_remove(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        other = self._other(session, frame.buddy_remove.username)
+        if not self.db.remove_relation(session.user_id, other.id):
+            raise RequestError(pb.NOT_A_BUDDY, f"{other.username} is not your buddy")
+        for a, b in ((session.username, other.username), (other.username, session.username)):
+            self.buddies.get(a, set()).discard(b)
+        self._event(other.username, pb.BuddyEvent.REMOVED, self._me(session), "mutual", now)
+        return pb.Frame(ok=pb.Ok())
+
+    def _buddy_list(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        entries = [
+            self._buddy_entry(r.username, r.identity_key, r.state, r.last_seen_ms)
+            for r in self.db.relations(session.user_id)
+        ]
+        return pb.Frame(buddies=pb.BuddyList(buddies=entries))
+
+    def _require_buddy(self, session: Session, name: str) -> None:
+        if name not in self.buddies.get(session.username, ()):
+            raise RequestError(pb.NOT_A_BUDDY, f"{name or '(nobody)'} is not your buddy")
+
+    # -- endpoints --------------------------------------------------------------
+
+    def _publish_endpoints(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        eps = frame.publish_endpoints
+        if len(eps.host) > MAX_HOST_ENDPOINTS:
+            raise RequestError(pb.BAD_REQUEST, f"at most {MAX_HOST_ENDPOINTS} host addresses")
+        session.endpoints = eps
+        return pb.Frame(ok=pb.Ok())
+
+    def _lookup_endpoints(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        name = frame.lookup_endpoints.username
+        self._require_buddy(session, name)
+        peer = self.online.get(name)
+        if peer is None:
+            raise RequestError(pb.PEER_OFFLINE, f"{name} is offline")
+        reply = pb.Endpoints(username=name)
+        reply.observed.ip, reply.observed.port = peer.remote
+        if peer.endpoints is not None:
+            reply.host.extend(peer.endpoints.host)
+            reply.mapped.CopyFrom(peer.endpoints.mapped)
+            reply.nat.CopyFrom(peer.endpoints.nat)
+        return pb.Frame(endpoints=reply)
+
+    # -- relay and offline store ---------------------------------------------------
+
+    def _relay(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame | None:
+        req = frame.relay
+        try:
+            self._require_buddy(session, req.to)
+            if len(req.data) > MAX_RELAY:
+                raise RequestError(pb.BAD_REQUEST, f"relayed datagrams are at most {MAX_RELAY} bytes")
+            peer = self.online.get(req.to)
+            if peer is None:
+                raise RequestError(pb.PEER_OFFLINE, f"{req.to} is offline")
+        except RequestError:
+            self.counters.relay_refused += 1
+            raise
+        self.counters.relayed += 1
+        self._send(peer, pb.Frame(relay_in=pb.RelayIn(sender=session.username, data=req.data)))
+        return None
+
+    def _store(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        req = frame.store
+        self._require_buddy(session, req.to)
+        if len(req.envelope) > MAX_ENVELOPE or len(req.msg_id) != 16:
+            raise RequestError(
+                pb.BAD_REQUEST, f"envelopes are at most {MAX_ENVELOPE} bytes with a 16-byte id"
+            )
+        recipient = self.db.user(req.to)
+        assert recipient is not None
+        count, size = self.db.offline_usage(recipient.id)
+        lim = self.limits
+        if count >= lim.offline_max_envelopes or size + len(req.envelope) > lim.offline_max_bytes:
+            raise RequestError(pb.QUOTA_EXCEEDED, f"{req.to}'s offline store is full")
+        now_ms = int(now * 1000)
+        store_id = self.db.store_offline(recipient.id, session.username, req.msg_id, req.envelope, now_ms)
+        if store_id is not None:  # None: a retransmission of an envelope we hold already
+            self.counters.stored += 1
+            peer = self.online.get(req.to)
+            if peer is not None:
+                self._push_offline(peer, store_id, session.username, req.envelope, now_ms)
+        return pb.Frame(ok=pb.Ok())
+
+    def _push_offline(
+        self, session: Session, store_id: int, sender: str, envelope: bytes, stored_ms: int
+    ) -> None:
+        self.counters.offline_delivered += 1
+        self._send(
+            session,
+            pb.Frame(
+                offline_envelope=pb.OfflineEnvelope(
+                    store_id=store_id, sender=sender, envelope=envelope, stored_at_ms=stored_ms
+                )
+            ),
+        )
+
+    def _offline_ack(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        ids = list(frame.offline_ack.store_ids)[:1000]
+        self.counters.offline_acked += self.db.ack_offline(session.user_id, ids)
+        return pb.Frame(ok=pb.Ok())
+
+    def expire(self, now: float) -> int:
+        """Periodic housekeeping: drop expired offline envelopes and tokens."""
+        return self.db.expire(int(now * 1000), int(self.limits.offline_max_age_s * 1000))
+
+
+def _token_hash(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
