@@ -39,7 +39,7 @@ def verify_login(public_key: bytes, nonce: bytes, username: str, signature: byte
 
 def fingerprint(public_key: bytes) -> str:
     """Human-comparable digest of a public key: 8 groups of 5 decimal digits (Signal-style)."""
-    digest = hashlib.sha256(b"p2pim-fingerprint\0" + public_key).digest()
+    digest = hashlib.sha512(b"p2pim-fingerprint\0" + public_key).digest()
     groups = [int.from_bytes(digest[i : i + 5], "big") % 100000 for i in range(0, 40, 5)]
     return " ".join(f"{g:05d}" for g in groups)
 

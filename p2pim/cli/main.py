@@ -3,10 +3,17 @@
 Exit codes (stable, for scripts):
 
 ==  =====================================================================
-0   done (some verdicts may still be "unknown"; the notes say why)
+0   done (for ``nat`` some verdicts may still be "unknown"; the notes say why)
 1   unexpected failure (a bug: please report it)
 2   usage error, or the server name does not resolve
-3   no answer from the STUN server ("blocked")
+3   no answer: the STUN server ("blocked") or the rendezvous is unreachable
+    (``send`` then keeps the message queued in the outbox)
+4   authentication failed: wrong username or password, or not logged in
+5   no such user, or not a buddy
+6   rate limited (too many login attempts)
+7   username taken
+8   a buddy's key changed (see ``p2pim fingerprint USER``)
+9   refused or not delivered for another reason (the message says why)
 ==  =====================================================================
 
 Imports are kept light (no crypto, no protobuf) so `p2pim nat` starts fast.
@@ -20,6 +27,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -95,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds without any answer before reporting 'blocked' (default %(default)s)",
     )
+    from . import chat
+
+    chat.add_parsers(sub)
     return parser
 
 
@@ -117,16 +128,24 @@ def _cmd_nat(args: argparse.Namespace) -> int:
     return EXIT_OK if report.responded else EXIT_NO_ANSWER
 
 
-COMMANDS = {"nat": _cmd_nat}
+def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
+    from . import chat
+
+    return {"nat": _cmd_nat, **chat.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import chat
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return _commands()[args.command](args)
     except UsageError as exc:
         print(f"p2pim: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except chat.ChatError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

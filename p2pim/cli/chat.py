@@ -1,0 +1,517 @@
+"""The messaging commands of ``p2pim``: register, login, logout, buddy, send, listen,
+history, status, fingerprint.
+
+Each command is one short-lived client (``listen`` stays until Ctrl-C). The
+first ``login`` (or ``register``) keeps a resume token in the profile, so
+later commands need no password. Errors are one line on stderr and an exit
+code from :data:`EXIT_CODES` (documented in README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+EXIT_SERVER_UNREACHABLE = 3
+EXIT_AUTH = 4
+EXIT_NOT_A_BUDDY = 5
+EXIT_RATE_LIMITED = 6
+EXIT_TAKEN = 7
+EXIT_KEY_CHANGED = 8
+EXIT_FAILED = 9
+
+DEFAULT_SERVER = "ws://127.0.0.1:7788"
+SEND_WAIT_S = 10.0
+
+
+class ChatError(Exception):
+    """One line for the user and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        help=f"rendezvous URL (default: the one you logged in to, else $P2PIM_SERVER, else {DEFAULT_SERVER})",
+    )
+    common.add_argument(
+        "--profile",
+        default=os.environ.get("P2PIM_PROFILE", "default"),
+        help="profile name: identity key and local database (default $P2PIM_PROFILE or 'default')",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    pw = argparse.ArgumentParser(add_help=False)
+    pw.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from stdin (else $P2PIM_PASSWORD or a prompt)",
+    )
+
+    p = sub.add_parser("register", parents=[common, pw], help="create an account and log in")
+    p.add_argument("username")
+    p = sub.add_parser("login", parents=[common, pw], help="log in; later commands reuse the session")
+    p.add_argument("username")
+    sub.add_parser("logout", parents=[common], help="log out and forget the saved session")
+
+    buddy = sub.add_parser("buddy", parents=[common], help="manage buddies")
+    bsub = buddy.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("add", "ask USER to be your buddy (accepts if they asked you)"),
+        ("accept", "accept USER's request"),
+        ("decline", "decline USER's request"),
+        ("remove", "remove USER (or withdraw a request)"),
+        ("trust", "accept USER's new key after checking its fingerprint with them"),
+    ):
+        b = bsub.add_parser(action, parents=[common], help=text)
+        b.add_argument("user")
+    bsub.add_parser("list", parents=[common], help="buddies, requests and presence")
+
+    p = sub.add_parser("send", parents=[common], help="send an end-to-end encrypted message")
+    p.add_argument("user")
+    p.add_argument("text", nargs="+")
+    p.add_argument(
+        "--wait", type=float, default=SEND_WAIT_S, help="seconds to wait for delivery (default 10)"
+    )
+
+    p = sub.add_parser("listen", parents=[common], help="print messages and presence changes as they happen")
+    p.add_argument("--away", action="store_true", help="appear away instead of online")
+    p.add_argument("--no-read-receipts", action="store_true", help="do not tell senders you have read them")
+    p.add_argument("--exit-after", type=float, metavar="S", help="stop after S seconds (for scripts)")
+
+    p = sub.add_parser("history", parents=[common], help="conversation with USER (local, no server)")
+    p.add_argument("user")
+    p.add_argument("--limit", type=int, default=50)
+
+    sub.add_parser("status", parents=[common], help="account, connection, outbox and buddies")
+    p = sub.add_parser("fingerprint", parents=[common], help="your key's fingerprint, or USER's pinned one")
+    p.add_argument("user", nargs="?")
+
+
+# -- plumbing -------------------------------------------------------------------
+
+
+def _password(args: argparse.Namespace, confirm: bool) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    env = os.environ.get("P2PIM_PASSWORD")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise ChatError("no password: use a terminal, --password-stdin or $P2PIM_PASSWORD", 2)
+    first = getpass.getpass("password: ")
+    if confirm and getpass.getpass("again: ") != first:
+        raise ChatError("the passwords differ", 2)
+    return first
+
+
+def _map_error(exc: Exception) -> ChatError:
+    from p2pim.client import KEY_CHANGED, ClientError, Unreachable
+    from p2pim.wire import control_pb2 as pb
+
+    if isinstance(exc, Unreachable):
+        return ChatError(exc.message, EXIT_SERVER_UNREACHABLE)
+    assert isinstance(exc, ClientError)
+    codes = {
+        pb.AUTH_FAILED: EXIT_AUTH,
+        pb.NOT_LOGGED_IN: EXIT_AUTH,
+        pb.NO_SUCH_USER: EXIT_NOT_A_BUDDY,
+        pb.NOT_A_BUDDY: EXIT_NOT_A_BUDDY,
+        pb.RATE_LIMITED: EXIT_RATE_LIMITED,
+        pb.USERNAME_TAKEN: EXIT_TAKEN,
+        KEY_CHANGED: EXIT_KEY_CHANGED,
+    }
+    message = exc.message
+    if exc.code == pb.RATE_LIMITED and exc.retry_after_ms:
+        message += f" (about {exc.retry_after_ms / 1000:.0f} s)"
+    return ChatError(message, codes.get(exc.code, EXIT_FAILED))
+
+
+def _server_for(args: argparse.Namespace, saved: tuple[str, str, bytes] | None) -> str:
+    if args.server:
+        return str(args.server)
+    if saved is not None:
+        return saved[0]
+    return os.environ.get("P2PIM_SERVER", DEFAULT_SERVER)
+
+
+def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login: bool = True) -> int:
+    """Open the profile, connect, log in with the saved session, run ``body(client)``."""
+    from p2pim.client import Client, ClientError
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    async def go() -> int:
+        try:
+            profile = Profile(args.profile)
+        except ProfileError as exc:
+            raise ChatError(str(exc), 2) from None
+        store = ClientStore(profile.db_path)
+        saved = store.account()
+        store.close()
+        client = Client(_server_for(args, saved), profile, reconnect=False)
+        try:
+            if login:
+                if saved is None:
+                    raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
+                await client.connect()
+                await client.login(saved[1])
+            return await body(client)
+        except ClientError as exc:
+            raise _map_error(exc) from None
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(go())
+    except ChatError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data) if args.json else text)
+
+
+def _when(ms: int) -> str:
+    if not ms:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000))
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    password = _password(args, confirm=True)
+
+    async def body(c: Any) -> int:
+        await c.connect()
+        await c.register(args.username, password)
+        await c.login(args.username, password)
+        _out(
+            args,
+            {"registered": args.username, "fingerprint": c.profile.identity.fingerprint},
+            f"registered {args.username} on {c.server}\nyour fingerprint: {c.profile.identity.fingerprint}",
+        )
+        return 0
+
+    return _run(args, body, login=False)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    password = _password(args, confirm=False)
+
+    async def body(c: Any) -> int:
+        await c.connect()
+        pending = await c.login(args.username, password)
+        _out(
+            args,
+            {"logged_in": args.username, "offline_pending": pending},
+            f"logged in as {args.username} on {c.server}"
+            + (f"; {pending} message(s) waiting: run p2pim listen" if pending else ""),
+        )
+        await asyncio.sleep(0.2 if pending else 0)  # let waiting messages land in the history
+        return 0
+
+    return _run(args, body, login=False)
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    async def body(c: Any) -> int:
+        await c.logout(forget=True)
+        _out(args, {"logged_out": True}, "logged out")
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_buddy(args: argparse.Namespace) -> int:
+    async def body(c: Any) -> int:
+        if args.action == "list":
+            rows = await c.buddies()
+            if args.json:
+                print(json.dumps([r.__dict__ for r in rows]))
+                return 0
+            if not rows:
+                print("no buddies yet: p2pim buddy add USER")
+            for r in rows:
+                seen = (
+                    f", last seen {_when(r.last_seen_ms)}"
+                    if r.presence == "offline" and r.state == "buddy"
+                    else ""
+                )
+                warn = "  WARNING: key changed (p2pim fingerprint USER)" if r.key_warning else ""
+                print(f"{r.username:<20} {r.state:<22} {r.presence}{seen}{warn}")
+            return 0
+        if args.action == "trust":
+            if not c.trust(args.user):
+                raise ChatError(f"no changed key is waiting for {args.user}", EXIT_FAILED)
+            _out(args, {"trusted": args.user}, f"now trusting {args.user}'s new key")
+            return 0
+        action = {"add": c.buddy_add, "accept": c.buddy_accept, "decline": c.buddy_decline}
+        await action.get(args.action, c.buddy_remove)(args.user)
+        done = {"add": "request sent to", "accept": "accepted", "decline": "declined", "remove": "removed"}
+        _out(args, {args.action: args.user}, f"{done[args.action]} {args.user}")
+        return 0
+
+    return _run(args, body, login=args.action != "trust")
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from p2pim.client import Client, ClientError, Unreachable
+    from p2pim.messaging.ids import short
+
+    text = " ".join(args.text)
+
+    async def body(c: Client) -> int:
+        msg_id = await c.send(args.user, text)
+        outcome = await c.wait_outcome(msg_id, args.wait)
+        state = outcome.state if outcome else "queued"
+        messages = {
+            "delivered": f"delivered to {args.user}",
+            "stored": f"{args.user} is offline: kept on the server, delivered at their next login",
+            "failed": f"not delivered: {outcome.detail if outcome else ''}",
+            "queued": "queued: not yet accepted by the server; it goes out with the next send or listen",
+        }
+        _out(args, {"msg_id": msg_id.hex(), "state": state}, messages[state])
+        return {"failed": EXIT_FAILED, "queued": EXIT_SERVER_UNREACHABLE}.get(state, 0)
+
+    async def offline_body(c: Client) -> int:
+        # Server down: still queue it (a known buddy), so nothing the user typed is lost.
+        saved = c.store.account()
+        if saved is None:
+            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
+        msg_id = await c.send(args.user, text)
+        print(f"p2pim: server unreachable; message {short(msg_id)} queued for {args.user}", file=sys.stderr)
+        return EXIT_SERVER_UNREACHABLE
+
+    async def either(c: Client) -> int:
+        saved = c.store.account()
+        if saved is None:
+            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
+        try:
+            await c.connect()
+            await c.login(saved[1])
+        except Unreachable:
+            return await offline_body(c)
+        except ClientError as exc:
+            raise _map_error(exc) from None
+        return await body(c)
+
+    return _run(args, either, login=False)
+
+
+def _event_line(ev: Any) -> tuple[dict[str, Any], str]:
+    from p2pim import client as cl
+
+    stamp = time.strftime("%H:%M:%S")
+    if isinstance(ev, cl.Message):
+        sent = time.strftime("%H:%M:%S", time.localtime(ev.sent_at_ms / 1000))
+        tag = " (while you were offline)" if ev.offline else ""
+        return (
+            {
+                "event": "message",
+                "from": ev.peer,
+                "text": ev.text,
+                "msg_id": ev.msg_id.hex(),
+                "sent_at_ms": ev.sent_at_ms,
+            },
+            f"[{sent}] {ev.peer}: {ev.text}{tag}",
+        )
+    if isinstance(ev, cl.Receipt):
+        return (
+            {"event": "receipt", "from": ev.peer, "kind": ev.kind, "msg_ids": [m.hex() for m in ev.msg_ids]},
+            f"[{stamp}] ({ev.kind} by {ev.peer}: {len(ev.msg_ids)} message(s))",
+        )
+    if isinstance(ev, cl.PresenceChange):
+        return (
+            {"event": "presence", "user": ev.peer, "status": ev.status, "last_seen_ms": ev.last_seen_ms},
+            f"[{stamp}] * {ev.peer} is {ev.status}",
+        )
+    if isinstance(ev, cl.BuddyChange):
+        texts = {
+            "requested": f"{ev.peer} asks to be your buddy: p2pim buddy accept {ev.peer}",
+            "accepted": f"{ev.peer} is now your buddy",
+            "declined": f"{ev.peer} declined your request",
+            "removed": f"{ev.peer} removed you",
+        }
+        return {
+            "event": "buddy",
+            "user": ev.peer,
+            "kind": ev.kind,
+        }, f"[{stamp}] * {texts.get(ev.kind, ev.kind)}"
+    if isinstance(ev, cl.KeyChanged):
+        return (
+            {"event": "key_changed", "user": ev.peer, "pinned": ev.pinned, "offered": ev.offered},
+            f"[{stamp}] WARNING: {ev.peer}'s key changed: pinned {ev.pinned}, offered {ev.offered}. "
+            f"Messages stay with the pinned key until you check and run p2pim buddy trust {ev.peer}",
+        )
+    if isinstance(ev, cl.Outcome):
+        return (
+            {
+                "event": "outcome",
+                "to": ev.peer,
+                "msg_id": ev.msg_id.hex(),
+                "state": ev.state,
+                "detail": ev.detail,
+            },
+            f"[{stamp}] (message to {ev.peer} {ev.state}{': ' + ev.detail if ev.detail else ''})",
+        )
+    if isinstance(ev, cl.ConnectionState):
+        return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
+    return {"event": "problem", "message": ev.message}, f"[{stamp}] ! {ev.message}"
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from p2pim import client as cl
+
+    async def body(c: cl.Client) -> int:
+        c.reconnect = True
+        if args.away:
+            await c.set_status("away")
+        if not args.json:
+            print(f"listening as {c.username} on {c.server} (Ctrl-C to stop)", flush=True)
+        deadline = None if args.exit_after is None else time.monotonic() + args.exit_after
+        events = c.events()
+        while True:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return 0
+            try:
+                ev = await asyncio.wait_for(anext(events), timeout)
+            except TimeoutError:
+                return 0
+            data, line = _event_line(ev)
+            print(json.dumps(data) if args.json else line, flush=True)
+            if isinstance(ev, cl.Message) and not args.no_read_receipts:
+                await c.mark_read(ev.peer)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run(args, body)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    try:
+        store = ClientStore(Profile(args.profile).db_path)
+    except ProfileError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return 2
+    rows = store.history(args.user, args.limit)
+    me = (store.account() or ("", "me", b""))[1]
+    store.close()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "msg_id": r.msg_id.hex(),
+                        "from": me if r.outgoing else r.peer,
+                        "text": r.text,
+                        "sent_at_ms": r.sent_at_ms,
+                        "state": r.state,
+                    }
+                    for r in rows
+                ]
+            )
+        )
+        return 0
+    if not rows:
+        print(f"no messages with {args.user}")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at_ms / 1000))
+        state = f"  [{r.state}]" if r.outgoing else ""
+        print(f"[{when}] {me if r.outgoing else r.peer}: {r.text}{state}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from p2pim.client import Client, Unreachable
+
+    async def body(c: Client) -> int:
+        saved = c.store.account()
+        if saved is None:
+            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
+        outbox = len(c.store.outbox())
+        connected, buddies = True, []
+        try:
+            await c.connect()
+            await c.login(saved[1])
+            buddies = await c.buddies()
+        except Unreachable:
+            connected = False
+        data = {
+            "username": saved[1],
+            "server": c.server,
+            "connected": connected,
+            "fingerprint": c.profile.identity.fingerprint,
+            "outbox": outbox,
+            "buddies": [b.__dict__ for b in buddies],
+        }
+        lines = [
+            f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
+            f"fingerprint {c.profile.identity.fingerprint}",
+            f"outbox: {outbox} message(s) waiting to go out",
+        ]
+        lines += [f"  {b.username:<20} {b.presence}" for b in buddies if b.state == "buddy"]
+        _out(args, data, "\n".join(lines))
+        return 0 if connected else EXIT_SERVER_UNREACHABLE
+
+    return _run(args, body, login=False)
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from p2pim.identity import IdentityError, fingerprint
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    try:
+        profile = Profile(args.profile)
+        if not args.user:
+            fp = profile.identity.fingerprint
+            _out(args, {"fingerprint": fp}, fp)
+            return 0
+    except (ProfileError, IdentityError) as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return 2
+    store = ClientStore(profile.db_path)
+    contact = store.contact(args.user)
+    store.close()
+    if contact is None:
+        print(f"p2pim: no key known for {args.user} (not a buddy yet?)", file=sys.stderr)
+        return EXIT_NOT_A_BUDDY
+    pinned = fingerprint(contact.identity_key)
+    offered = fingerprint(contact.offered_key) if contact.offered_key else None
+    text = f"{args.user}: {pinned}"
+    if offered:
+        text += f"\nWARNING: the server now offers a different key: {offered}"
+    _out(args, {"user": args.user, "fingerprint": pinned, "offered": offered}, text)
+    return 0 if offered is None else EXIT_KEY_CHANGED
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "register": cmd_register,
+    "login": cmd_login,
+    "logout": cmd_logout,
+    "buddy": cmd_buddy,
+    "send": cmd_send,
+    "listen": cmd_listen,
+    "history": cmd_history,
+    "status": cmd_status,
+    "fingerprint": cmd_fingerprint,
+}
