@@ -517,8 +517,13 @@ class Client:
 
     async def wait_outcome(self, msg_id: bytes, timeout: float) -> Outcome | None:
         """Wait until ``msg_id`` leaves the outbox; None if it is still queued after ``timeout``."""
-        if msg_id not in self.delivery.items:
+        # No await between this check and registering the future, and _finish writes the
+        # database before it resolves futures: an outcome cannot slip between the two.
+        row = self.store.message(msg_id)
+        if row is None:
             return None
+        if row.state not in ("queued", "relayed"):
+            return Outcome(row.peer, msg_id, row.state)
         future = self._outcomes.setdefault(msg_id, asyncio.get_running_loop().create_future())
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)

@@ -55,6 +55,7 @@ class RendezvousServer:
             compression=None,  # ciphertext does not compress; per-message deflate costs memory
             ping_interval=hb,
             ping_timeout=hb,
+            close_timeout=2,  # a peer that does not answer our close must not hold up shutdown
         )
         self._housekeeping = asyncio.create_task(self._expire_loop())
 

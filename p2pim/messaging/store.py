@@ -185,6 +185,12 @@ class ClientStore:
         ).fetchone()
         return row[0] if row else None
 
+    def message(self, msg_id: bytes) -> HistoryRow | None:
+        r = self.conn.execute(
+            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state FROM messages WHERE msg_id = ?", (msg_id,)
+        ).fetchone()
+        return HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5]) if r else None
+
     def unread(self, peer: str) -> list[bytes]:
         rows = self.conn.execute(
             "SELECT msg_id FROM messages WHERE peer = ? AND outgoing = 0 AND state = 'received' "
