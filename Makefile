@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install system-deps test test-fast demo lab-demo lint proto proto-check bench clean
+.PHONY: install system-deps test test-fast demo nat-demo lab-demo lint proto proto-check bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ test-fast: install
 
 demo: install
 	scripts/demo.sh
+
+nat-demo: install
+	scripts/nat_demo.sh
 
 lab-demo: install system-deps
 	$(BIN)/natlab classify

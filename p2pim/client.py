@@ -169,8 +169,10 @@ class BuddyInfo:
 
 
 class Client:
-    def __init__(self, server: str, profile: Profile, *, reconnect: bool = True) -> None:
+    def __init__(self, server: str, profile: Profile, *, reconnect: bool = True, quiet: bool = False) -> None:
+        """``quiet``: a short-lived session (one CLI command) that buddies do not see as online."""
         self.server = server
+        self.quiet = quiet
         self.profile = profile
         self.store = ClientStore(profile.db_path)
         self.reconnect = reconnect
@@ -385,6 +387,7 @@ class Client:
             signature=signature,
             want_token=want_token,
             presence=self._presence,
+            quiet=self.quiet,
         )
         reply = await self._request("login", req)
         self.username = username

@@ -56,6 +56,7 @@ TOKEN_SIZE = 32
 TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,31}")
 MAX_HOST_ENDPOINTS = 16
+MAX_SESSIONS = 8  # per user; the oldest is closed when a ninth logs in
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Session:
     username: str = ""
     user_id: int = 0
     presence: pb.Presence.ValueType = pb.OFFLINE
+    quiet: bool = False  # a one-shot command: can send and receive, does not show as online
     token_hash: bytes = b""
     endpoints: pb.PublishEndpoints | None = None
     closed: bool = False
@@ -158,7 +160,10 @@ class Hub:
         self.db = db
         self.limits = limits or Limits()
         self.counters = Counters()
-        self.online: dict[str, Session] = {}
+        # Every logged-in connection of each user (a listener and a one-shot `send` may
+        # overlap, or several devices), oldest first.
+        self.online: dict[str, list[Session]] = {}
+        self._shown: dict[str, pb.Presence.ValueType] = {}  # presence buddies were last told
         self.buddies: dict[str, set[str]] = {}  # mutual buddies of each online user
         self._out: list[tuple[Session, bytes | None]] = []
         lim = self.limits
@@ -322,15 +327,20 @@ class Hub:
             self.counters.login_failures += 1
             self._send(session, error_frame(frame.id, pb.AUTH_FAILED, "wrong username or password"))
             return
-        old = self.online.get(user.username)
-        if old is not None:
-            self._send(old, error_frame(0, pb.AUTH_FAILED, "logged in from another place"))
+        sessions = self.online.setdefault(user.username, [])
+        if len(sessions) >= MAX_SESSIONS:
+            old = sessions[0]
+            self._send(
+                old, error_frame(0, pb.BAD_REQUEST, f"more than {MAX_SESSIONS} sessions: closing the oldest")
+            )
             self._close(old)
-            self._go_offline(old, now, announce=False)
+            self._go_offline(old, now)
         session.username, session.user_id = user.username, user.id
         session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
-        self.online[user.username] = session
-        self.buddies[user.username] = self.db.mutual_buddies(user.id)
+        session.quiet = req.quiet
+        sessions.append(session)
+        if user.username not in self.buddies:
+            self.buddies[user.username] = self.db.mutual_buddies(user.id)
         self.counters.logins += 1
         token = os.urandom(TOKEN_SIZE) if req.want_token else b""
         if token:
@@ -347,35 +357,51 @@ class Hub:
                 ),
             ),
         )
-        self._announce(session, now)
+        self._announce(session.username, now)
         for env in pending:
             self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms)
 
     # -- presence -------------------------------------------------------------
 
-    def _announce(self, session: Session, now: float) -> None:
-        """Tell online mutual buddies about ``session``'s presence."""
-        update = pb.Frame(
-            presence=pb.PresenceUpdate(
-                username=session.username,
-                presence=session.presence,
-                last_seen_ms=int(now * 1000),
-            )
-        )
-        for name in self.buddies.get(session.username, ()):
-            peer = self.online.get(name)
-            if peer is not None:
-                self._send(peer, update)
+    def presence_of(self, name: str) -> pb.Presence.ValueType:
+        """What buddies see: online if any shown session is, else away if any is, else offline."""
+        shown = [x.presence for x in self.online.get(name, ()) if not x.quiet]
+        if pb.ONLINE in shown:
+            return pb.ONLINE
+        return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
 
-    def _go_offline(self, session: Session, now: float, announce: bool = True) -> None:
-        if not session.username or self.online.get(session.username) is not session:
+    def _to_user(self, name: str, frame: pb.Frame) -> bool:
+        """Send to every session of ``name``; False if there is none."""
+        sessions = self.online.get(name, [])
+        for x in sessions:
+            self._send(x, frame)
+        return bool(sessions)
+
+    def _announce(self, name: str, now: float) -> None:
+        """Tell online mutual buddies about ``name``'s presence, if it changed."""
+        presence = self.presence_of(name)
+        if self._shown.get(name, pb.OFFLINE) == presence:
             return
-        del self.online[session.username]
-        self.db.set_last_seen(session.user_id, int(now * 1000))
+        self._shown[name] = presence
+        if presence == pb.OFFLINE:
+            del self._shown[name]
+        update = pb.Frame(
+            presence=pb.PresenceUpdate(username=name, presence=presence, last_seen_ms=int(now * 1000))
+        )
+        for buddy in self.buddies.get(name, ()):
+            self._to_user(buddy, update)
+
+    def _go_offline(self, session: Session, now: float) -> None:
+        sessions = self.online.get(session.username, [])
+        if session not in sessions:
+            return
+        sessions.remove(session)
         session.presence = pb.OFFLINE
-        if announce:
-            self._announce(session, now)
-        self.buddies.pop(session.username, None)
+        self.db.set_last_seen(session.user_id, int(now * 1000))
+        self._announce(session.username, now)
+        if not sessions:
+            del self.online[session.username]
+            self.buddies.pop(session.username, None)
 
     def _logout(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame | None:
         if frame.logout.revoke_token and session.token_hash:
@@ -389,7 +415,7 @@ class Hub:
         if frame.set_status.presence not in (pb.ONLINE, pb.AWAY):
             raise RequestError(pb.BAD_REQUEST, "status is online or away (log out to go offline)")
         session.presence = frame.set_status.presence
-        self._announce(session, now)
+        self._announce(session.username, now)
         return pb.Frame(ok=pb.Ok())
 
     # -- buddies --------------------------------------------------------------
@@ -404,10 +430,7 @@ class Hub:
 
     def _buddy_entry(self, name: str, key: bytes, state: str, last_seen_ms: int) -> pb.Buddy:
         states = {"mutual": pb.MUTUAL, "sent": pb.REQUEST_SENT, "received": pb.REQUEST_RECEIVED}
-        presence = pb.OFFLINE
-        peer = self.online.get(name)
-        if state == "mutual" and peer is not None:
-            presence = peer.presence
+        presence = self.presence_of(name) if state == "mutual" else pb.OFFLINE
         return pb.Buddy(
             username=name,
             identity_key=key,
@@ -417,10 +440,9 @@ class Hub:
         )
 
     def _event(self, to: str, kind: int, about: User, state: str, now: float) -> None:
-        peer = self.online.get(to)
-        if peer is not None:
+        if to in self.online:
             entry = self._buddy_entry(about.username, about.identity_key, state, int(now * 1000))
-            self._send(peer, pb.Frame(buddy_event=pb.BuddyEvent(kind=kind, buddy=entry)))  # type: ignore[arg-type]
+            self._to_user(to, pb.Frame(buddy_event=pb.BuddyEvent(kind=kind, buddy=entry)))  # type: ignore[arg-type]
 
     def _me(self, session: Session) -> User:
         me = self.db.user(session.username)
@@ -457,16 +479,11 @@ class Hub:
                 self.buddies[a].add(b)
         self._event(other.username, pb.BuddyEvent.ACCEPTED, self._me(session), "mutual", now)
         # Both sides learn each other's presence now, as if the other had just logged in.
-        peer = self.online.get(other.username)
-        if peer is not None:
-            self._send(
-                session,
-                pb.Frame(presence=pb.PresenceUpdate(username=other.username, presence=peer.presence)),
-            )
-            self._send(
-                peer,
-                pb.Frame(presence=pb.PresenceUpdate(username=session.username, presence=session.presence)),
-            )
+        for a, b in ((session.username, other.username), (other.username, session.username)):
+            if a in self.online and self.presence_of(b) != pb.OFFLINE:
+                self._to_user(
+                    a, pb.Frame(presence=pb.PresenceUpdate(username=b, presence=self.presence_of(b)))
+                )
         return pb.Frame(ok=pb.Ok())
 
     def _buddy_decline(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
@@ -509,9 +526,11 @@ class Hub:
     def _lookup_endpoints(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         name = frame.lookup_endpoints.username
         self._require_buddy(session, name)
-        peer = self.online.get(name)
-        if peer is None:
+        sessions = self.online.get(name)
+        if not sessions:
             raise RequestError(pb.PEER_OFFLINE, f"{name} is offline")
+        published = [x for x in sessions if x.endpoints is not None]
+        peer = published[-1] if published else sessions[-1]
         reply = pb.Endpoints(username=name)
         reply.observed.ip, reply.observed.port = peer.remote
         if peer.endpoints is not None:
@@ -528,14 +547,14 @@ class Hub:
             self._require_buddy(session, req.to)
             if len(req.data) > MAX_RELAY:
                 raise RequestError(pb.BAD_REQUEST, f"relayed datagrams are at most {MAX_RELAY} bytes")
-            peer = self.online.get(req.to)
-            if peer is None:
+            if not self._to_user(
+                req.to, pb.Frame(relay_in=pb.RelayIn(sender=session.username, data=req.data))
+            ):
                 raise RequestError(pb.PEER_OFFLINE, f"{req.to} is offline")
         except RequestError:
             self.counters.relay_refused += 1
             raise
         self.counters.relayed += 1
-        self._send(peer, pb.Frame(relay_in=pb.RelayIn(sender=session.username, data=req.data)))
         return None
 
     def _store(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
@@ -555,8 +574,7 @@ class Hub:
         store_id = self.db.store_offline(recipient.id, session.username, req.msg_id, req.envelope, now_ms)
         if store_id is not None:  # None: a retransmission of an envelope we hold already
             self.counters.stored += 1
-            peer = self.online.get(req.to)
-            if peer is not None:
+            for peer in self.online.get(req.to, ()):
                 self._push_offline(peer, store_id, session.username, req.envelope, now_ms)
         return pb.Frame(ok=pb.Ok())
 

@@ -1,29 +1,65 @@
 #!/usr/bin/env bash
-# make demo: the STUN service and `p2pim nat` on loopback (127.0.0.1 and 127.0.0.2
-# as the two server addresses), then, as root, the same behind every kernel NAT
-# profile in natlab. Stops everything it started, also on failure.
+# make demo: a whole conversation on loopback, with nothing left behind.
+# Starts `rendezvous serve` with a throwaway SQLite database, registers alice and
+# bob (each with their own profile), makes them buddies, exchanges messages both
+# ways, sends one while bob is offline and shows it delivered at his login.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=.venv/bin
+BIN=$PWD/.venv/bin
+work=$(mktemp -d /tmp/p2pim-demo.XXXXXX)
+export XDG_DATA_HOME=$work/data P2PIM_PASSWORD="demo password"
 port=$(( 20000 + RANDOM % 20000 ))
-$BIN/rendezvous stun --ip 127.0.0.1 --alt-ip 127.0.0.2 --port $port --alt-port $((port + 1)) &
+server=""
+listener=""
+cleanup() {
+  [ -n "$listener" ] && kill "$listener" 2>/dev/null || true
+  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+alice() { echo "alice\$ p2pim $*"; "$BIN/p2pim" "$@" --profile alice | sed 's/^/  /'; }
+bob() { echo "bob\$   p2pim $*"; "$BIN/p2pim" "$@" --profile bob | sed 's/^/  /'; }
+
+say "rendezvous serve (throwaway database in $work)"
+"$BIN/rendezvous" serve --port "$port" --stun-port $((port + 1)) --stun-alt-port $((port + 2)) \
+  --db "$work/server.db" > "$work/server.log" 2>&1 &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-sleep 0.7
-echo
-echo "== p2pim nat --server 127.0.0.1:$port   (no NAT on loopback: expect open internet)"
-$BIN/p2pim nat --server 127.0.0.1:$port
-echo
-echo "== the same, as JSON for scripts"
-$BIN/p2pim nat --server 127.0.0.1:$port --json
-echo
-echo "== no server listening: a clear 'blocked' and exit code 3"
-set +e; $BIN/p2pim nat --server 127.0.0.1:$((port + 7)) --give-up 1 | head -3; echo "exit code ${PIPESTATUS[0]}"; set -e
-if [ "$(id -u)" = 0 ] && command -v nft >/dev/null; then
-  echo
-  echo "== natlab classify: p2pim nat behind real kernel NATs (network namespaces)"
-  $BIN/natlab classify
-else
-  echo
-  echo "(natlab skipped: needs root and nftables; run 'make lab-demo' as root)"
-fi
+for _ in $(seq 50); do grep -q "control on" "$work/server.log" && break; sleep 0.1; done
+cat "$work/server.log"
+S="--server ws://127.0.0.1:$port"
+
+say "register (each profile gets its own identity key)"
+alice register alice $S
+bob register bob $S
+
+say "buddies: alice asks, bob accepts"
+alice buddy add bob
+bob buddy list
+bob buddy accept alice
+alice buddy list
+
+say "bob listens; alice writes (relayed, end-to-end encrypted)"
+"$BIN/p2pim" listen --profile bob --exit-after 4 > "$work/bob.out" &
+listener=$!
+sleep 1.2
+alice send bob "hi bob, it's alice"
+alice send bob "are you there?"
+bob send alice "hi alice! got both"
+sleep 1
+wait "$listener" || true
+listener=""
+echo "bob's listen printed:"; sed 's/^/  /' "$work/bob.out"
+
+say "bob is offline now; alice writes anyway (the server keeps only ciphertext)"
+alice send bob "this one waits on the server until you log in"
+echo "server database holds the plaintext? $(grep -c 'waits on the server' "$work"/server.db* | awk -F: '{s+=$2} END {print (s ? "YES (bug!)" : "no")}')"
+
+say "bob logs in and gets it"
+bob login bob
+bob history alice
+
+say "alice's view (states: delivered, read, stored)"
+alice history bob
+alice fingerprint bob
+bob fingerprint

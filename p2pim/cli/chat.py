@@ -160,7 +160,9 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         store = ClientStore(profile.db_path)
         saved = store.account()
         store.close()
-        client = Client(_server_for(args, saved), profile, reconnect=False)
+        # Only `listen` shows the user online; one-shot commands are quiet sessions, so
+        # buddies do not see presence flicker each time a message is sent from a script.
+        client = Client(_server_for(args, saved), profile, reconnect=False, quiet=args.command != "listen")
         try:
             if login:
                 if saved is None:
@@ -214,15 +216,27 @@ def cmd_login(args: argparse.Namespace) -> int:
     password = _password(args, confirm=False)
 
     async def body(c: Any) -> int:
+        from p2pim.client import Message
+
         await c.connect()
         pending = await c.login(args.username, password)
+        waiting: list[Message] = []
+        with contextlib.suppress(TimeoutError):  # the server pushes them right after login
+            async with asyncio.timeout(5):
+                async for ev in c.events():
+                    if isinstance(ev, Message):
+                        waiting.append(ev)
+                    if len(waiting) >= pending:
+                        break
         _out(
             args,
-            {"logged_in": args.username, "offline_pending": pending},
+            {"logged_in": args.username, "offline_messages": [_event_line(m)[0] for m in waiting]},
             f"logged in as {args.username} on {c.server}"
-            + (f"; {pending} message(s) waiting: run p2pim listen" if pending else ""),
+            + (f"; {len(waiting)} message(s) arrived while you were offline:" if waiting else ""),
         )
-        await asyncio.sleep(0.2 if pending else 0)  # let waiting messages land in the history
+        if not args.json:
+            for m in waiting:
+                print("  " + _event_line(m)[1])
         return 0
 
     return _run(args, body, login=False)

@@ -349,6 +349,7 @@ class Login(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     WANT_TOKEN_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
+    QUIET_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
     resume_token: _builtins.bytes
@@ -357,6 +358,8 @@ class Login(_message.Message):
     """ask for a resume token (the CLI keeps it in the profile)"""
     presence: Global___Presence.ValueType
     """initial presence, default ONLINE"""
+    quiet: _builtins.bool
+    """a one-shot command: do not show as online to buddies"""
     def __init__(
         self,
         *,
@@ -366,10 +369,11 @@ class Login(_message.Message):
         signature: _builtins.bytes = ...,
         want_token: _builtins.bool = ...,
         presence: Global___Presence.ValueType = ...,
+        quiet: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "presence", b"presence", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "presence", b"presence", "quiet", b"quiet", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

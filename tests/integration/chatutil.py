@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from pathlib import Path
 from typing import Any, TypeVar
@@ -72,10 +73,8 @@ async def collect(client: Client, kind: type[E], count: int, timeout: float = 15
                     return
 
     await asyncio.wait_for(scan(), timeout)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(scan(), 0.5)
-    except TimeoutError:
-        pass
     return got
 
 
@@ -117,8 +116,6 @@ async def gather_for(client: Client, kind: type[E], seconds: float) -> list[E]:
             if isinstance(ev, kind):
                 got.append(ev)
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(scan(), seconds)
-    except TimeoutError:
-        pass
     return got

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 from pathlib import Path
 
@@ -83,8 +82,14 @@ def test_client_killed_with_outbox_not_empty(tmp_path: Path) -> None:
         again = await asyncio.create_subprocess_exec(
             sys.executable, str(SENDER), *proc_args[:4], "0", stdout=asyncio.subprocess.PIPE
         )
-        out, _ = await asyncio.wait_for(again.communicate(), 30)
-        assert b"drained" in out
+        try:
+            await asyncio.wait_for(again.wait(), 30)
+        except TimeoutError:
+            again.kill()
+            await again.wait()
+        assert again.stdout is not None
+        out = await again.stdout.read()  # small: fits the pipe buffer
+        assert b"drained" in out, out.decode()
         got = await collect(b, Message, queued + 1, timeout=20)
         await b.close()
         return got, queued

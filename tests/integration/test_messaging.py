@@ -314,3 +314,37 @@ def test_changed_key_is_a_warning_never_silent(rendezvous: RendezvousProcess, tm
         await b.close()
 
     run(go())
+
+
+def test_second_session_of_a_user_keeps_the_first(rendezvous: RendezvousProcess, tmp_path: Path) -> None:
+    """`p2pim listen` in one terminal and `p2pim send` in another: both work, presence stays steady."""
+
+    async def go() -> None:
+        a = await new_user(rendezvous.url, tmp_path, "alice")
+        b = await new_user(rendezvous.url, tmp_path, "bob")
+        await befriend(a, b)
+        from p2pim.client import Client
+
+        one_shot = Client(rendezvous.url, Profile("bob", tmp_path / "profiles"), quiet=True)
+        await one_shot.connect()
+        await one_shot.login("bob")
+        mid = await one_shot.send("alice", "from the other terminal")
+        assert (await one_shot.wait_outcome(mid, 5)) is not None
+        await one_shot.close()
+        got = await wait_for(a, lambda e: isinstance(e, Message))
+        assert got.text == "from the other terminal"
+        # The long-lived session is still there, and alice never saw bob flicker.
+        mid = await a.send("bob", "to the listener")
+        assert (await wait_for(b, lambda e: isinstance(e, Message))).msg_id == mid
+        flicker = [e for e in await _drain(a) if isinstance(e, PresenceChange)]
+        assert flicker == []
+        await a.close()
+        await b.close()
+
+    run(go())
+
+
+async def _drain(client: object) -> list[object]:
+    from .chatutil import gather_for
+
+    return await gather_for(client, object, 0.3)  # type: ignore[arg-type]
