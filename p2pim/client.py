@@ -220,6 +220,7 @@ class Client:
                     open_timeout=CONNECT_TIMEOUT,
                     ping_interval=20,
                     ping_timeout=20,
+                    close_timeout=2,  # a server that does not answer our close must not hold up exit
                 ),
                 CONNECT_TIMEOUT + 1,
             )

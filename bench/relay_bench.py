@@ -1,0 +1,256 @@
+"""Relay throughput and latency, and server memory per idle client, for one rendezvous process.
+
+Runs a real ``rendezvous serve`` (loopback, throwaway database) and drives it
+from this process over real WebSockets with the wire protocol (raw frames, no
+client database: the load generator must not be the thing measured).
+
+1. Memory: RSS of the server before any client, then with ``--clients``
+   logged-in idle connections; the difference per client.
+2. Relay: ``--pairs`` buddy pairs among those clients; for each offered rate
+   in ``--rates`` the senders relay 200-byte datagrams (the size of a short
+   sealed text) at that rate for ``--seconds``; the receivers time each one.
+   Reports achieved messages/s, p50/p99 latency and loss.
+
+Bounded: every phase has a fixed count and duration and ends by itself.
+Prints a table and saves JSON to bench/results/relay.json.
+
+    python bench/relay_bench.py [--clients 5000] [--pairs 100] [--rates 5000,10000,15000] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+
+from p2pim.identity import Identity  # noqa: E402
+from p2pim.wire import control_pb2 as pb  # noqa: E402
+from rendezvous.db import Database  # noqa: E402
+from rendezvous.passwords import PasswordHasher  # noqa: E402
+
+PASSWORD = "bench password"
+PAYLOAD = 200
+TARGET_RATE = 10_000
+TARGET_P99_MS = 50.0
+TARGET_KB_PER_CLIENT = 20.0
+TICK = 0.005
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_db(path: Path, n: int) -> list[Identity]:
+    """Accounts and buddy pairs written directly (setup, not measured)."""
+    db = Database(path)
+    pw_hash = PasswordHasher("min").hash(PASSWORD)
+    idents = [Identity.generate() for _ in range(n)]
+    db.conn.execute("BEGIN")
+    for i, ident in enumerate(idents):
+        db.conn.execute(
+            "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, 0)",
+            (f"u{i}", pw_hash, ident.public_key),
+        )
+    for i in range(0, n - 1, 2):
+        db.conn.execute("INSERT INTO relations VALUES (?, ?, 'mutual')", (i + 1, i + 2))
+        db.conn.execute("INSERT INTO relations VALUES (?, ?, 'mutual')", (i + 2, i + 1))
+    db.conn.execute("COMMIT")
+    db.close()
+    return idents
+
+
+async def login(url: str, i: int, ident: Identity) -> ClientConnection:
+    ws = await connect(url, compression=None, max_size=None, ping_interval=None, open_timeout=30)
+    challenge = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
+    name = f"u{i}"
+    sig = ident.sign_login(challenge.challenge.nonce, name)
+    await ws.send(pb.Frame(id=1, login=pb.Login(username=name, password=PASSWORD, signature=sig)).SerializeToString())
+    while True:
+        reply = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
+        if reply.id == 1:
+            if reply.WhichOneof("body") != "login_ok":
+                raise RuntimeError(f"login u{i}: {reply}")
+            return ws
+
+
+async def connect_all(url: str, idents: list[Identity], parallel: int = 100) -> list[ClientConnection]:
+    sem = asyncio.Semaphore(parallel)
+
+    async def one(i: int) -> ClientConnection:
+        async with sem:
+            return await login(url, i, idents[i])
+
+    return list(await asyncio.gather(*(one(i) for i in range(len(idents)))))
+
+
+async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, seconds: float) -> dict[str, float]:
+    """Senders u0, u2, ... relay to u1, u3, ... at ``rate`` messages/s in total."""
+    latencies: list[float] = []
+    received = 0
+    stop = asyncio.Event()
+
+    async def receiver(ws: ClientConnection) -> None:
+        nonlocal received
+        while not stop.is_set():
+            try:
+                data = await asyncio.wait_for(ws.recv(), 0.5)
+            except TimeoutError:
+                continue
+            frame = pb.Frame.FromString(data)  # type: ignore[arg-type]
+            if frame.WhichOneof("body") == "relay_in":
+                (sent,) = struct.unpack_from("!d", frame.relay_in.data)
+                latencies.append(time.perf_counter() - sent)
+                received += 1
+
+    receivers = [asyncio.create_task(receiver(conns[2 * p + 1])) for p in range(pairs)]
+    pad = b"\0" * (PAYLOAD - 8)
+    sent = 0
+    t0 = time.perf_counter()
+    next_tick = t0
+    while (now := time.perf_counter()) < t0 + seconds:
+        due = int((now - t0) * rate) - sent
+        for _ in range(due):
+            p = sent % pairs
+            frame = pb.Frame(relay=pb.Relay(to=f"u{2 * p + 1}", data=struct.pack("!d", time.perf_counter()) + pad))
+            await conns[2 * p].send(frame.SerializeToString())
+            sent += 1
+        next_tick += TICK
+        await asyncio.sleep(max(0.0, next_tick - time.perf_counter()))
+    elapsed = time.perf_counter() - t0
+    await asyncio.sleep(1.0)  # stragglers
+    stop.set()
+    await asyncio.gather(*receivers)
+    lat = sorted(latencies)
+    return {
+        "offered_per_s": rate,
+        "sent": sent,
+        "received": received,
+        "lost": sent - received,
+        "achieved_per_s": round(received / elapsed),
+        "p50_ms": round(1000 * lat[len(lat) // 2], 2) if lat else -1,
+        "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else -1,
+        "max_ms": round(1000 * lat[-1], 2) if lat else -1,
+    }
+
+
+async def bench(args: argparse.Namespace) -> dict[str, object]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 2 * args.clients + 100:
+        raise SystemExit(f"need {2 * args.clients + 100} file descriptors, the limit is {hard}")
+    tmp = Path(tempfile.mkdtemp(prefix="p2pim-bench-"))
+    print(f"preparing {args.clients} accounts ...", flush=True)
+    idents = prepare_db(tmp / "server.db", args.clients)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rendezvous", "serve", "--port", str(port), "--db", str(tmp / "server.db")]
+        + ["--no-stun", "--kdf-cost", "min", "--heartbeat", "60"]
+        + ["--login-ip-rate", "1000000", "--login-ip-burst", "1000000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert "control on" in banner, banner
+        url = f"ws://127.0.0.1:{port}"
+        # Warm the server's code paths with one client, so the baseline includes them.
+        warm = await login(url, 0, idents[0])
+        await warm.close()
+        await asyncio.sleep(1)
+        base = rss_kb(server.pid)
+        t0 = time.perf_counter()
+        conns = await connect_all(url, idents)
+        login_s = time.perf_counter() - t0
+        await asyncio.sleep(3)  # idle
+        loaded = rss_kb(server.pid)
+        per_client = (loaded - base) / args.clients
+        print(
+            f"{args.clients} clients logged in in {login_s:.1f} s; server RSS {base / 1024:.1f} MiB -> "
+            f"{loaded / 1024:.1f} MiB: {per_client:.1f} KiB per idle client (target < {TARGET_KB_PER_CLIENT})",
+            flush=True,
+        )
+        runs = []
+        for rate in args.rates:
+            r = await relay_run(conns, args.pairs, rate, args.seconds)
+            runs.append(r)
+            print(
+                f"offered {rate:>6}/s: achieved {r['achieved_per_s']:>6}/s, p50 {r['p50_ms']:6.2f} ms, "
+                f"p99 {r['p99_ms']:6.2f} ms, lost {r['lost']}",
+                flush=True,
+            )
+        await asyncio.gather(*(c.close() for c in conns))
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    ok_runs = [r for r in runs if r["p99_ms"] < TARGET_P99_MS and r["lost"] == 0]
+    best = max((r["achieved_per_s"] for r in ok_runs), default=0)
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "clients": args.clients,
+        "login_s": round(login_s, 2),
+        "server_rss_base_kib": base,
+        "server_rss_loaded_kib": loaded,
+        "kib_per_idle_client": round(per_client, 2),
+        "memory_target_met": per_client < TARGET_KB_PER_CLIENT,
+        "pairs": args.pairs,
+        "payload_bytes": PAYLOAD,
+        "runs": runs,
+        "best_rate_with_p99_under_target": best,
+        "throughput_target_met": best >= TARGET_RATE,
+        "note": "load generator and server share the machine's cores",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=5000)
+    parser.add_argument("--pairs", type=int, default=100)
+    parser.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 10000, 15000])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "relay.json")
+    args = parser.parse_args()
+    if args.clients < 2 * args.pairs:
+        parser.error("--clients must be at least 2 * --pairs")
+    result = asyncio.run(bench(args))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {args.out}")
+    print(
+        f"throughput target ({TARGET_RATE}/s at p99 < {TARGET_P99_MS} ms): "
+        f"{'met' if result['throughput_target_met'] else 'NOT met'} "
+        f"(best {result['best_rate_with_p99_under_target']}/s); memory target: "
+        f"{'met' if result['memory_target_met'] else 'NOT met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
