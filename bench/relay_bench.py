@@ -14,7 +14,7 @@ client database: the load generator must not be the thing measured).
 Bounded: every phase has a fixed count and duration and ends by itself.
 Prints a table and saves JSON to bench/results/relay.json.
 
-    python bench/relay_bench.py [--clients 5000] [--pairs 100] [--rates 5000,10000,15000] [--seconds 5]
+    python bench/relay_bench.py [--clients 5000] [--pairs 100] [--rates 5000,8000,10000,12000] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 import platform
 import resource
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -89,7 +88,8 @@ async def login(url: str, i: int, ident: Identity) -> ClientConnection:
     challenge = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
     name = f"u{i}"
     sig = ident.sign_login(challenge.challenge.nonce, name)
-    await ws.send(pb.Frame(id=1, login=pb.Login(username=name, password=PASSWORD, signature=sig)).SerializeToString())
+    req = pb.Frame(id=1, login=pb.Login(username=name, password=PASSWORD, signature=sig))
+    await ws.send(req.SerializeToString())
     while True:
         reply = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
         if reply.id == 1:
@@ -136,7 +136,8 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
         due = int((now - t0) * rate) - sent
         for _ in range(due):
             p = sent % pairs
-            frame = pb.Frame(relay=pb.Relay(to=f"u{2 * p + 1}", data=struct.pack("!d", time.perf_counter()) + pad))
+            data = struct.pack("!d", time.perf_counter()) + pad
+            frame = pb.Frame(relay=pb.Relay(to=f"u{2 * p + 1}", data=data))
             await conns[2 * p].send(frame.SerializeToString())
             sent += 1
         next_tick += TICK
@@ -159,7 +160,7 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
 
 
 async def bench(args: argparse.Namespace) -> dict[str, object]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < 2 * args.clients + 100:
         raise SystemExit(f"need {2 * args.clients + 100} file descriptors, the limit is {hard}")
@@ -168,9 +169,20 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     idents = prepare_db(tmp / "server.db", args.clients)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "rendezvous", "serve", "--port", str(port), "--db", str(tmp / "server.db")]
-        + ["--no-stun", "--kdf-cost", "min", "--heartbeat", "60"]
-        + ["--login-ip-rate", "1000000", "--login-ip-burst", "1000000"],
+        [
+            *(
+                sys.executable,
+                "-m",
+                "rendezvous",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                str(tmp / "server.db"),
+            ),
+            *("--no-stun", "--kdf-cost", "min", "--heartbeat", "60"),
+            *("--login-ip-rate", "1000000", "--login-ip-burst", "1000000"),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -192,7 +204,8 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         per_client = (loaded - base) / args.clients
         print(
             f"{args.clients} clients logged in in {login_s:.1f} s; server RSS {base / 1024:.1f} MiB -> "
-            f"{loaded / 1024:.1f} MiB: {per_client:.1f} KiB per idle client (target < {TARGET_KB_PER_CLIENT})",
+            f"{loaded / 1024:.1f} MiB: {per_client:.1f} KiB per idle client "
+            f"(target < {TARGET_KB_PER_CLIENT})",
             flush=True,
         )
         runs = []
@@ -231,10 +244,14 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=5000)
     parser.add_argument("--pairs", type=int, default=100)
-    parser.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 10000, 15000])
+    parser.add_argument(
+        "--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 8000, 10000, 12000]
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "relay.json")
     args = parser.parse_args()

@@ -36,7 +36,8 @@ async def main(url: str, root: str, name: str, peer: str, count: int) -> None:
         waited += 1
         if waited % 100 == 0:  # every 5 s: say what is stuck (shows in a failing test's output)
             items = [(i.peer, i.phase.value, i.tries, i.receipt) for i in client.delivery.items.values()]
-            print(f"waiting: connected={client.connected} online={client.delivery.online} {items}", flush=True)
+            state = f"connected={client.connected} online={client.delivery.online}"
+            print(f"waiting: {state} {items}", flush=True)
     print("drained", flush=True)
     await client.close()
 
