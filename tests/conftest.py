@@ -95,7 +95,9 @@ class RendezvousProcess:
 
     def start(self) -> None:
         argv = [tool("rendezvous"), "serve", "--port", str(self.port), "--db", str(self.db)]
-        argv += ["--no-stun", "--kdf-cost", "min", *self.extra]
+        if "--stun-port" not in self.extra:
+            argv.append("--no-stun")
+        argv += ["--kdf-cost", "min", *self.extra]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert self.proc.stdout is not None
         banner = self.proc.stdout.readline()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -24,6 +25,7 @@ from p2pim.client import (
 from p2pim.identity import Identity
 from p2pim.profile import Profile
 from p2pim.wire import control_pb2 as pb
+from p2pim.wire import nat_pb2
 from tests.conftest import RendezvousProcess, tool
 
 from .chatutil import PASSWORD, Raw, befriend, collect, new_user, relogin, wait_for
@@ -348,3 +350,46 @@ async def _drain(client: object) -> list[object]:
     from .chatutil import gather_for
 
     return await gather_for(client, object, 0.3)  # type: ignore[arg-type]
+
+
+def test_endpoint_publication_only_for_buddies(rendezvous: RendezvousProcess, tmp_path: Path) -> None:
+    async def go() -> None:
+        a = await new_user(rendezvous.url, tmp_path, "alice")
+        b = await new_user(rendezvous.url, tmp_path, "bob")
+        c = await new_user(rendezvous.url, tmp_path, "carol")
+        await befriend(a, b)
+        eps = pb.PublishEndpoints(host=[nat_pb2.Address(ip="192.168.1.20", port=40000)])
+        eps.mapped.ip, eps.mapped.port = "203.0.113.101", 40000
+        eps.nat.mapping = nat_pb2.ENDPOINT_INDEPENDENT
+        eps.nat.label = "port-restricted cone"
+        await a.publish_endpoints(eps)
+        got = await b.lookup_endpoints("alice")
+        assert [(h.ip, h.port) for h in got.host] == [("192.168.1.20", 40000)]
+        assert (got.mapped.ip, got.nat.mapping, got.nat.label) == (
+            "203.0.113.101",
+            nat_pb2.ENDPOINT_INDEPENDENT,
+            "port-restricted cone",
+        )
+        assert got.observed.ip == "127.0.0.1" and got.observed.port > 0
+        with pytest.raises(ClientError) as err:
+            await c.lookup_endpoints("alice")
+        assert err.value.code == pb.NOT_A_BUDDY
+        for x in (a, b, c):
+            await x.close()
+
+    run(go())
+
+
+def test_serve_includes_the_stun_service(tmp_path: Path) -> None:
+    from tests.conftest import free_udp_ports, run_p2pim
+
+    port, alt = free_udp_ports(2)
+    srv = RendezvousProcess(tmp_path / "s.db", ("--stun-port", str(port), "--stun-alt-port", str(alt)))
+    try:
+        proc = run_p2pim("nat", "--server", f"127.0.0.1:{port}", "--json")
+    finally:
+        out = srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["mapped"] == report["local"]  # loopback: no NAT between us
+    assert '"stun_' in out  # the STUN counters are part of the server's report
