@@ -13,6 +13,10 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pim.sqlite import SchemaTooNew, open_db
+
+__all__ = ["MIGRATIONS", "Database", "SchemaTooNew"]
+
 MIGRATIONS: list[str] = [
     # 1: first schema
     """
@@ -51,10 +55,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-class SchemaTooNew(Exception):
-    """The database was written by a newer server."""
-
-
 @dataclass(frozen=True)
 class User:
     id: int
@@ -87,20 +87,7 @@ class Database:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(self.path, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
-
-    def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise SchemaTooNew(f"{self.path} has schema {version}; this server knows up to {len(MIGRATIONS)}")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            # executescript commits first; wrap each step so it applies whole or not at all.
-            self.conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+        self.conn = open_db(self.path, MIGRATIONS, foreign_keys=True)
 
     @property
     def schema_version(self) -> int:

@@ -135,6 +135,8 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from p2pim.sqlite import SchemaTooNew
+
     from . import chat
 
     args = build_parser().parse_args(argv)
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except chat.ChatError as exc:
         print(f"p2pim: {exc}", file=sys.stderr)
         return exc.code
+    except SchemaTooNew as exc:
+        print(f"p2pim: {exc}: upgrade p2pim", file=sys.stderr)
+        return EXIT_BUG
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

@@ -10,9 +10,10 @@ message id, which is what deduplicates).
 from __future__ import annotations
 
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from p2pim.sqlite import open_db
 
 MIGRATIONS: list[str] = [
     """
@@ -51,10 +52,6 @@ MIGRATIONS: list[str] = [
 STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
 
 
-class SchemaTooNew(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class Contact:
     username: str
@@ -85,15 +82,7 @@ class ClientStore:
         self.path = str(path)
         if self.path != ":memory:" and not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.conn = sqlite3.connect(self.path, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise SchemaTooNew(f"{self.path} was written by a newer p2pim (schema {version})")
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+        self.conn = open_db(self.path, MIGRATIONS)
 
     def close(self) -> None:
         self.conn.close()
