@@ -275,6 +275,7 @@ def test_no_plaintext_in_server_database_or_relayed_bytes(
         # bob, online through a raw connection, sees exactly the bytes the server relays.
         raw = await Raw.open(rendezvous.url)
         assert (await raw.login("bob", Profile("bob", tmp_path / "profiles").identity)).login_ok
+        await wait_for(a, lambda e: isinstance(e, PresenceChange) and e.status == "online")  # so: relay
         await a.send("bob", secret + " (relayed)")
         seen = b""
         while b"relayed" not in seen and len(seen) < 100_000:
