@@ -45,7 +45,6 @@ from .wire import envelope_pb2 as epb
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SERVER = "ws://127.0.0.1:7788"
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
 # Reconnect: full jitter (sleep uniform(0, min(CAP, BASE * 2**attempt))), so a

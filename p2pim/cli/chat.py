@@ -146,9 +146,13 @@ def _server_for(args: argparse.Namespace, saved: tuple[str, str, bytes] | None) 
     return os.environ.get("P2PIM_SERVER", DEFAULT_SERVER)
 
 
-def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login: bool = True) -> int:
-    """Open the profile, connect, log in with the saved session, run ``body(client)``."""
-    from p2pim.client import Client, ClientError
+def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login: str = "required") -> int:
+    """Open the profile, log in with the saved session, run ``body(client)``.
+
+    ``login``: "required" (server unreachable is an error), "try" (``body`` runs
+    either way and checks ``client.connected``), or "no" (``body`` connects itself).
+    """
+    from p2pim.client import Client, ClientError, Unreachable
     from p2pim.messaging.store import ClientStore
     from p2pim.profile import Profile, ProfileError
 
@@ -164,11 +168,15 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         # buddies do not see presence flicker each time a message is sent from a script.
         client = Client(_server_for(args, saved), profile, reconnect=False, quiet=args.command != "listen")
         try:
-            if login:
+            if login != "no":
                 if saved is None:
                     raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
-                await client.connect()
-                await client.login(saved[1])
+                try:
+                    await client.connect()
+                    await client.login(saved[1])
+                except Unreachable:
+                    if login == "required":
+                        raise
             return await body(client)
         except ClientError as exc:
             raise _map_error(exc) from None
@@ -209,7 +217,7 @@ def cmd_register(args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run(args, body, login=False)
+    return _run(args, body, login="no")
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -239,7 +247,7 @@ def cmd_login(args: argparse.Namespace) -> int:
                 print("  " + _event_line(m)[1])
         return 0
 
-    return _run(args, body, login=False)
+    return _run(args, body, login="no")
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
@@ -280,17 +288,23 @@ def cmd_buddy(args: argparse.Namespace) -> int:
         _out(args, {args.action: args.user}, f"{done[args.action]} {args.user}")
         return 0
 
-    return _run(args, body, login=args.action != "trust")
+    return _run(args, body, login="no" if args.action == "trust" else "required")
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from p2pim.client import Client, ClientError, Unreachable
+    from p2pim.client import Client
     from p2pim.messaging.ids import short
 
     text = " ".join(args.text)
 
     async def body(c: Client) -> int:
         msg_id = await c.send(args.user, text)
+        if not c.connected:
+            # Server down: still queue it (a known buddy), so nothing the user typed is lost.
+            print(
+                f"p2pim: server unreachable; message {short(msg_id)} queued for {args.user}", file=sys.stderr
+            )
+            return EXIT_SERVER_UNREACHABLE
         outcome = await c.wait_outcome(msg_id, args.wait)
         state = outcome.state if outcome else "queued"
         messages = {
@@ -302,29 +316,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         _out(args, {"msg_id": msg_id.hex(), "state": state}, messages[state])
         return {"failed": EXIT_FAILED, "queued": EXIT_SERVER_UNREACHABLE}.get(state, 0)
 
-    async def offline_body(c: Client) -> int:
-        # Server down: still queue it (a known buddy), so nothing the user typed is lost.
-        saved = c.store.account()
-        if saved is None:
-            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
-        msg_id = await c.send(args.user, text)
-        print(f"p2pim: server unreachable; message {short(msg_id)} queued for {args.user}", file=sys.stderr)
-        return EXIT_SERVER_UNREACHABLE
-
-    async def either(c: Client) -> int:
-        saved = c.store.account()
-        if saved is None:
-            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
-        try:
-            await c.connect()
-            await c.login(saved[1])
-        except Unreachable:
-            return await offline_body(c)
-        except ClientError as exc:
-            raise _map_error(exc) from None
-        return await body(c)
-
-    return _run(args, either, login=False)
+    return _run(args, body, login="try")
 
 
 def _event_line(ev: Any) -> tuple[dict[str, Any], str]:
@@ -455,20 +447,14 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from p2pim.client import Client, Unreachable
+    from p2pim.client import Client
 
     async def body(c: Client) -> int:
         saved = c.store.account()
-        if saved is None:
-            raise ChatError("not logged in: run p2pim login USER (or register)", EXIT_AUTH)
+        assert saved is not None  # _run refused to go on without a session
+        connected = c.connected
+        buddies = await c.buddies() if connected else []
         outbox = len(c.store.outbox())
-        connected, buddies = True, []
-        try:
-            await c.connect()
-            await c.login(saved[1])
-            buddies = await c.buddies()
-        except Unreachable:
-            connected = False
         data = {
             "username": saved[1],
             "server": c.server,
@@ -486,7 +472,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _out(args, data, "\n".join(lines))
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 
-    return _run(args, body, login=False)
+    return _run(args, body, login="try")
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
