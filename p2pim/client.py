@@ -25,12 +25,14 @@ import contextlib
 import errno
 import logging
 import random
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -39,6 +41,9 @@ from .identity import fingerprint
 from .messaging.delivery import Delivery, Failed, Finished, Transmit, Via
 from .messaging.envelope import EnvelopeError, open_envelope, parse_envelope, receipt_body, seal, text_body
 from .messaging.store import ClientStore
+from .paths.disco import is_disco
+from .paths.manager import PathManager, keepalive_for
+from .paths.peer import Path
 from .profile import Profile
 from .wire import control_pb2 as pb
 from .wire import envelope_pb2 as epb
@@ -154,7 +159,28 @@ class ConnectionState:
     detail: str
 
 
-Event = Message | Receipt | PresenceChange | BuddyChange | KeyChanged | Outcome | Problem | ConnectionState
+@dataclass(frozen=True)
+class PathUpdate:
+    """Traffic to ``peer`` now goes ``via`` "direct" (to ``addr``) or "relay"."""
+
+    peer: str
+    via: str
+    addr: str
+    rtt_ms: float | None
+    reason: str
+
+
+Event = (
+    Message
+    | Receipt
+    | PresenceChange
+    | BuddyChange
+    | KeyChanged
+    | Outcome
+    | Problem
+    | ConnectionState
+    | PathUpdate
+)
 
 
 @dataclass(frozen=True)
@@ -168,16 +194,41 @@ class BuddyInfo:
 
 
 class Client:
-    def __init__(self, server: str, profile: Profile, *, reconnect: bool = True, quiet: bool = False) -> None:
-        """``quiet``: a short-lived session (one CLI command) that buddies do not see as online."""
+    def __init__(
+        self,
+        server: str,
+        profile: Profile,
+        *,
+        reconnect: bool = True,
+        quiet: bool = False,
+        direct: bool | None = None,
+        udp_port: int = 0,
+    ) -> None:
+        """``quiet``: a short-lived session (one CLI command) that buddies do not see as online.
+
+        ``direct``: open a UDP socket and punch direct paths to buddies (default: unless quiet);
+        ``udp_port`` is its port (0: any).
+        """
         self.server = server
         self.quiet = quiet
+        self.direct = (not quiet) if direct is None else direct
+        self.udp_port = udp_port
+        self.paths: PathManager | None = None
+        self.local_ready = asyncio.Event()  # our candidates are known (STUN answered or gave up)
         self.profile = profile
         self.store = ClientStore(profile.db_path)
         self.reconnect = reconnect
         self.username = ""
         self.delivery = Delivery()
-        self.counters = {"bad_envelopes": 0, "duplicates": 0, "reconnects": 0}
+        self.counters = {
+            "bad_envelopes": 0,
+            "duplicates": 0,
+            "reconnects": 0,
+            "sent_direct": 0,
+            "sent_relay": 0,
+            "received_direct": 0,
+            "received_relay": 0,
+        }
         self._ws: ClientConnection | None = None
         self._nonce = b""
         self._next_id = 1
@@ -191,7 +242,7 @@ class Client:
         self._wake = asyncio.Event()
         # Pushes are handled off the reader task: handling one may need a request
         # (an unknown sender's key), whose reply only the reader can deliver.
-        self._pushes: asyncio.Queue[pb.Frame] = asyncio.Queue()
+        self._pushes: asyncio.Queue[tuple[pb.Frame, bool]] = asyncio.Queue()  # (frame, came direct)
         self._logged_in = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._reader_task: asyncio.Task[None] | None = None
@@ -257,6 +308,8 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.paths is not None:
+            await self.paths.close()
         self.store.close()
 
     @property
@@ -301,7 +354,9 @@ class Client:
                 if frame.id:
                     self._on_reply(frame)
                 else:
-                    self._pushes.put_nowait(frame)
+                    if frame.HasField("relay_in") and not is_disco(frame.relay_in.data):
+                        self.counters["received_relay"] += 1
+                    self._pushes.put_nowait((frame, False))
         except ConnectionClosed:
             pass
         finally:
@@ -394,10 +449,87 @@ class Client:
         if token:
             self._token = token
         self.delivery.connection(True)
+        if self.direct and self.paths is None:
+            self._start_paths(reply.login_ok)
         await self._refresh_buddies()
         self._logged_in.set()
         self._wake.set()
         return reply.login_ok
+
+    # -- direct paths ---------------------------------------------------------------
+
+    def _start_paths(self, ok: pb.LoginOk) -> None:
+        lifetime = self.store.setting("binding_lifetime_s")
+        self.paths = PathManager(
+            self.profile.identity,
+            self.store.keys,
+            self._relay_bytes,
+            self._on_direct,
+            self._on_path,
+            keepalive_for(float(lifetime) if lifetime else None),
+        )
+        try:
+            self.paths.start(self.udp_port)
+        except OSError as exc:
+            self._emit(Problem(f"no UDP socket ({exc.strerror}): messages go through the server only"))
+            self.paths = None
+            self.local_ready.set()
+            return
+        host = urlsplit(self.server).hostname or "127.0.0.1"
+        stun = [(a.ip or host, a.port) for a in ok.stun]
+        self._tasks.append(asyncio.create_task(self._discover(stun)))
+
+    async def _discover(self, stun: list[tuple[str, int]]) -> None:
+        assert self.paths is not None
+        loop = asyncio.get_running_loop()
+        resolved = []
+        for host, port in stun:
+            try:
+                infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+                resolved.append((str(infos[0][4][0]), port))
+            except OSError:
+                continue
+        await self.paths.discover(resolved)
+        self.local_ready.set()
+        if not self.quiet:
+            for peer in self.delivery.online:
+                self.paths.want(peer)
+
+    def _relay_bytes(self, peer: str, data: bytes) -> None:
+        ws = self._ws
+        if ws is None or not self.delivery.connected:
+            return
+        frame = pb.Frame(id=self._take_id(), relay=pb.Relay(to=peer, data=data))
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(frame.SerializeToString())
+
+        self._tasks.append(asyncio.create_task(send()))
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    def _on_direct(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            env = parse_envelope(data)
+        except EnvelopeError:
+            self.counters["bad_envelopes"] += 1
+            return
+        self.counters["received_direct"] += 1
+        self._pushes.put_nowait((pb.Frame(relay_in=pb.RelayIn(sender=env.sender, data=data)), True))
+
+    def _on_path(self, peer: str, path: Path | None, reason: str) -> None:
+        via, addr, rtt = "relay", "", None
+        if path is not None:
+            via, addr, rtt = "direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2)
+        self.store.set_path(peer, via, addr, rtt, _now_ms())
+        self._emit(PathUpdate(peer, via, addr, rtt, reason))
+
+    def path_to(self, peer: str) -> tuple[str, str, float | None]:
+        """("direct", "ip:port", rtt_ms) or ("relay", "", None), as this session sees it."""
+        path = self.paths.route(peer) if self.paths else None
+        if path is None:
+            return ("relay", "", None)
+        return ("direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2))
 
     async def logout(self, forget: bool = True) -> None:
         """Log out (buddies see us offline); ``forget`` also revokes and deletes the saved token."""
@@ -470,7 +602,10 @@ class Client:
 
     def trust(self, peer: str) -> bool:
         """Accept the key the server now offers for ``peer`` (after comparing fingerprints)."""
-        return self.store.trust_offered_key(peer, _now_ms())
+        trusted = self.store.trust_offered_key(peer, _now_ms())
+        if self.paths is not None:
+            self.paths.forget_keys()
+        return trusted
 
     async def lookup_endpoints(self, peer: str) -> pb.Endpoints:
         return (await self._request("lookup_endpoints", pb.LookupEndpoints(username=peer))).endpoints
@@ -504,11 +639,13 @@ class Client:
             raise ClientError(pb.BAD_REQUEST, str(exc)) from None
         return self._queue(peer, contact.identity_key, body, text)
 
-    def _queue(self, peer: str, key: bytes, body: epb.Body, text: str | None) -> bytes:
+    def _queue(
+        self, peer: str, key: bytes, body: epb.Body, text: str | None, relay_only: bool = False
+    ) -> bytes:
         env = seal(self.profile.identity, self.username or self._account_name(), peer, key, body)
         data = env.SerializeToString()
         self.store.queue_outgoing(env.msg_id, peer, text, data, env.sent_at_ms, _now_ms())
-        self.delivery.add(env.msg_id, peer, data, receipt=text is None)
+        self.delivery.add(env.msg_id, peer, data, receipt=text is None, relay_only=relay_only)
         self._wake.set()
         return env.msg_id
 
@@ -559,9 +696,13 @@ class Client:
         loop = asyncio.get_running_loop()
         while True:
             due = self.delivery.next_timer()
-            timeout = None if due is None else max(0.0, due - loop.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            # Not wait_for: on Python 3.11 it can swallow a cancel racing with the wake.
+            timer = None if due is None else loop.call_at(due, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
             self._wake.clear()
             for action in self.delivery.poll(loop.time()):
                 if isinstance(action, Transmit):
@@ -580,6 +721,20 @@ class Client:
         item = action.item
         frame = pb.Frame(id=self._take_id())
         if action.via is Via.RELAY:
+            paths = self.paths
+            if paths is not None:
+                paths.want(item.peer)
+                # The first try takes the direct path; a retransmission (the receipt
+                # did not come) takes the relay, which cannot lose it, and makes the
+                # path manager check the direct path at once.
+                if item.tries == 1 and not item.relay_only and paths.send_direct(item.peer, item.envelope):
+                    self.counters["sent_direct"] += 1
+                    if not item.receipt:
+                        self.store.advance(item.msg_id, "relayed")
+                    return
+                if item.tries > 1:
+                    paths.suspect(item.peer)
+            self.counters["sent_relay"] += 1
             frame.relay.to, frame.relay.data = item.peer, item.envelope
             self._relay_reqs[frame.id] = item.msg_id
             if len(self._relay_reqs) > RELAY_IDS_KEPT:
@@ -624,16 +779,21 @@ class Client:
 
     async def _push_worker(self) -> None:
         while True:
-            frame = await self._pushes.get()
+            frame, direct = await self._pushes.get()
             await self._logged_in.wait()  # the server pushes right after LoginOk: finish login first
             # Unreachable: the connection dropped while handling it; offline copies come again.
             with contextlib.suppress(Unreachable):
-                await self._on_push(frame)
+                await self._on_push(frame, direct)
 
-    async def _on_push(self, frame: pb.Frame) -> None:
+    async def _on_push(self, frame: pb.Frame, direct: bool = False) -> None:
         kind = frame.WhichOneof("body")
         if kind == "relay_in":
-            await self._on_envelope(frame.relay_in.sender, frame.relay_in.data, None)
+            data = frame.relay_in.data
+            if is_disco(data):
+                if self.paths is not None:
+                    self.paths.on_relay(frame.relay_in.sender, data)
+                return
+            await self._on_envelope(frame.relay_in.sender, data, None, direct)
         elif kind == "offline_envelope":
             off = frame.offline_envelope
             await self._on_envelope(off.sender, off.envelope, off.store_id)
@@ -641,6 +801,11 @@ class Client:
             p = frame.presence
             online = p.presence in (pb.ONLINE, pb.AWAY)
             self.delivery.presence(p.username, online)
+            if self.paths is not None:
+                if not online:
+                    self.paths.offline(p.username)
+                elif not self.quiet and self.local_ready.is_set():
+                    self.paths.want(p.username)
             self._wake.set()
             self._emit(PresenceChange(p.username, PRESENCE_NAMES.get(p.presence, "offline"), p.last_seen_ms))
         elif kind == "buddy_event":
@@ -654,7 +819,9 @@ class Client:
         elif kind == "error":
             self._emit(Problem(f"server: {frame.error.message}"))
 
-    async def _on_envelope(self, sender: str, data: bytes, store_id: int | None) -> None:
+    async def _on_envelope(
+        self, sender: str, data: bytes, store_id: int | None, direct: bool = False
+    ) -> None:
         try:
             env = parse_envelope(data)
             if env.sender != sender:
@@ -679,10 +846,11 @@ class Client:
             else:
                 self.counters["duplicates"] += 1
             # Receipt even for a duplicate: the sender retransmits because it missed the last one.
+            # It goes back the way the message came: a relayed message may come from another
+            # session of the sender (a one-shot `send`) than the one our direct path reaches.
             if contact.offered_key is None:
-                self._queue(
-                    sender, contact.identity_key, receipt_body(epb.Receipt.DELIVERED, [env.msg_id]), None
-                )
+                receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
+                self._queue(sender, contact.identity_key, receipt, None, relay_only=not direct)
         elif which == "receipt":
             ids = [m for m in body.receipt.msg_ids if self.store.outgoing_peer(m) == sender]
             state = "read" if body.receipt.kind == epb.Receipt.READ else "delivered"

@@ -135,6 +135,8 @@ async def _run_serve(args: argparse.Namespace) -> int:
             stun_ip = args.stun_ip or args.host
             core = StunServerCore(stun_ip, args.stun_port, args.alt_ip, args.stun_alt_port)
             stun = await StunService.start(core)
+            public = "" if stun_ip in ("0.0.0.0", "::") else stun_ip
+            hub.stun = [(public, args.stun_port), (public, args.stun_alt_port)]
     except OSError as exc:
         print(f"rendezvous: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         await server.close()

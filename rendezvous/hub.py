@@ -43,6 +43,7 @@ from google.protobuf.message import DecodeError
 
 from p2pim.identity import verify_login
 from p2pim.wire import control_pb2 as pb
+from p2pim.wire import nat_pb2 as nat_pb
 
 from .db import Database, User
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
@@ -160,6 +161,8 @@ class Hub:
         self.db = db
         self.limits = limits or Limits()
         self.counters = Counters()
+        # Where clients find our STUN service (ip "" = the control host): told at login.
+        self.stun: list[tuple[str, int]] = []
         # Every logged-in connection of each user (a listener and a one-shot `send` may
         # overlap, or several devices), oldest first.
         self.online: dict[str, list[Session]] = {}
@@ -353,7 +356,10 @@ class Hub:
             pb.Frame(
                 id=frame.id,
                 login_ok=pb.LoginOk(
-                    resume_token=token, heartbeat_s=self.limits.heartbeat_s, offline_pending=len(pending)
+                    resume_token=token,
+                    heartbeat_s=self.limits.heartbeat_s,
+                    offline_pending=len(pending),
+                    stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
                 ),
             ),
         )

@@ -46,6 +46,7 @@ class Item:
     peer: str
     envelope: bytes
     receipt: bool  # a receipt: sent once, never acknowledged
+    relay_only: bool = False  # never on a direct path (see Client._on_envelope)
     phase: Phase = Phase.WAITING
     tries: int = 0  # relay sends so far
     due: float = 0.0  # when to act next (RELAYED: retransmit or store)
@@ -87,9 +88,9 @@ class Delivery:
 
     # -- inputs ---------------------------------------------------------------
 
-    def add(self, msg_id: bytes, peer: str, envelope: bytes, receipt: bool) -> None:
+    def add(self, msg_id: bytes, peer: str, envelope: bytes, receipt: bool, relay_only: bool = False) -> None:
         if msg_id not in self.items:
-            self.items[msg_id] = Item(msg_id, peer, envelope, receipt)
+            self.items[msg_id] = Item(msg_id, peer, envelope, receipt, relay_only)
 
     def connection(self, up: bool) -> None:
         """Connected and logged in (True), or the connection was lost (False)."""

@@ -47,6 +47,16 @@ MIGRATIONS: list[str] = [
         created_ms INTEGER NOT NULL
     );
     """,
+    """
+    CREATE TABLE paths (                -- what the last session learned about each buddy's path
+        peer TEXT PRIMARY KEY,
+        via TEXT NOT NULL,              -- direct|relay
+        addr TEXT NOT NULL DEFAULT '',  -- ip:port of a direct path
+        rtt_ms REAL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 ]
 
 STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
@@ -75,6 +85,15 @@ class OutboxRow:
     peer: str
     receipt: bool
     envelope: bytes
+
+
+@dataclass(frozen=True)
+class PathRow:
+    peer: str
+    via: str
+    addr: str
+    rtt_ms: float | None
+    updated_ms: int
 
 
 class ClientStore:
@@ -122,6 +141,10 @@ class ClientStore:
             return "same"
         self.conn.execute("UPDATE contacts SET offered_key = ? WHERE username = ?", (key, username))
         return "changed"
+
+    def keys(self) -> dict[bytes, str]:
+        """Pinned identity key -> username, to tell who sent a disco packet."""
+        return {bytes(k): u for u, k in self.conn.execute("SELECT username, identity_key FROM contacts")}
 
     def trust_offered_key(self, username: str, now_ms: int) -> bool:
         """The user checked the new fingerprint: pin the offered key. False if none was offered."""
@@ -218,3 +241,21 @@ class ClientStore:
             self.conn.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,))
             if state is not None:
                 self.advance(msg_id, state)
+
+    # -- paths and settings -------------------------------------------------------
+
+    def set_path(self, peer: str, via: str, addr: str, rtt_ms: float | None, now_ms: int) -> None:
+        self.conn.execute(
+            "INSERT OR REPLACE INTO paths VALUES (?, ?, ?, ?, ?)", (peer, via, addr, rtt_ms, now_ms)
+        )
+
+    def paths(self) -> dict[str, PathRow]:
+        rows = self.conn.execute("SELECT peer, via, addr, rtt_ms, updated_ms FROM paths")
+        return {r[0]: PathRow(*r) for r in rows}
+
+    def setting(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))

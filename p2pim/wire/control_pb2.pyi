@@ -386,21 +386,30 @@ class LoginOk(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     OFFLINE_PENDING_FIELD_NUMBER: _builtins.int
+    STUN_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.bytes
     """empty unless want_token"""
     heartbeat_s: _builtins.int
     """the server pings at this interval"""
     offline_pending: _builtins.int
+    @_builtins.property
+    def stun(self) -> _containers.RepeatedCompositeFieldContainer[_nat_pb2.Address]:
+        """The server's STUN service (primary first, then the alternate port), for
+        the client's mapped address and mapping test. An empty ip means "the
+        control connection's host". Empty when the server runs no STUN.
+        """
+
     def __init__(
         self,
         *,
         resume_token: _builtins.bytes = ...,
         heartbeat_s: _builtins.int = ...,
         offline_pending: _builtins.int = ...,
+        stun: _abc.Iterable[_nat_pb2.Address] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "offline_pending", b"offline_pending", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "offline_pending", b"offline_pending", "resume_token", b"resume_token", "stun", b"stun"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,1 @@
+"""Direct paths to buddies: disco probes, hole punching, relay fallback (see peer.py)."""
