@@ -42,8 +42,8 @@ from .messaging.delivery import Delivery, Failed, Finished, Transmit, Via
 from .messaging.envelope import EnvelopeError, open_envelope, parse_envelope, receipt_body, seal, text_body
 from .messaging.store import ClientStore
 from .paths.disco import is_disco
-from .paths.manager import PathManager, keepalive_for
-from .paths.peer import Path
+from .paths.manager import PathManager
+from .paths.peer import DEFAULT_KEEPALIVE, Path
 from .profile import Profile
 from .wire import control_pb2 as pb
 from .wire import envelope_pb2 as epb
@@ -459,14 +459,15 @@ class Client:
     # -- direct paths ---------------------------------------------------------------
 
     def _start_paths(self, ok: pb.LoginOk) -> None:
-        lifetime = self.store.setting("binding_lifetime_s")
+        # `p2pim nat --lifetime` saves the keepalive its measurement implies.
+        keepalive = float(self.store.setting("keepalive_s") or DEFAULT_KEEPALIVE)
         self.paths = PathManager(
             self.profile.identity,
             self.store.keys,
             self._relay_bytes,
             self._on_direct,
             self._on_path,
-            keepalive_for(float(lifetime) if lifetime else None),
+            keepalive,
         )
         try:
             self.paths.start(self.udp_port)

@@ -94,7 +94,20 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("user")
     p.add_argument("--limit", type=int, default=50)
 
-    sub.add_parser("status", parents=[common], help="account, connection, outbox and buddies")
+    sub.add_parser("status", parents=[common], help="account, connection, outbox, buddies and their paths")
+    p = sub.add_parser(
+        "ping", parents=[common], help="probe the path to USER (relay or direct) until it goes direct"
+    )
+    p.add_argument("user")
+    p.add_argument("--count", type=int, default=10, help="give up after this many probes (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between probes (default 1)")
+    p = sub.add_parser(
+        "chat", parents=[common], help="interactive: type lines to USER, see their messages as they come"
+    )
+    p.add_argument("user")
+    p.add_argument(
+        "--linger", type=float, default=10.0, help="at end of input, wait this long for receipts (default 10)"
+    )
     p = sub.add_parser("fingerprint", parents=[common], help="your key's fingerprint, or USER's pinned one")
     p.add_argument("user", nargs="?")
 
@@ -166,7 +179,13 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         store.close()
         # Only `listen` shows the user online; one-shot commands are quiet sessions, so
         # buddies do not see presence flicker each time a message is sent from a script.
-        client = Client(_server_for(args, saved), profile, reconnect=False, quiet=args.command != "listen")
+        client = Client(
+            _server_for(args, saved),
+            profile,
+            reconnect=False,
+            quiet=args.command not in ("listen", "chat"),
+            direct=args.command in ("listen", "chat", "ping"),
+        )
         try:
             if login != "no":
                 if saved is None:
@@ -375,6 +394,19 @@ def _event_line(ev: Any) -> tuple[dict[str, Any], str]:
             },
             f"[{stamp}] (message to {ev.peer} {ev.state}{': ' + ev.detail if ev.detail else ''})",
         )
+    if isinstance(ev, cl.PathUpdate):
+        where = f"direct {ev.addr}" + (f" ({ev.rtt_ms:.1f} ms)" if ev.rtt_ms is not None else "")
+        return (
+            {
+                "event": "path",
+                "user": ev.peer,
+                "via": ev.via,
+                "addr": ev.addr,
+                "rtt_ms": ev.rtt_ms,
+                "reason": ev.reason,
+            },
+            f"[{stamp}] * path to {ev.peer}: {where if ev.via == 'direct' else 'relay'} ({ev.reason})",
+        )
     if isinstance(ev, cl.ConnectionState):
         return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
     return {"event": "problem", "message": ev.message}, f"[{stamp}] ! {ev.message}"
@@ -455,20 +487,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         connected = c.connected
         buddies = await c.buddies() if connected else []
         outbox = len(c.store.outbox())
+        paths = c.store.paths()
+        listed: list[dict[str, Any]] = []
+        for b in buddies:
+            row = paths.get(b.username)
+            # What the last long-running session (listen, chat) measured, and when.
+            seen = (
+                {"via": row.via, "addr": row.addr, "rtt_ms": row.rtt_ms, "at_ms": row.updated_ms}
+                if row
+                else None
+            )
+            listed.append({**b.__dict__, "path": seen})
         data = {
             "username": saved[1],
             "server": c.server,
             "connected": connected,
             "fingerprint": c.profile.identity.fingerprint,
             "outbox": outbox,
-            "buddies": [b.__dict__ for b in buddies],
+            "buddies": listed,
         }
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
             f"fingerprint {c.profile.identity.fingerprint}",
             f"outbox: {outbox} message(s) waiting to go out",
         ]
-        lines += [f"  {b.username:<20} {b.presence}" for b in buddies if b.state == "buddy"]
+        for b in buddies:
+            if b.state != "buddy":
+                continue
+            row = paths.get(b.username)
+            path = "path unknown"
+            if row is not None and b.presence != "offline":
+                rtt = f" {row.rtt_ms:.1f} ms" if row.rtt_ms is not None else ""
+                where = f"direct {row.addr}{rtt}" if row.via == "direct" else "relay"
+                path = f"{where} (as of {_when(row.updated_ms)})"
+            lines.append(
+                f"  {b.username:<20} {b.presence:<8} {path if b.presence != 'offline' else ''}".rstrip()
+            )
         _out(args, data, "\n".join(lines))
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 
@@ -504,6 +558,128 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0 if offered is None else EXIT_KEY_CHANGED
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Probe the path to a buddy: relay RTT at once, then direct once punching succeeds."""
+    from p2pim.client import Client
+
+    if args.count < 1 or args.interval <= 0:
+        print("p2pim: --count must be at least 1 and --interval positive", file=sys.stderr)
+        return 2
+
+    async def body(c: Client) -> int:
+        buddies = {b.username: b for b in await c.buddies()}
+        b = buddies.get(args.user)
+        if b is None or b.state != "buddy":
+            raise ChatError(f"{args.user} is not your buddy", EXIT_NOT_A_BUDDY)
+        if b.presence == "offline":
+            raise ChatError(f"{args.user} is offline", EXIT_SERVER_UNREACHABLE)
+        await asyncio.wait_for(c.local_ready.wait(), 10)
+        assert c.paths is not None
+        c.paths.want(args.user)
+        answered, results = 0, []
+        for seq in range(1, args.count + 1):
+            via, rtt = await c.paths.probe(args.user, timeout=max(1.0, args.interval))
+            answered += rtt is not None
+            kind = "relay" if via == "relay" else "direct"
+            results.append(
+                {"seq": seq, "via": kind, "addr": "" if kind == "relay" else via, "rtt_ms": _ms(rtt)}
+            )
+            if not args.json:
+                where = "relay" if kind == "relay" else f"direct {via}"
+                print(
+                    f"{seq:>3}  {where:<28} {'timeout' if rtt is None else f'{rtt * 1000:.2f} ms'}",
+                    flush=True,
+                )
+            if kind == "direct" and rtt is not None:
+                break
+            await asyncio.sleep(args.interval if rtt is not None else 0)
+        final = c.path_to(args.user)
+        summary = (
+            f"{args.user}: direct via {final[1]}"
+            if final[0] == "direct"
+            else f"{args.user}: no direct path after {len(results)} probes; messages use the relay"
+        )
+        if args.json:
+            print(json.dumps({"user": args.user, "probes": results, "path": final[0], "addr": final[1]}))
+        else:
+            print(summary)
+        return 0 if answered else EXIT_SERVER_UNREACHABLE
+
+    return _run(args, body)
+
+
+def _ms(rtt: float | None) -> float | None:
+    return None if rtt is None else round(rtt * 1000, 3)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat with one buddy: stdin lines out, everything that happens printed."""
+    from p2pim import client as cl
+
+    async def body(c: cl.Client) -> int:
+        c.reconnect = True
+        if not args.json:
+            print(f"chatting with {args.user} as {c.username} (end input with Ctrl-D)", flush=True)
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def readable() -> None:
+            line = sys.stdin.readline()
+            if not line:
+                loop.remove_reader(sys.stdin.fileno())
+            lines.put_nowait(line.rstrip("\n") if line else None)
+
+        loop.add_reader(sys.stdin.fileno(), readable)
+        pending: set[bytes] = set()
+        events = c.events()
+        next_event: asyncio.Task[Any] = asyncio.ensure_future(anext(events))
+        next_line: asyncio.Task[Any] | None = asyncio.ensure_future(lines.get())
+        linger_until: float | None = None
+        try:
+            while True:
+                waits = {t for t in (next_event, next_line) if t is not None}
+                timeout = None if linger_until is None else max(0.0, linger_until - loop.time())
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    return 0 if not pending else EXIT_SERVER_UNREACHABLE
+                if next_line in done:
+                    text = next_line.result()
+                    if text is None:
+                        next_line = None
+                        linger_until = loop.time() + args.linger
+                        if not pending:
+                            return 0
+                        continue
+                    next_line = asyncio.ensure_future(lines.get())
+                    if text.strip():
+                        try:
+                            pending.add(await c.send(args.user, text))
+                        except cl.ClientError as exc:
+                            print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
+                if next_event in done:
+                    ev = next_event.result()
+                    next_event = asyncio.ensure_future(anext(events))
+                    data, line = _event_line(ev)
+                    print(json.dumps(data) if args.json else line, flush=True)
+                    if isinstance(ev, cl.Message) and ev.peer == args.user:
+                        await c.mark_read(args.user)
+                    if isinstance(ev, cl.Receipt):
+                        pending.difference_update(ev.msg_ids)
+                    if isinstance(ev, cl.Outcome) and ev.state in ("stored", "failed"):
+                        pending.discard(ev.msg_id)
+                    if linger_until is not None and not pending:
+                        return 0
+        finally:
+            loop.remove_reader(sys.stdin.fileno())
+            next_event.cancel()
+            if next_line is not None:
+                next_line.cancel()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run(args, body)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "register": cmd_register,
     "login": cmd_login,
@@ -514,4 +690,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "history": cmd_history,
     "status": cmd_status,
     "fingerprint": cmd_fingerprint,
+    "ping": cmd_ping,
+    "chat": cmd_chat,
 }

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nat.add_argument("--json", action="store_true", help="print JSON instead of a table")
     nat.add_argument(
+        "--profile",
+        default=os.environ.get("P2PIM_PROFILE", "default"),
+        help="with --lifetime: save the keepalive it implies in this profile, if it exists "
+        "(default $P2PIM_PROFILE or 'default')",
+    )
+    nat.add_argument(
         "--lifetime",
         nargs="?",
         const=120.0,
@@ -121,11 +127,30 @@ def _cmd_nat(args: argparse.Namespace) -> int:
     if args.lifetime and not args.json:
         print(f"measuring binding lifetime: up to {args.lifetime:g} s ...", file=sys.stderr, flush=True)
     report = asyncio.run(discover(server, Timings(give_up=args.give_up), args.lifetime))
+    if report.lifetime is not None:
+        _save_keepalive(args.profile, report.lifetime.keepalive)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.render())
     return EXIT_OK if report.responded else EXIT_NO_ANSWER
+
+
+def _save_keepalive(profile_name: str, keepalive: float) -> None:
+    """Direct paths to buddies then refresh NAT bindings at this interval."""
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    try:
+        profile = Profile(profile_name)
+    except ProfileError:
+        return
+    if not profile.db_path.exists():
+        return  # no account on this machine: nothing to tune
+    store = ClientStore(profile.db_path)
+    store.set_setting("keepalive_s", str(keepalive))
+    store.close()
+    print(f"profile {profile_name}: keepalive for direct paths set to {keepalive:g} s", file=sys.stderr)
 
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:

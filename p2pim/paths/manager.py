@@ -59,13 +59,6 @@ STUN_TRIES = (0.0, 0.25, 0.75, 1.75, 3.0)  # send times; give up at 4 s
 STUN_GIVE_UP = 4.0
 
 
-def keepalive_for(lifetime_s: float | None) -> float:
-    """Heartbeat interval: 80% of a measured binding lifetime (5..120 s), else 25 s."""
-    if not lifetime_s:
-        return DEFAULT_KEEPALIVE
-    return max(5.0, min(120.0, 0.8 * lifetime_s))
-
-
 @dataclass(frozen=True)
 class Local:
     """What we found out about ourselves."""
