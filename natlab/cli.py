@@ -9,6 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from .classify import classify, render
 from .netns import LabError, missing_requirements
@@ -59,6 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("classify", help="run `p2pim nat` behind each profile: expected vs observed")
     _profile_args(cl)
     cl.add_argument("--json", action="store_true")
+
+    mx = sub.add_parser(
+        "matrix",
+        help="two p2pim clients behind every pair of NAT profiles (and one LAN): path, timings, delivery",
+    )
+    mx.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mx.add_argument("--png", metavar="FILE", help="also draw the grid as a PNG picture")
+    mx.add_argument("--messages", type=int, default=100, help="messages each way (default 100)")
+    mx.add_argument(
+        "--only",
+        action="append",
+        metavar="A/B",
+        help="run only this pair, e.g. symmetric/port-restricted or same-lan (repeatable)",
+    )
     return parser
 
 
@@ -115,4 +130,35 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(render(rows))
         return 0 if all(r.ok for r in rows) else 1
+    if args.command == "matrix":
+        return _matrix(args)
     return 2
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    from . import matrix
+
+    only = None
+    if args.only:
+        only = []
+        for item in args.only:
+            a, _, b = item.partition("/")
+            b = b or a
+            if {a, b} - {*matrix.KINDS, matrix.SAME_LAN}:
+                raise LabError(f"unknown pair {item!r}: profiles are {', '.join(matrix.KINDS)} or same-lan")
+            only.append((a, b))
+    if not 1 <= args.messages <= 10000:
+        raise LabError("--messages takes 1 to 10000")
+
+    def progress(r: matrix.Result) -> None:
+        if not args.json:
+            print(matrix.render([r]).splitlines()[2], file=sys.stderr, flush=True)
+
+    results = matrix.run_matrix(only, args.messages, progress)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print(matrix.render(results))
+    if args.png:
+        matrix.picture(results, Path(args.png))
+    return 0 if all(r.exactly_once and not r.error for r in results) else 1

@@ -618,7 +618,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     async def body(c: cl.Client) -> int:
         c.reconnect = True
-        if not args.json:
+        if args.json:
+            print(json.dumps({"event": "ready", "user": c.username, "peer": args.user}), flush=True)
+        else:
             print(f"chatting with {args.user} as {c.username} (end input with Ctrl-D)", flush=True)
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
@@ -671,6 +673,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         return 0
         finally:
             loop.remove_reader(sys.stdin.fileno())
+            if args.json:  # for scripts (natlab matrix): how the messages travelled
+                print(json.dumps({"event": "stats", **c.counters}), flush=True)
             next_event.cancel()
             if next_line is not None:
                 next_line.cancel()

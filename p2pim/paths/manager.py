@@ -105,6 +105,7 @@ class PathManager:
         self._stun: dict[bytes, asyncio.Future[tuple[codec.stun.Message, Addr]]] = {}
         self._probes: dict[bytes, tuple[str, asyncio.Future[float]]] = {}
         self._key_cache: dict[bytes, str] = {}
+        self._cmm_waiting: dict[str, bool] = {}  # call-me-maybes held until STUN answers (peer: reply)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -164,6 +165,9 @@ class PathManager:
         self.local = Local(host, mapped, hard)
         for core in self.peers.values():
             core.local = self.local.candidates()
+        waiting, self._cmm_waiting = self._cmm_waiting, {}
+        for peer, reply in waiting.items():
+            self._do(peer, SendCallMeMaybe(reply))
         return self.local
 
     async def _binding(self, server: Addr) -> tuple[codec.stun.Message, Addr] | None:
@@ -376,7 +380,9 @@ class PathManager:
                     self._sendto(sock, packet, out.addr)
         elif isinstance(out, SendCallMeMaybe):
             if self.local is None:
-                return  # STUN has not answered yet; the retry timer asks again
+                # STUN has not answered yet: send it (with the candidates) when it has.
+                self._cmm_waiting[peer] = self._cmm_waiting.get(peer, True) and out.reply
+                return
             self._relay(peer, self.boxes.seal(key, call_me_maybe(self.local.candidates(), out.reply)))
 
     def _socket(self, peer: str, sock_id: int) -> socket.socket | None:

@@ -1,0 +1,383 @@
+"""`natlab matrix`: two real clients behind every pair of NAT profiles.
+
+For each scenario (every unordered pair of the five profiles, plus two hosts
+on the same LAN behind one NAT) this builds a fresh topology, runs
+`rendezvous serve` on the public segment, registers alice and bob with the
+`p2pim` command, makes them buddies, and runs `p2pim chat --json` on both
+sides. Each side types ``messages`` lines; we read both event streams and
+report the final path, the time to the first delivered message, the time
+until the path went direct, what arrived, and duplicates.
+
+As with `natlab classify`, nothing here imports p2pim: it drives the
+commands a user would run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .classify import STUN_ALT_IP, STUN_IP, tool
+from .netns import LabError
+from .profiles import NatProfile
+from .topology import Topology, new_prefix, standard
+
+KINDS = ("none", "full-cone", "restricted", "port-restricted", "symmetric")
+SAME_LAN = "same-lan"
+PASSWORD = "natlab-matrix-pw"
+CONTROL_PORT = 7788
+
+
+@dataclass
+class Result:
+    a: str
+    b: str
+    messages: int  # sent each way
+    path_a: str = "relay"  # final path, as each side saw it
+    path_b: str = "relay"
+    first_message_s: float | None = None  # first line typed -> first delivered anywhere
+    direct_after_s: float | None = None  # both online -> first side direct
+    delivered_ab: int = 0  # distinct texts that arrived
+    delivered_ba: int = 0
+    duplicates: int = 0
+    sent_direct: int = 0  # envelopes (texts and receipts) each side sent direct / by relay
+    sent_relay: int = 0
+    fallbacks: int = 0  # times a side went from direct back to the relay
+    seconds: float = 0.0
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.a} / {self.b}"
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.delivered_ab == self.messages == self.delivered_ba and self.duplicates == 0
+
+    @property
+    def direct(self) -> bool:
+        return self.path_a == "direct" and self.path_b == "direct"
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "exactly_once": self.exactly_once, "direct": self.direct}
+
+
+def scenarios() -> list[tuple[str, str]]:
+    """The 15 unordered pairs of profiles, plus the same LAN."""
+    pairs = list(itertools.combinations_with_replacement(KINDS, 2))
+    return [*pairs, (SAME_LAN, SAME_LAN)]
+
+
+def profile(kind: str, loss: int = 0, block_udp: bool = False, udp_timeout: int | None = None) -> NatProfile:
+    return NatProfile(kind, loss=loss, block_udp=block_udp, udp_timeout=udp_timeout)
+
+
+class _Chat:
+    """One `p2pim chat --json` process; its events are read on a thread, stamped on arrival."""
+
+    def __init__(self, topo: Topology, node: str, env: dict[str, str], peer: str) -> None:
+        argv = [tool("p2pim"), "chat", peer, "--json", "--linger", "30"]
+        self.proc = topo.popen(
+            node, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        self.events: queue.Queue[tuple[float, dict[str, object]]] = queue.Queue()
+        self.log: list[tuple[float, dict[str, object]]] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            stamped = (time.monotonic(), ev)
+            self.log.append(stamped)
+            self.events.put(stamped)
+
+    def wait(self, pred: Callable[[dict[str, object]], bool], timeout: float) -> float | None:
+        """Arrival time of the first event matching ``pred`` (also ones already seen)."""
+        for at, ev in list(self.log):
+            if pred(ev):
+                return at
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                at, ev = self.events.get(timeout=left)
+            except queue.Empty:
+                return None
+            if pred(ev):
+                return at
+        return None
+
+    def type(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self._thread.join(5)
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+
+def _p2pim(topo: Topology, node: str, env: dict[str, str], *args: str) -> None:
+    proc = subprocess.run(
+        topo.cmd(node, [tool("p2pim"), *args]), capture_output=True, text=True, timeout=60, env=env
+    )
+    if proc.returncode != 0:
+        raise LabError(f"p2pim {' '.join(args)} on {node}: {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+def run_scenario(
+    a: NatProfile | str,
+    b: NatProfile | str,
+    messages: int = 100,
+    interval: float = 0.1,
+    during: Callable[[Topology, int], None] | None = None,
+    prefix: str | None = None,
+) -> Result:
+    """alice behind ``a``, bob behind ``b`` (or both on one LAN for :data:`SAME_LAN`).
+
+    ``during(topo, i)`` is called before alice's i-th message (to flush NAT
+    state mid-chat, say). Always tears the topology down.
+    """
+    same_lan = a == SAME_LAN
+    pa = profile("port-restricted") if same_lan else (a if isinstance(a, NatProfile) else profile(a))
+    pb = pa if same_lan else (b if isinstance(b, NatProfile) else profile(b))
+    result = Result(SAME_LAN if same_lan else pa.kind, SAME_LAN if same_lan else pb.kind, messages)
+    started = time.monotonic()
+    topo = standard(
+        prefix or new_prefix(), [pa] if same_lan else [pa, pb], hosts_per_nat=2 if same_lan else 1
+    )
+    host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
+    chats: list[_Chat] = []
+    server: subprocess.Popen[str] | None = None
+    with tempfile.TemporaryDirectory(prefix="natlab-matrix-") as tmp:
+        try:
+            server = topo.popen(
+                "rdv",
+                [
+                    tool("rendezvous"),
+                    "serve",
+                    "--host",
+                    STUN_IP,
+                    "--port",
+                    str(CONTROL_PORT),
+                    "--alt-ip",
+                    STUN_ALT_IP,
+                    "--db",
+                    f"{tmp}/server.db",
+                    "--kdf-cost",
+                    "min",
+                    "--heartbeat",
+                    "5",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            assert server.stdout is not None
+            banner = server.stdout.readline()
+            if "control on" not in banner:
+                raise LabError(f"rendezvous serve did not start: {banner.strip()}")
+            envs = {}
+            for who in ("alice", "bob"):
+                envs[who] = {
+                    **os.environ,
+                    "XDG_DATA_HOME": f"{tmp}/{who}",
+                    "P2PIM_SERVER": f"ws://{STUN_IP}:{CONTROL_PORT}",
+                    "P2PIM_PASSWORD": PASSWORD,
+                    "P2PIM_PROFILE": who,
+                }
+            _p2pim(topo, host_a, envs["alice"], "register", "alice")
+            _p2pim(topo, host_b, envs["bob"], "register", "bob")
+            _p2pim(topo, host_a, envs["alice"], "buddy", "add", "bob")
+            _p2pim(topo, host_b, envs["bob"], "buddy", "accept", "alice")
+            chat_a = _Chat(topo, host_a, envs["alice"], "bob")
+            chats.append(chat_a)
+            if chat_a.wait(lambda e: e.get("event") == "ready", 20) is None:
+                raise LabError("alice's p2pim chat did not start")
+            chat_b = _Chat(topo, host_b, envs["bob"], "alice")
+            chats.append(chat_b)
+            online = chat_a.wait(lambda e: e.get("event") == "presence" and e.get("status") == "online", 20)
+            if online is None:
+                raise LabError("alice never saw bob online")
+            t0 = time.monotonic()
+            for i in range(messages):
+                if during is not None:
+                    during(topo, i)
+                chat_a.type(f"a2b {i}")
+                chat_b.type(f"b2a {i}")
+                time.sleep(interval)
+            errors = [chat_a.finish(90), chat_b.finish(90)]
+            _collect(result, chat_a, chat_b, t0, online)
+            for err in errors:
+                if err.strip():
+                    result.notes.append(err.strip()[-300:])
+        except (LabError, OSError, subprocess.SubprocessError) as exc:
+            result.error = str(exc)
+        finally:
+            for chat in chats:
+                if chat.proc.poll() is None:
+                    chat.proc.kill()
+                    chat.proc.wait(5)
+            if server is not None and server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+            topo.down()
+    result.seconds = round(time.monotonic() - started, 2)
+    return result
+
+
+def _collect(result: Result, chat_a: _Chat, chat_b: _Chat, t0: float, online: float) -> None:
+    firsts: list[float] = []
+    for chat, prefix, attr, side in (
+        (chat_b, "a2b ", "delivered_ab", "b"),
+        (chat_a, "b2a ", "delivered_ba", "a"),
+    ):
+        texts = [
+            (at, str(ev.get("text")))
+            for at, ev in chat.log
+            if ev.get("event") == "message" and str(ev.get("text", "")).startswith(prefix)
+        ]
+        distinct = {t for _, t in texts}
+        setattr(result, attr, len(distinct))
+        result.duplicates += len(texts) - len(distinct)
+        if texts:
+            firsts.append(min(at for at, _ in texts))
+        # The peer leaving at the end is not a path verdict.
+        paths = [ev for _, ev in chat.log if ev.get("event") == "path" and ev.get("reason") != "peer offline"]
+        setattr(result, f"path_{side}", str(paths[-1]["via"]) if paths else "relay")
+        result.fallbacks += sum(
+            1 for ev in paths if ev.get("via") == "relay" and ev.get("reason") != "peer offline"
+        )
+        for _, ev in chat.log:
+            if ev.get("event") == "stats":
+                result.sent_direct += int(ev.get("sent_direct", 0))  # type: ignore[call-overload]
+                result.sent_relay += int(ev.get("sent_relay", 0))  # type: ignore[call-overload]
+    if firsts:
+        result.first_message_s = round(min(firsts) - t0, 4)
+    directs = [
+        at
+        for chat in (chat_a, chat_b)
+        for at, ev in chat.log
+        if ev.get("event") == "path" and ev.get("via") == "direct"
+    ]
+    if directs:
+        result.direct_after_s = round(max(0.0, min(directs) - online), 4)
+
+
+def run_matrix(
+    only: Sequence[tuple[str, str]] | None = None,
+    messages: int = 100,
+    progress: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    results = []
+    for a, b in only or scenarios():
+        r = run_scenario(a, b, messages)
+        results.append(r)
+        if progress is not None:
+            progress(r)
+    return results
+
+
+def expected_direct(a: str, b: str) -> bool:
+    """What should go direct: everything but symmetric on both sides (and port-restricted
+    with symmetric needs the birthday dance, which succeeds in most runs, not all)."""
+    return not (a == "symmetric" and b == "symmetric")
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def render(results: Sequence[Result]) -> str:
+    head = (
+        f"{'scenario':<34} {'path':<7} {'first msg':>9} {'direct in':>9} {'a->b':>5} {'b->a':>5} {'dup':>4}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.name:<34} ERROR {r.error}")
+            continue
+        path = "direct" if r.direct else ("mixed" if "direct" in (r.path_a, r.path_b) else "relay")
+        first = "-" if r.first_message_s is None else f"{r.first_message_s * 1000:.0f} ms"
+        direct = "-" if r.direct_after_s is None else f"{r.direct_after_s:.2f} s"
+        lines.append(
+            f"{r.name:<34} {path:<7} {first:>9} {direct:>9} "
+            f"{r.delivered_ab:>5} {r.delivered_ba:>5} {r.duplicates:>4}"
+        )
+    ok = sum(1 for r in results if r.exactly_once and not r.error)
+    lines.append(f"{ok}/{len(results)} scenarios delivered every message exactly once")
+    return "\n".join(lines)
+
+
+def picture(results: Sequence[Result], path: Path) -> None:
+    """A PNG grid: rows and columns are profiles; green direct, amber relay, red lost or duplicated."""
+    from PIL import Image, ImageDraw
+
+    cell, margin = 120, 130
+    kinds = list(KINDS)
+    size = (margin + cell * len(kinds), margin + cell * len(kinds) + 60)
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    for i, k in enumerate(kinds):
+        draw.text((margin + i * cell + 6, margin - 20), k, fill="black")
+        draw.text((6, margin + i * cell + cell // 2), k, fill="black")
+    by_pair = {frozenset((r.a, r.b)): r for r in results}
+    for i, ka in enumerate(kinds):
+        for j, kb in enumerate(kinds):
+            r = by_pair.get(frozenset((ka, kb)))
+            box = (
+                margin + j * cell,
+                margin + i * cell,
+                margin + (j + 1) * cell - 4,
+                margin + (i + 1) * cell - 4,
+            )
+            if r is None:
+                draw.rectangle(box, fill="#eeeeee")
+                continue
+            draw.rectangle(box, fill=_colour(r))
+            draw.multiline_text((box[0] + 6, box[1] + 8), _cell_text(r), fill="black")
+    same = next((r for r in results if r.a == SAME_LAN), None)
+    if same is not None:
+        y = margin + cell * len(kinds) + 8
+        draw.rectangle((margin, y, margin + 3 * cell, y + 48), fill=_colour(same))
+        draw.text((margin + 6, y + 6), "same LAN: " + _cell_text(same).replace("\n", "  "), fill="black")
+    draw.text((6, 6), "natlab matrix: green direct, amber relay, red lost/duplicated", fill="black")
+    img.save(path)
+
+
+def _colour(r: Result) -> str:
+    if r.error or not r.exactly_once:
+        return "#e06060"
+    return "#70c070" if r.direct else "#f0c040"
+
+
+def _cell_text(r: Result) -> str:
+    if r.error:
+        return "error"
+    direct = "-" if r.direct_after_s is None else f"{r.direct_after_s:.2f}s"
+    first = "-" if r.first_message_s is None else f"{r.first_message_s * 1000:.0f}ms"
+    counts = f"{r.delivered_ab}+{r.delivered_ba} dup {r.duplicates}"
+    return f"{'direct' if r.direct else 'relay'}\nfirst {first}\ndirect {direct}\n{counts}"

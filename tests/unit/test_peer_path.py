@@ -1,0 +1,125 @@
+"""PeerPath, the sans-IO per-peer path core, on a fake clock."""
+
+from __future__ import annotations
+
+import random
+
+from p2pim.paths.disco import Candidates
+from p2pim.paths.peer import (
+    BIRTHDAY_PROBES,
+    BIRTHDAY_RATE,
+    BIRTHDAY_SOCKETS,
+    HEARTBEAT_TRIES,
+    MAIN,
+    CloseSockets,
+    PathChanged,
+    PeerPath,
+    SendCallMeMaybe,
+    SendPing,
+    SendPong,
+)
+
+A = ("10.0.1.2", 4000)
+B = ("10.0.2.2", 5000)
+
+
+def _core(
+    name: str, me: tuple[str, int], hard: bool = False, mapped: tuple[str, int] | None = None
+) -> PeerPath:
+    core = PeerPath(name, keepalive=25.0, rng=random.Random(7))
+    core.local = Candidates((me,), mapped or me, hard)
+    return core
+
+
+def _wire(a: PeerPath, b: PeerPath, until: float, drop: bool = False) -> list[object]:
+    """Run both cores on a lossless, NAT-free network (or one that drops every UDP packet)."""
+    now, seen = 0.0, []
+    addr = {id(a): A, id(b): B}
+    while now <= until:
+        for me, other in ((a, b), (b, a)):
+            for out in me.poll(now):
+                seen.append(out)
+                if isinstance(out, SendCallMeMaybe):
+                    assert me.local is not None
+                    other.call_me_maybe(now, me.local, out.reply)
+                elif drop:
+                    continue
+                elif isinstance(out, SendPing):
+                    for dst in out.addrs:
+                        if dst == addr[id(other)]:
+                            other.ping(now, MAIN, addr[id(me)], out.tx)
+                elif isinstance(out, SendPong) and out.addr == addr[id(other)]:
+                    other.pong(now, MAIN, addr[id(me)], out.tx)
+        now = round(now + 0.05, 3)
+    return seen
+
+
+def test_call_me_maybe_then_both_sides_go_direct() -> None:
+    a, b = _core("bob", A), _core("alice", B)
+    a.activate(0.0)
+    _wire(a, b, 1.0)
+    assert a.path is not None and a.path.addr == B
+    assert b.path is not None and b.path.addr == A
+
+
+def test_pong_from_an_address_never_pinged_or_replayed_is_ignored() -> None:
+    a = _core("bob", A)
+    a.call_me_maybe(0.0, Candidates((B,), B, False), reply=True)
+    pings = [o for o in a.poll(0.0) if isinstance(o, SendPing)]
+    tx = pings[0].tx
+    assert a.pong(0.01, MAIN, ("6.6.6.6", 1), tx) is None  # wrong source
+    assert a.path is None
+    assert a.pong(0.02, MAIN, B, b"x" * 12) is None  # unknown tx
+    assert a.pong(0.03, MAIN, B, tx) is not None
+    assert a.path is not None
+    assert a.pong(0.04, MAIN, B, tx) is None  # the same pong again
+
+
+def test_two_missed_heartbeats_fall_back_to_the_relay_and_punching_starts_again() -> None:
+    a, b = _core("bob", A), _core("alice", B)
+    a.activate(0.0)
+    _wire(a, b, 1.0)
+    assert a.path is not None
+    seen = _wire(a, b, 40.0, drop=True)  # the NAT forgot us: nothing gets through any more
+    changes = [o for o in seen if isinstance(o, PathChanged)]
+    assert changes and changes[0].path is None and changes[0].reason == "heartbeats missed"
+    heartbeat_pings = [o for o in seen if isinstance(o, SendPing) and o.addrs == (B,)]
+    assert len(heartbeat_pings) >= 2 * HEARTBEAT_TRIES
+    assert any(isinstance(o, SendCallMeMaybe) for o in seen)  # asks to punch again
+
+
+def test_birthday_dance_is_bounded_in_sockets_probes_and_rate() -> None:
+    hard = _core("easy", A, hard=True, mapped=("203.0.113.101", 40000))
+    easy = _core("hard", B, hard=False, mapped=("203.0.113.102", 5000))
+    hard.call_me_maybe(0.0, easy.local, reply=True)  # type: ignore[arg-type]
+    easy.call_me_maybe(0.0, hard.local, reply=True)  # type: ignore[arg-type]
+    outs: dict[str, list[object]] = {"hard": [], "easy": []}
+    now = 0.0
+    while now < 30.0:
+        outs["hard"] += hard.poll(now)
+        outs["easy"] += easy.poll(now)
+        now = round(now + 0.01, 3)
+    sockets = {o.sock for o in outs["hard"] if isinstance(o, SendPing) and o.sock != MAIN}
+    assert len(sockets) == BIRTHDAY_SOCKETS
+    probes = [
+        (o, a) for o in outs["easy"] if isinstance(o, SendPing) for a in o.addrs if a[0] == "203.0.113.101"
+    ]
+    ports = {a[1] for _, a in probes if a[1] != 40000}
+    assert BIRTHDAY_PROBES * 0.9 <= len(ports) <= BIRTHDAY_PROBES
+    assert hard.counters["birthday_rounds"] >= 1 and easy.counters["birthday_rounds"] >= 1
+    assert any(isinstance(o, CloseSockets) and not o.keep for o in outs["hard"])  # sockets given back
+    # Rate: the sweep takes at least probes / rate seconds.
+    assert BIRTHDAY_PROBES / BIRTHDAY_RATE > 3.0
+
+
+def test_same_nat_does_not_start_a_birthday_dance() -> None:
+    hard = _core("x", A, hard=True, mapped=("203.0.113.101", 40000))
+    easy = _core("y", B, hard=False, mapped=("203.0.113.101", 5000))
+    hard.call_me_maybe(0.0, easy.local, reply=True)  # type: ignore[arg-type]
+    outs = []
+    now = 0.0
+    while now < 10.0:
+        outs += hard.poll(now)
+        now += 0.05
+    assert hard.counters["birthday_rounds"] == 0
+    assert all(o.sock == MAIN for o in outs if isinstance(o, SendPing))
