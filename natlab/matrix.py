@@ -44,6 +44,8 @@ class Result:
     messages: int  # sent each way
     path_a: str = "relay"  # final path, as each side saw it
     path_b: str = "relay"
+    addr_a: str = ""  # where alice's direct path goes (bob's address as alice sees it)
+    addr_b: str = ""
     first_message_s: float | None = None  # first line typed -> first delivered anywhere
     direct_after_s: float | None = None  # both online -> first side direct
     delivered_ab: int = 0  # distinct texts that arrived
@@ -55,6 +57,7 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     notes: list[str] = field(default_factory=list)
+    path_log: list[str] = field(default_factory=list)  # every path change, seconds after the first message
 
     @property
     def name(self) -> str:
@@ -269,6 +272,7 @@ def _collect(result: Result, chat_a: _Chat, chat_b: _Chat, t0: float, online: fl
         # The peer leaving at the end is not a path verdict.
         paths = [ev for _, ev in chat.log if ev.get("event") == "path" and ev.get("reason") != "peer offline"]
         setattr(result, f"path_{side}", str(paths[-1]["via"]) if paths else "relay")
+        setattr(result, f"addr_{side}", str(paths[-1].get("addr", "")) if paths else "")
         result.fallbacks += sum(
             1 for ev in paths if ev.get("via") == "relay" and ev.get("reason") != "peer offline"
         )
@@ -276,6 +280,12 @@ def _collect(result: Result, chat_a: _Chat, chat_b: _Chat, t0: float, online: fl
             if ev.get("event") == "stats":
                 result.sent_direct += int(ev.get("sent_direct", 0))  # type: ignore[call-overload]
                 result.sent_relay += int(ev.get("sent_relay", 0))  # type: ignore[call-overload]
+    for who, chat in (("alice", chat_a), ("bob", chat_b)):
+        for at, ev in chat.log:
+            if ev.get("event") == "path":
+                where = f"direct {ev.get('addr')}" if ev.get("via") == "direct" else "relay"
+                result.path_log.append(f"{at - t0:+.2f}s {who}: {where} ({ev.get('reason')})")
+    result.path_log.sort(key=lambda line: float(line.split("s ", 1)[0]))
     if firsts:
         result.first_message_s = round(min(firsts) - t0, 4)
     directs = [

@@ -184,9 +184,11 @@ class Topology:
     def popen(self, node: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
         return subprocess.Popen(self.cmd(node, argv), text=True, **kw)  # type: ignore[call-overload]
 
-    def flush_conntrack(self, router: str) -> None:
-        """Forget every NAT binding on ``router`` (as a reboot or timeout would)."""
-        sh(nsexec(self.nodes[router].ns, ["conntrack", "-F"]), check=False)
+    def flush_conntrack(self, router: str, udp_only: bool = False) -> None:
+        """Forget every NAT binding on ``router`` (as a reboot would), or only the UDP ones
+        (as a UDP binding timeout would: TCP connections through it survive)."""
+        argv = ["conntrack", "-D", "-p", "udp"] if udp_only else ["conntrack", "-F"]
+        sh(nsexec(self.nodes[router].ns, argv), check=False)
         sh(nsexec(self.nodes[router].ns, ["nft", "flush", "map", "ip", "natlab", "ports"]), check=False)
         sh(nsexec(self.nodes[router].ns, ["nft", "flush", "map", "ip", "natlab", "peers"]), check=False)
 

@@ -463,7 +463,7 @@ class Client:
         keepalive = float(self.store.setting("keepalive_s") or DEFAULT_KEEPALIVE)
         self.paths = PathManager(
             self.profile.identity,
-            self.store.keys,
+            self._buddy_keys,
             self._relay_bytes,
             self._on_direct,
             self._on_path,
@@ -496,6 +496,10 @@ class Client:
             for peer in self.delivery.online:
                 self.paths.want(peer)
 
+    def _buddy_keys(self) -> dict[bytes, str]:
+        """Pinned keys of mutual buddies: nobody else may probe us or send to us directly."""
+        return {k: u for k, u in self.store.keys().items() if u in self._mutual}
+
     def _relay_bytes(self, peer: str, data: bytes) -> None:
         ws = self._ws
         if ws is None or not self.delivery.connected:
@@ -514,6 +518,9 @@ class Client:
             env = parse_envelope(data)
         except EnvelopeError:
             self.counters["bad_envelopes"] += 1
+            return
+        if env.sender not in self._mutual:
+            self.counters["bad_envelopes"] += 1  # the relay would refuse it; so do we
             return
         self.counters["received_direct"] += 1
         self._pushes.put_nowait((pb.Frame(relay_in=pb.RelayIn(sender=env.sender, data=data)), True))
@@ -572,6 +579,8 @@ class Client:
                     warning,
                 )
             )
+        if self.paths is not None:
+            self.paths.forget_keys()
         return out
 
     def _see_key(self, peer: str, key: bytes) -> bool:
@@ -600,6 +609,9 @@ class Client:
     async def buddy_remove(self, peer: str) -> None:
         await self._request("buddy_remove", pb.BuddyRemove(username=peer))
         self._mutual.discard(peer)
+        if self.paths is not None:
+            self.paths.offline(peer)
+            self.paths.forget_keys()
 
     def trust(self, peer: str) -> bool:
         """Accept the key the server now offers for ``peer`` (after comparing fingerprints)."""
@@ -816,6 +828,10 @@ class Client:
                 self._mutual.add(ev.buddy.username)
             elif ev.kind == pb.BuddyEvent.REMOVED:
                 self._mutual.discard(ev.buddy.username)
+                if self.paths is not None:
+                    self.paths.offline(ev.buddy.username)
+            if self.paths is not None:
+                self.paths.forget_keys()
             self._emit(BuddyChange(ev.buddy.username, BUDDY_EVENTS.get(ev.kind, "?")))
         elif kind == "error":
             self._emit(Problem(f"server: {frame.error.message}"))

@@ -105,6 +105,7 @@ class PathManager:
         self._stun: dict[bytes, asyncio.Future[tuple[codec.stun.Message, Addr]]] = {}
         self._probes: dict[bytes, tuple[str, asyncio.Future[float]]] = {}
         self._key_cache: dict[bytes, str] = {}
+        self._keys_loaded = -1e9
         self._cmm_waiting: dict[str, bool] = {}  # call-me-maybes held until STUN answers (peer: reply)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -213,8 +214,9 @@ class PathManager:
             self._run(peer)
 
     def route(self, peer: str) -> Path | None:
+        """Where to send to ``peer`` directly now; None: use the relay."""
         core = self.peers.get(peer)
-        return core.path if core is not None else None
+        return core.usable if core is not None else None
 
     def send_direct(self, peer: str, envelope: bytes) -> bool:
         """Send an envelope on the direct path; False if there is none (use the relay)."""
@@ -423,19 +425,25 @@ class PathManager:
         for key, name in self._key_cache.items():
             if name == peer:
                 return key
-        self._key_cache = self._keys()
+        self._reload_keys()
         return next((k for k, n in self._key_cache.items() if n == peer), None)
 
     def _peer_of(self, key: bytes) -> str | None:
         name = self._key_cache.get(key)
         if name is None:
-            self._key_cache = self._keys()
+            self._reload_keys()
             name = self._key_cache.get(key)
         return name
 
+    def _reload_keys(self) -> None:
+        # At most once a second: packets under strangers' keys must not each cost a query.
+        now = self._loop.time()
+        if now - self._keys_loaded >= 1.0:
+            self._key_cache, self._keys_loaded = self._keys(), now
+
     def forget_keys(self) -> None:
-        """A key was trusted or changed: read the pinned keys again."""
-        self._key_cache = {}
+        """Buddies or keys changed: read the pinned keys of buddies again."""
+        self._key_cache, self._keys_loaded = self._keys(), self._loop.time()
 
     async def _ticker(self) -> None:
         # A timer handle and an Event rather than wait_for: on Python 3.11, wait_for

@@ -141,6 +141,12 @@ class PeerPath:
     _hb_due: float | None = None
     _hb_tries: int = 0
     _misses: int = 0
+    suspected: bool = False  # something sent direct went unanswered; a heartbeat is checking
+
+    @property
+    def usable(self) -> Path | None:
+        """The direct path, unless it is under suspicion (then the relay carries traffic)."""
+        return None if self.suspected else self.path
 
     # -- inputs -------------------------------------------------------------------
 
@@ -175,6 +181,7 @@ class PeerPath:
         """The peer went offline: forget everything (its next session has new addresses)."""
         had = self.path is not None
         self.remote, self.path, self._round, self._birthday = None, None, None, None
+        self.suspected = False
         self._pending.clear()
         self._prflx.clear()
         self._retry_at, self._failures, self._hb_due, self._misses = None, 0, None, 0
@@ -185,8 +192,10 @@ class PeerPath:
 
     def suspect(self, now: float) -> None:
         """Something sent on the direct path went unanswered: check the path now."""
-        if self.path is not None and self._hb_tries == 0:
-            self._hb_due = now
+        if self.path is not None:
+            self.suspected = True
+            if self._hb_tries == 0:
+                self._hb_due = now
 
     def ping(self, now: float, sock: int, addr: Addr, tx: bytes) -> None:
         self._out.append(SendPong(sock, addr, tx))
@@ -210,11 +219,13 @@ class PeerPath:
         if self.path is not None and (sock, addr) == (self.path.sock, self.path.addr):
             self.path = Path(sock, addr, 0.8 * self.path.rtt + 0.2 * rtt, self.path.since)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
+            self.suspected = False
             return rtt
         if self.path is None or rtt < BETTER * self.path.rtt:
             reason = "punched" if self.path is None else "faster path"
             self.path = Path(sock, addr, rtt, now)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
+            self.suspected = False
             self._end_round(success=True)
             self._out.append(PathChanged(self.path, reason))
             self._out.append(CloseSockets(frozenset({sock})))
@@ -353,7 +364,7 @@ class PeerPath:
             self._hb_tries = 0
             if self._misses >= MISSES_TO_FALLBACK:
                 self.counters["fallbacks"] += 1
-                self.path, self._hb_due, self._misses = None, None, 0
+                self.path, self._hb_due, self._misses, self.suspected = None, None, 0, False
                 self._prflx.clear()
                 self._out.append(PathChanged(None, "heartbeats missed"))
                 self._out.append(CloseSockets(frozenset()))

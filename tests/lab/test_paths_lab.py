@@ -41,7 +41,7 @@ def test_every_pair_but_symmetric_symmetric_goes_direct(matrix: list[Result]) ->
         assert r.direct, render([r])
         assert r.first_message_s is not None and r.first_message_s < 1.0, render([r])  # relay first, no wait
     same = next(r for r in matrix if r.a == SAME_LAN)
-    assert same.direct
+    assert same.direct and same.addr_a.startswith("10.0.") and same.addr_b.startswith("10.0."), render([same])
 
 
 def test_blocked_udp_on_one_side_uses_the_relay_and_loses_nothing() -> None:
@@ -58,7 +58,9 @@ def test_ten_percent_loss_on_both_nats_still_exactly_once() -> None:
     assert r.exactly_once, render([r])
 
 
-def test_nat_state_flushed_mid_chat_recovers_the_path_and_loses_nothing() -> None:
+def test_nat_reboot_mid_chat_recovers_the_path_and_loses_nothing() -> None:
+    """Every conntrack entry gone: alice's TCP connection dies too, she reconnects and punches again."""
+
     def flush(topo: Topology, i: int) -> None:
         if i == 20:
             topo.flush_conntrack("nat1")  # alice's symmetric NAT: her next packets get new ports
@@ -66,4 +68,21 @@ def test_nat_state_flushed_mid_chat_recovers_the_path_and_loses_nothing() -> Non
     r = run_scenario(profile("symmetric"), profile("full-cone"), messages=150, during=flush)
     assert not r.error, r.error
     assert r.exactly_once, render([r])
-    assert r.direct, f"path did not recover: {render([r])}"
+    assert r.direct, f"path did not recover: {render([r])}\n" + "\n".join(r.path_log)
+    assert r.addr_b != "", r.path_log
+
+
+def test_udp_bindings_expired_mid_chat_heartbeats_fall_back_and_punch_again() -> None:
+    """Only the UDP bindings go (a binding timeout): the control connection survives, so the
+    dead direct path must be noticed by missed heartbeats, and the path punched again."""
+
+    def expire(topo: Topology, i: int) -> None:
+        if i == 20:
+            topo.flush_conntrack("nat1", udp_only=True)
+
+    r = run_scenario(profile("symmetric"), profile("full-cone"), messages=150, during=expire)
+    log = "\n".join(r.path_log)
+    assert not r.error, r.error
+    assert r.exactly_once, render([r])
+    assert r.fallbacks >= 1 and "heartbeats missed" in log, log
+    assert r.direct, f"path did not recover: {render([r])}\n{log}"

@@ -123,3 +123,16 @@ def test_same_nat_does_not_start_a_birthday_dance() -> None:
         now += 0.05
     assert hard.counters["birthday_rounds"] == 0
     assert all(o.sock == MAIN for o in outs if isinstance(o, SendPing))
+
+
+def test_a_suspected_path_is_not_used_until_a_heartbeat_answers() -> None:
+    a, b = _core("bob", A), _core("alice", B)
+    a.activate(0.0)
+    _wire(a, b, 1.0)
+    assert a.usable is not None
+    a.suspect(1.0)
+    assert a.usable is None and a.path is not None  # traffic takes the relay meanwhile
+    pings = [o for o in a.poll(1.0) if isinstance(o, SendPing)]
+    assert pings and pings[0].addrs == (B,)
+    a.pong(1.01, MAIN, B, pings[0].tx)
+    assert a.usable is not None
