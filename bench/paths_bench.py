@@ -87,21 +87,44 @@ async def loopback_part(probes: int, messages: int) -> dict[str, object]:
             a.paths.peers["bob"].path = None  # probe the relay for comparison
             relay = [rtt for _, rtt in [await a.paths.probe("bob") for _ in range(probes)] if rtt]
             a.paths.peers["bob"].path = path
+            receipts: asyncio.Queue[bytes] = asyncio.Queue()
+
+            async def pump() -> None:
+                async for ev in a.events():
+                    if isinstance(ev, Receipt) and ev.kind == "delivered":
+                        for m in ev.msg_ids:
+                            receipts.put_nowait(m)
+
+            reader = asyncio.create_task(pump())
+            # Latency: one message at a time, send() to the delivered receipt (both sides
+            # commit to SQLite on the way: this is what a user waits for).
+            latency = []
+            for i in range(200):
+                t = time.perf_counter()
+                mid = await a.send("bob", f"latency {i}")
+                while await receipts.get() != mid:
+                    pass
+                latency.append(time.perf_counter() - t)
+            # Throughput: at most WINDOW messages unacknowledged.
+            window, sent, done = 64, 0, 0
             start = time.perf_counter()
-            ids = {await a.send("bob", f"bench {i}") for i in range(messages)}
-            got: set[bytes] = set()
-            async for ev in a.events():
-                if isinstance(ev, Receipt) and ev.kind == "delivered":
-                    got.update(ev.msg_ids)
-                    if ids <= got:
-                        break
+            while done < messages:
+                while sent < messages and sent - done < window:
+                    await a.send("bob", f"bench {sent}")
+                    sent += 1
+                await receipts.get()
+                done += 1
             elapsed = time.perf_counter() - start
+            reader.cancel()
             out = {
                 "direct_rtt_ms_p50": round(statistics.median(direct) * 1000, 3),
                 "direct_rtt_ms_p99": round(sorted(direct)[int(len(direct) * 0.99) - 1] * 1000, 3),
                 "relay_rtt_ms_p50": round(statistics.median(relay) * 1000, 3),
                 "relay_rtt_ms_p99": round(sorted(relay)[int(len(relay) * 0.99) - 1] * 1000, 3),
+                "message_to_receipt_ms_p50": round(statistics.median(latency) * 1000, 2),
+                "message_to_receipt_ms_p99": round(sorted(latency)[int(len(latency) * 0.99) - 1] * 1000, 2),
                 "messages": messages,
+                "window": window,
                 "messages_per_s_direct_acknowledged": round(messages / elapsed, 1),
                 "sent_direct": a.counters["sent_direct"],
                 "sent_relay": a.counters["sent_relay"],
@@ -118,10 +141,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100, help="matrix messages each way")
     parser.add_argument("--no-lab", action="store_true", help="skip the natlab part")
+    parser.add_argument("--keep-matrix", action="store_true", help="reuse the matrix part of the last run")
     args = parser.parse_args()
     results: dict[str, object] = {}
     reason = missing_requirements()
-    if args.no_lab or reason:
+    if args.keep_matrix and OUT.exists():
+        results["matrix"] = json.loads(OUT.read_text())["matrix"]
+    elif args.no_lab or reason:
         print(f"natlab part skipped: {reason or '--no-lab'}")
     else:
         results["matrix"] = matrix_part(args.messages)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +16,7 @@ import pytest
 from p2pim.client import Message, PathUpdate
 from p2pim.identity import Identity
 from p2pim.paths.disco import DATA_MAGIC, DiscoBoxes, new_tx, ping, pong
-from tests.conftest import RendezvousProcess, free_udp_ports
+from tests.conftest import RendezvousProcess, free_udp_ports, tool
 
 from .chatutil import befriend, collect, new_user, wait_for
 
@@ -105,3 +109,49 @@ async def _bad_disco(server: RendezvousProcess, tmp_path: Path) -> None:
     finally:
         await alice.close()
         await bob.close()
+
+
+def test_cli_ping_shows_relay_then_direct_and_status_shows_the_path(
+    server: RendezvousProcess, tmp_path: Path
+) -> None:
+    env = dict(
+        os.environ,
+        XDG_DATA_HOME=str(tmp_path / "xdg"),
+        P2PIM_SERVER=server.url,
+        P2PIM_PASSWORD="pw-for-tests",
+    )
+
+    def p2pim(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool("p2pim"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+    assert p2pim("register", "alice", "--profile", "a").returncode == 0
+    assert p2pim("register", "bob", "--profile", "b").returncode == 0
+    assert p2pim("register", "carol", "--profile", "c").returncode == 0
+    assert p2pim("buddy", "add", "bob", "--profile", "a").returncode == 0
+    assert p2pim("buddy", "accept", "alice", "--profile", "b").returncode == 0
+    listener = subprocess.Popen(
+        [tool("p2pim"), "listen", "--profile", "b", "--json"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(50):
+            status = json.loads(p2pim("status", "--profile", "a", "--json").stdout)
+            if any(b["username"] == "bob" and b["presence"] == "online" for b in status["buddies"]):
+                break
+            time.sleep(0.2)
+        ping = p2pim("ping", "bob", "--profile", "a", "--json", "--interval", "0.3")
+        assert ping.returncode == 0, ping.stderr
+        out = json.loads(ping.stdout)
+        assert out["probes"][0]["via"] == "relay" and out["probes"][0]["rtt_ms"] is not None
+        assert out["path"] == "direct" and out["addr"].startswith("127.0.0.1:")
+        assert out["probes"][-1]["via"] == "direct" and out["probes"][-1]["rtt_ms"] is not None
+        status = json.loads(p2pim("status", "--profile", "a", "--json").stdout)
+        bob = next(b for b in status["buddies"] if b["username"] == "bob")
+        assert bob["path"]["via"] == "direct" and bob["path"]["addr"] == out["addr"]
+        text = p2pim("status", "--profile", "a").stdout
+        assert f"direct {out['addr']}" in text
+        # Not a buddy: a clear error and exit code, no traceback.
+        nope = p2pim("ping", "carol", "--profile", "a")
+        assert nope.returncode == 5 and "not your buddy" in nope.stderr and "Traceback" not in nope.stderr
+    finally:
+        listener.terminate()
+        listener.communicate(timeout=10)
