@@ -40,13 +40,14 @@ bob buddy accept alice
 alice buddy list
 
 say "bob listens; alice writes (relayed, end-to-end encrypted)"
-"$BIN/p2pim" listen --profile bob --exit-after 4 > "$work/bob.out" &
+"$BIN/p2pim" listen --profile bob --exit-after 5 > "$work/bob.out" &
 listener=$!
 sleep 1.2
 alice send bob "hi bob, it's alice"
 alice send bob "are you there?"
 bob send alice "hi alice! got both"
-sleep 1
+say "alice probes the path to bob: the relay at once, then a punched direct path"
+alice ping bob --interval 0.3
 wait "$listener" || true
 listener=""
 echo "bob's listen printed:"; sed 's/^/  /' "$work/bob.out"
