@@ -19,11 +19,12 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..identity import Identity
 from ..stun import codec
 from ..wire import disco_pb2 as dpb
+from ..wire import nat_pb2 as npb
 from .disco import (
     DATA_MAGIC,
     Addr,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 MAX_DIRECT = 1100  # bigger envelopes take the relay: no IP fragmentation through NATs
 STUN_TRIES = (0.0, 0.25, 0.75, 1.75, 3.0)  # send times; give up at 4 s
 STUN_GIVE_UP = 4.0
+MAX_REFLEXIVE = 4
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,16 @@ class Local:
     host: Addr
     mapped: Addr | None
     hard: bool  # the mapping changed with the destination
+    # Our address as buddies' pongs reported it, newest last: after a NAT rebinding it is
+    # fresher than what STUN said at login.
+    reflexive: tuple[Addr, ...] = ()
 
     def candidates(self) -> Candidates:
-        endpoints = (self.host,) if self.mapped in (None, self.host) else (self.host, self.mapped)
-        return Candidates(endpoints, self.mapped, self.hard)
+        endpoints: list[Addr] = []
+        for addr in (self.host, self.mapped, *reversed(self.reflexive)):
+            if addr is not None and addr not in endpoints:
+                endpoints.append(addr)
+        return Candidates(tuple(endpoints), self.mapped, self.hard)
 
 
 class PathManager:
@@ -330,11 +338,25 @@ class PathManager:
                 if not probe[1].done():
                     probe[1].set_result(now)
             elif sock_id != RELAY:
-                core.pong(now, sock_id, addr, msg.pong.tx_id)
+                rtt = core.pong(now, sock_id, addr, msg.pong.tx_id)
+                if rtt is not None and sock_id == MAIN:
+                    self._learn_reflexive(msg.pong.src)
         elif kind == "call_me_maybe":
             cands = parse_call_me_maybe(msg.call_me_maybe)
             core.call_me_maybe(now, cands, msg.call_me_maybe.reply)
         self._run(peer)
+
+    def _learn_reflexive(self, src: npb.Address) -> None:
+        if self.local is None:
+            return
+        ip, port = src.ip, src.port
+        if not 0 < port < 65536 or (ip, port) in (self.local.host, self.local.mapped, *self.local.reflexive):
+            return
+        if len(ip.split(".")) != 4:
+            return
+        self.local = replace(self.local, reflexive=(*self.local.reflexive, (ip, port))[-MAX_REFLEXIVE:])
+        for core in self.peers.values():
+            core.local = self.local.candidates()
 
     # -- packets out -----------------------------------------------------------------
 

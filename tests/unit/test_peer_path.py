@@ -136,3 +136,13 @@ def test_a_suspected_path_is_not_used_until_a_heartbeat_answers() -> None:
     assert pings and pings[0].addrs == (B,)
     a.pong(1.01, MAIN, B, pings[0].tx)
     assert a.usable is not None
+
+
+def test_our_candidates_add_reflexive_addresses_from_pongs_newest_first() -> None:
+    from p2pim.paths.manager import Local
+
+    local = Local(
+        A, ("203.0.113.101", 4000), False, reflexive=(("203.0.113.101", 4000), ("203.0.113.101", 777))
+    )
+    assert local.candidates().endpoints == (A, ("203.0.113.101", 4000), ("203.0.113.101", 777))
+    assert Local(A, A, False).candidates().endpoints == (A,)
