@@ -52,6 +52,13 @@ def add_parsers(sub: Any) -> None:
         help="profile name: identity key and local database (default $P2PIM_PROFILE or 'default')",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    udp = argparse.ArgumentParser(add_help=False)
+    udp.add_argument(
+        "--udp-port",
+        type=_udp_port,
+        default=int(os.environ.get("P2PIM_UDP_PORT", "0")),
+        help="UDP port for direct paths, e.g. one forwarded on your router (default: any)",
+    )
     pw = argparse.ArgumentParser(add_help=False)
     pw.add_argument(
         "--password-stdin",
@@ -85,7 +92,9 @@ def add_parsers(sub: Any) -> None:
         "--wait", type=float, default=SEND_WAIT_S, help="seconds to wait for delivery (default 10)"
     )
 
-    p = sub.add_parser("listen", parents=[common], help="print messages and presence changes as they happen")
+    p = sub.add_parser(
+        "listen", parents=[common, udp], help="print messages and presence changes as they happen"
+    )
     p.add_argument("--away", action="store_true", help="appear away instead of online")
     p.add_argument("--no-read-receipts", action="store_true", help="do not tell senders you have read them")
     p.add_argument("--exit-after", type=float, metavar="S", help="stop after S seconds (for scripts)")
@@ -96,13 +105,13 @@ def add_parsers(sub: Any) -> None:
 
     sub.add_parser("status", parents=[common], help="account, connection, outbox, buddies and their paths")
     p = sub.add_parser(
-        "ping", parents=[common], help="probe the path to USER (relay or direct) until it goes direct"
+        "ping", parents=[common, udp], help="probe the path to USER (relay or direct) until it goes direct"
     )
     p.add_argument("user")
     p.add_argument("--count", type=int, default=10, help="give up after this many probes (default 10)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between probes (default 1)")
     p = sub.add_parser(
-        "chat", parents=[common], help="interactive: type lines to USER, see their messages as they come"
+        "chat", parents=[common, udp], help="interactive: type lines to USER, see their messages as they come"
     )
     p.add_argument("user")
     p.add_argument(
@@ -113,6 +122,12 @@ def add_parsers(sub: Any) -> None:
 
 
 # -- plumbing -------------------------------------------------------------------
+
+
+def _udp_port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return int(text)
 
 
 def _password(args: argparse.Namespace, confirm: bool) -> str:
@@ -185,6 +200,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
             reconnect=False,
             quiet=args.command not in ("listen", "chat"),
             direct=args.command in ("listen", "chat", "ping"),
+            udp_port=getattr(args, "udp_port", 0),
         )
         try:
             if login != "no":
