@@ -109,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds without any answer before reporting 'blocked' (default %(default)s)",
     )
-    from . import chat
+    from . import chat, lan
 
     chat.add_parsers(sub)
+    lan.add_parser(sub)
     return parser
 
 
@@ -154,9 +155,9 @@ def _save_keepalive(profile_name: str, keepalive: float) -> None:
 
 
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
-    from . import chat
+    from . import chat, lan
 
-    return {"nat": _cmd_nat, **chat.COMMANDS}
+    return {"nat": _cmd_nat, "lan": lan.cmd_lan, **chat.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

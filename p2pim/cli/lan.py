@@ -1,0 +1,313 @@
+"""``p2pim lan``: chat on the local network with no server.
+
+``p2pim lan`` is interactive (type ``NAME: text``, or ``/to NAME`` and then
+plain lines; ``/peers``; ``/quit``); ``p2pim lan send NAME TEXT`` and ``p2pim
+lan peers`` are for scripts. Exit codes as for the other commands: 0 ok,
+2 usage, 3 peer not found or not answering, 8 key changed, 9 not delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import sys
+import time
+from typing import Any
+
+EXIT_NOT_FOUND = 3
+EXIT_KEY_CHANGED = 8
+EXIT_FAILED = 9
+
+
+def add_parser(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", default=os.environ.get("P2PIM_PROFILE", "default"), help="profile name")
+    common.add_argument("--name", help="your name on the LAN (default: your p2pim username, else your login)")
+    common.add_argument("--interface", help="use only this network interface (e.g. eth0)")
+    common.add_argument("--port", type=int, default=0, help="UDP port for messages (default: any)")
+    common.add_argument("--discovery-port", type=int, default=2426, help="discovery port (default 2426)")
+    common.add_argument("--ipmsg-port", type=int, default=2425, help="IP Messenger port (default 2425)")
+    common.add_argument("--no-ipmsg", action="store_true", help="do not talk to IP Messenger clients")
+    common.add_argument("--interval", type=float, default=10.0, help="seconds between announcements (10)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    lan = sub.add_parser(
+        "lan", parents=[common], help="chat on the LAN with no server (also with IP Messenger)"
+    )
+    lan.add_argument(
+        "--linger", type=float, default=10.0, help="at end of input, wait this long for receipts"
+    )
+    lsub = lan.add_subparsers(dest="lan_action")
+    p = lsub.add_parser("send", parents=[common], help="send one message to NAME on the LAN")
+    p.add_argument("peer")
+    p.add_argument("text", nargs="+")
+    p.add_argument("--wait", type=float, default=5.0, help="seconds to find NAME and get its receipt (5)")
+    p = lsub.add_parser("peers", parents=[common], help="who is on the LAN")
+    p.add_argument("--wait", type=float, default=1.5, help="seconds to listen for answers (1.5)")
+    p = lsub.add_parser("trust", parents=[common], help="accept NAME's new key after checking it with them")
+    p.add_argument("peer")
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def cmd_lan(args: argparse.Namespace) -> int:
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    if (
+        not 0 <= args.port <= 65535
+        or not 0 < args.discovery_port <= 65535
+        or not 0 < args.ipmsg_port <= 65535
+    ):
+        print("p2pim: ports are 1-65535", file=sys.stderr)
+        return 2
+    if args.interval < 0.2:
+        print("p2pim: --interval must be at least 0.2 s", file=sys.stderr)
+        return 2
+    try:
+        profile = Profile(args.profile)
+    except ProfileError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return 2
+    store = ClientStore(profile.path / "lan.db")
+    try:
+        if args.lan_action == "trust":
+            ok = store.trust_offered_key("lan:" + args.peer, int(time.time() * 1000))
+            print(f"trusting {args.peer}'s new key" if ok else f"no new key from {args.peer} to trust")
+            return 0 if ok else EXIT_NOT_FOUND
+        name = args.name or _default_name(profile)
+        from p2pim.lan.announce import valid_name
+
+        if not valid_name(name):
+            print(
+                f"p2pim: {name!r} cannot be a LAN name (1-64 printable characters, no ':' or '@')",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            return asyncio.run(_main(args, profile, store, name))
+        except _Fail as exc:
+            print(f"p2pim: {exc}", file=sys.stderr)
+            return exc.code
+        except KeyboardInterrupt:
+            return 0
+    finally:
+        store.close()
+
+
+def _default_name(profile: Any) -> str:
+    from p2pim.messaging.store import ClientStore
+
+    if profile.db_path.exists():
+        store = ClientStore(profile.db_path)
+        account = store.account()
+        store.close()
+        if account is not None:
+            return str(account[1])
+    return getpass.getuser()
+
+
+async def _main(args: argparse.Namespace, profile: Any, store: Any, name: str) -> int:
+    from p2pim.lan.core import LanCore
+    from p2pim.lan.node import LanNode, LanNodeError
+
+    core = LanCore(
+        profile.identity, name, store, 0, interval=args.interval, ipmsg_enabled=not args.no_ipmsg,
+        host=os.uname().nodename or "p2pim",
+    )  # fmt: skip
+    try:
+        node = LanNode(core, args.interface, args.discovery_port, args.ipmsg_port)
+        node.start(args.port)
+    except LanNodeError as exc:
+        raise _Fail(str(exc), 2) from None
+    try:
+        if args.lan_action == "peers":
+            return await _peers(args, node)
+        if args.lan_action == "send":
+            return await _send(args, node)
+        return await _interactive(args, node, name)
+    finally:
+        await node.close()
+
+
+def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data) if args.json else text, flush=True)
+
+
+def _event(ev: Any) -> tuple[dict[str, Any], str]:
+    from p2pim.lan import core as lc
+
+    stamp = time.strftime("%H:%M:%S")
+    if isinstance(ev, lc.PeerUp):
+        tag = "" if ev.peer.encrypted else " [IP Messenger: unencrypted]"
+        again = " again" if ev.again else ""
+        return {"event": "peer", "up": True, "again": ev.again, **ev.peer.as_dict()}, (
+            f"[{stamp}] * {ev.peer.name} is here{again} ({ev.peer.addr[0]}){tag}"
+        )
+    if isinstance(ev, lc.PeerGone):
+        return {"event": "peer", "up": False, "reason": ev.reason, **ev.peer.as_dict()}, (
+            f"[{stamp}] * {ev.peer.name} {'left' if ev.reason == 'left' else 'is gone (no announcements)'}"
+        )
+    if isinstance(ev, lc.LanMessage):
+        tag = "" if ev.encrypted else " [unencrypted]"
+        return {
+            "event": "message",
+            "from": ev.peer,
+            "text": ev.text,
+            "encrypted": ev.encrypted,
+            "msg_id": ev.msg_id,
+        }, f"[{stamp}] {ev.peer}: {ev.text}{tag}"
+    if isinstance(ev, lc.LanDelivered):
+        return {
+            "event": "delivered",
+            "to": ev.peer,
+            "msg_id": ev.msg_id,
+        }, f"[{stamp}] (delivered to {ev.peer})"
+    if isinstance(ev, lc.LanFailed):
+        return {"event": "failed", "to": ev.peer, "msg_id": ev.msg_id, "reason": ev.reason}, (
+            f"[{stamp}] (not delivered to {ev.peer}: {ev.reason})"
+        )
+    return {"event": "warning", "message": ev.message}, f"[{stamp}] ! {ev.message}"
+
+
+async def _peers(args: argparse.Namespace, node: Any) -> int:
+    await asyncio.sleep(args.wait)
+    peers = sorted(node.core.peers.values(), key=lambda p: p.name)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in peers]))
+        return 0
+    if not peers:
+        print("nobody else on this LAN (yet)")
+    for p in peers:
+        kind = "p2pim, encrypted" if p.encrypted else "IP Messenger, unencrypted"
+        flag = "  KEY CHANGED" if p.key_changed else ""
+        print(f"  {p.name:<24} {p.addr[0]:<15} {kind}{flag}")
+    return 0
+
+
+async def _send(args: argparse.Namespace, node: Any) -> int:
+    from p2pim.lan import core as lc
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.wait
+    while node.core.find(args.peer) is None and loop.time() < deadline:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(node.events.get(), max(0.0, deadline - loop.time()))
+    text = " ".join(args.text)
+    try:
+        msg_id = node.send(args.peer, text)
+    except lc.LanError as exc:
+        code = EXIT_KEY_CHANGED if "key changed" in str(exc) else EXIT_NOT_FOUND
+        raise _Fail(str(exc), code) from None
+    while loop.time() < deadline:
+        try:
+            ev = await asyncio.wait_for(node.events.get(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            break
+        if isinstance(ev, lc.LanDelivered) and ev.msg_id == msg_id:
+            _print(args, {"msg_id": msg_id, "state": "delivered"}, f"delivered to {args.peer}")
+            return 0
+        if isinstance(ev, lc.LanFailed) and ev.msg_id == msg_id:
+            raise _Fail(f"not delivered: {ev.reason}", EXIT_FAILED)
+    _print(
+        args,
+        {"msg_id": msg_id, "state": "queued"},
+        f"{args.peer} did not answer in time; the message stays queued for the next p2pim lan",
+    )
+    return EXIT_NOT_FOUND
+
+
+async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
+    from p2pim.lan import core as lc
+
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def readable() -> None:
+        line = sys.stdin.readline()
+        if not line:
+            loop.remove_reader(sys.stdin.fileno())
+        lines.put_nowait(line.rstrip("\n") if line else None)
+
+    loop.add_reader(sys.stdin.fileno(), readable)
+    if args.json:
+        _print(args, {"event": "ready", "name": name, "port": node.core.data_port}, "")
+    else:
+        print(
+            f"on the LAN as {name} (port {node.core.data_port}; {', '.join(node.addresses) or 'no address'})."
+            " "
+            "Type NAME: text, or /to NAME then text; /peers; /quit",
+            flush=True,
+        )
+    target: str | None = None
+    linger_until: float | None = None
+    get_line: asyncio.Task[Any] | None = asyncio.ensure_future(lines.get())
+    get_event: asyncio.Task[Any] = asyncio.ensure_future(node.events.get())
+    try:
+        while True:
+            timeout = None if linger_until is None else max(0.0, linger_until - loop.time())
+            waits = {t for t in (get_line, get_event) if t is not None}
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                return 0
+            if get_event in done:
+                ev = get_event.result()
+                get_event = asyncio.ensure_future(node.events.get())
+                data, text = _event(ev)
+                _print(args, data, text)
+            if get_line is not None and get_line in done:
+                line = get_line.result()
+                if line is None:
+                    get_line = None
+                    linger_until = loop.time() + args.linger
+                else:
+                    get_line = asyncio.ensure_future(lines.get())
+                    target = _command(args, node, line, target, lc)
+                    if target == "/quit":
+                        return 0
+            if linger_until is not None and node.core.pending() == 0:
+                return 0
+    finally:
+        loop.remove_reader(sys.stdin.fileno())
+        get_event.cancel()
+        if get_line is not None:
+            get_line.cancel()
+        if args.json:
+            _print(args, {"event": "stats", **node.core.counters}, "")
+
+
+def _command(args: argparse.Namespace, node: Any, line: str, target: str | None, lc: Any) -> str | None:
+    line = line.strip()
+    if not line:
+        return target
+    if line == "/quit":
+        return "/quit"
+    if line == "/peers":
+        for p in sorted(node.core.peers.values(), key=lambda p: p.name):
+            tag = "" if p.encrypted else " [unencrypted]"
+            print(f"  {p.name} ({p.addr[0]}){tag}", flush=True)
+        return target
+    if line.startswith("/to "):
+        return line[4:].strip() or target
+    if line == "/who":
+        node.ask()
+        return target
+    to, text = target, line
+    head, sep, rest = line.partition(":")
+    if sep and node.core.find(head.strip()) is not None:
+        to, text = head.strip(), rest.strip()
+    if to is None:
+        print("p2pim: say who: NAME: text, or /to NAME", file=sys.stderr, flush=True)
+        return target
+    try:
+        node.send(to, text)
+    except lc.LanError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr, flush=True)
+    return target

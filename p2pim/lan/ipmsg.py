@@ -1,0 +1,114 @@
+"""IP Messenger (Draft-9) packets: ``ver:packetno:user:host:command:extra`` on UDP 2425.
+
+Only what chatting needs: BR_ENTRY / ANSENTRY / BR_EXIT / BR_ABSENCE to know
+who is here, SENDMSG (with SENDCHECKOPT) answered by RECVMSG, and UTF8OPT.
+IP Messenger, iptux and FeiQ all speak this. There is no encryption in it:
+p2pim shows these peers and their messages as unencrypted.
+
+Parsing is strict, because anything on the LAN can send to this port: the
+version must be "1", the packet number and command decimal, user and host
+short and free of NUL, the whole packet at most :data:`MAX_PACKET` bytes.
+Anything else raises :class:`IpmsgError` and is counted by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PORT = 2425
+MAX_PACKET = 32 * 1024  # IP Messenger's own limit for a message packet
+MAX_NAME = 128
+
+NOOPERATION = 0x00
+BR_ENTRY = 0x01
+BR_EXIT = 0x02
+ANSENTRY = 0x03
+BR_ABSENCE = 0x04
+SENDMSG = 0x20
+RECVMSG = 0x21
+
+ABSENCEOPT = 0x00000100  # with the entry commands: "away"
+SENDCHECKOPT = 0x00000100  # with SENDMSG: please answer RECVMSG
+BROADCASTOPT = 0x00000400
+AUTORETOPT = 0x00002000  # an automatic answer: do not answer it
+UTF8OPT = 0x00800000  # this packet's text is UTF-8
+CAPUTF8OPT = 0x01000000  # this client understands UTF-8
+
+MODE_MASK = 0xFF
+
+
+class IpmsgError(ValueError):
+    """Not a well-formed IP Messenger packet."""
+
+
+@dataclass(frozen=True)
+class Packet:
+    packetno: int
+    user: str
+    host: str
+    command: int
+    extra: bytes
+
+    @property
+    def mode(self) -> int:
+        return self.command & MODE_MASK
+
+    def has(self, option: int) -> bool:
+        return bool(self.command & option)
+
+    def text(self) -> str:
+        """The message (or nickname) text: UTF-8 if flagged, else guess the legacy encoding."""
+        return decode_text(self.extra.split(b"\0", 1)[0], self.has(UTF8OPT))
+
+    def group(self) -> str:
+        parts = self.extra.split(b"\0")
+        return decode_text(parts[1], self.has(UTF8OPT)) if len(parts) > 1 else ""
+
+
+def decode_text(raw: bytes, utf8: bool) -> str:
+    if utf8:
+        return raw.decode("utf-8", "replace")
+    # Legacy clients send their system encoding: Shift_JIS on Japanese Windows (IP Messenger),
+    # GBK on Chinese ones (FeiQ). UTF-8 first: iptux and newer clients forget the flag.
+    for codec in ("utf-8", "gbk", "cp932"):
+        try:
+            return raw.decode(codec)
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1")
+
+
+def parse(data: bytes) -> Packet:
+    if len(data) > MAX_PACKET:
+        raise IpmsgError("too long")
+    parts = data.split(b":", 5)
+    if len(parts) != 6:
+        raise IpmsgError("not six fields")
+    version, packetno, user, host, command, extra = parts
+    if version != b"1":
+        raise IpmsgError("version is not 1")
+    if not (packetno.isdigit() and len(packetno) <= 20):
+        raise IpmsgError("bad packet number")
+    if not (command.isdigit() and len(command) <= 10 and int(command) < 2**32):
+        raise IpmsgError("bad command")
+    for field in (user, host):
+        if len(field) > MAX_NAME or b"\0" in field:
+            raise IpmsgError("bad user or host")
+    return Packet(
+        int(packetno),
+        decode_text(user, True),
+        decode_text(host, True),
+        int(command),
+        extra.rstrip(b"\0") if int(command) & MODE_MASK == RECVMSG else extra,
+    )
+
+
+def encode(packetno: int, user: str, host: str, command: int, extra: bytes = b"") -> bytes:
+    """A packet; ``user`` and ``host`` must not contain ':' (we replace it)."""
+    user_b = user.replace(":", "_").encode()[:MAX_NAME]
+    host_b = host.replace(":", "_").encode()[:MAX_NAME]
+    return b"1:%d:%s:%s:%d:%s" % (packetno, user_b, host_b, command, extra)
+
+
+def entry_extra(nickname: str, group: str = "") -> bytes:
+    return nickname.encode() + b"\0" + group.encode() + b"\0"
