@@ -85,11 +85,11 @@ def profile(kind: str, loss: int = 0, block_udp: bool = False, udp_timeout: int 
     return NatProfile(kind, loss=loss, block_udp=block_udp, udp_timeout=udp_timeout)
 
 
-class _Chat:
-    """One `p2pim chat --json` process; its events are read on a thread, stamped on arrival."""
+class JsonProcess:
+    """A command that prints JSON lines (`p2pim chat --json`, `p2pim lan --json`) in a node;
+    its events are read on a thread and stamped with the time they arrived."""
 
-    def __init__(self, topo: Topology, node: str, env: dict[str, str], peer: str) -> None:
-        argv = [tool("p2pim"), "chat", peer, "--json", "--linger", "30"]
+    def __init__(self, topo: Topology, node: str, argv: Sequence[str], env: dict[str, str]) -> None:
         self.proc = topo.popen(
             node, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
         )
@@ -142,6 +142,10 @@ class _Chat:
         return self.proc.stderr.read()
 
 
+def _chat_argv(peer: str) -> list[str]:
+    return [tool("p2pim"), "chat", peer, "--json", "--linger", "30"]
+
+
 def _p2pim(topo: Topology, node: str, env: dict[str, str], *args: str) -> None:
     proc = subprocess.run(
         topo.cmd(node, [tool("p2pim"), *args]), capture_output=True, text=True, timeout=60, env=env
@@ -172,7 +176,7 @@ def run_scenario(
         prefix or new_prefix(), [pa] if same_lan else [pa, pb], hosts_per_nat=2 if same_lan else 1
     )
     host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
-    chats: list[_Chat] = []
+    chats: list[JsonProcess] = []
     server: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="natlab-matrix-") as tmp:
         try:
@@ -214,11 +218,11 @@ def run_scenario(
             _p2pim(topo, host_b, envs["bob"], "register", "bob")
             _p2pim(topo, host_a, envs["alice"], "buddy", "add", "bob")
             _p2pim(topo, host_b, envs["bob"], "buddy", "accept", "alice")
-            chat_a = _Chat(topo, host_a, envs["alice"], "bob")
+            chat_a = JsonProcess(topo, host_a, _chat_argv("bob"), envs["alice"])
             chats.append(chat_a)
             if chat_a.wait(lambda e: e.get("event") == "ready", 20) is None:
                 raise LabError("alice's p2pim chat did not start")
-            chat_b = _Chat(topo, host_b, envs["bob"], "alice")
+            chat_b = JsonProcess(topo, host_b, _chat_argv("alice"), envs["bob"])
             chats.append(chat_b)
             online = chat_a.wait(lambda e: e.get("event") == "presence" and e.get("status") == "online", 20)
             if online is None:
@@ -253,7 +257,7 @@ def run_scenario(
     return result
 
 
-def _collect(result: Result, chat_a: _Chat, chat_b: _Chat, t0: float, online: float) -> None:
+def _collect(result: Result, chat_a: JsonProcess, chat_b: JsonProcess, t0: float, online: float) -> None:
     firsts: list[float] = []
     for chat, prefix, attr, side in (
         (chat_b, "a2b ", "delivered_ab", "b"),

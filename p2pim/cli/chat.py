@@ -639,15 +639,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         else:
             print(f"chatting with {args.user} as {c.username} (end input with Ctrl-D)", flush=True)
         loop = asyncio.get_running_loop()
-        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        from .stdin import StdinLines
 
-        def readable() -> None:
-            line = sys.stdin.readline()
-            if not line:
-                loop.remove_reader(sys.stdin.fileno())
-            lines.put_nowait(line.rstrip("\n") if line else None)
-
-        loop.add_reader(sys.stdin.fileno(), readable)
+        stdin = StdinLines()
+        lines = stdin.queue
         pending: set[bytes] = set()
         events = c.events()
         next_event: asyncio.Task[Any] = asyncio.ensure_future(anext(events))
@@ -688,7 +683,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     if linger_until is not None and not pending:
                         return 0
         finally:
-            loop.remove_reader(sys.stdin.fileno())
+            stdin.close()
             if args.json:  # for scripts (natlab matrix): how the messages travelled
                 print(json.dumps({"event": "stats", **c.counters}), flush=True)
             next_event.cancel()

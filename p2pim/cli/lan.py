@@ -228,15 +228,10 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
     from p2pim.lan import core as lc
 
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    from .stdin import StdinLines
 
-    def readable() -> None:
-        line = sys.stdin.readline()
-        if not line:
-            loop.remove_reader(sys.stdin.fileno())
-        lines.put_nowait(line.rstrip("\n") if line else None)
-
-    loop.add_reader(sys.stdin.fileno(), readable)
+    stdin = StdinLines()
+    lines = stdin.queue
     if args.json:
         _print(args, {"event": "ready", "name": name, "port": node.core.data_port}, "")
     else:
@@ -275,7 +270,7 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
             if linger_until is not None and node.core.pending() == 0:
                 return 0
     finally:
-        loop.remove_reader(sys.stdin.fileno())
+        stdin.close()
         get_event.cancel()
         if get_line is not None:
             get_line.cancel()
@@ -301,7 +296,7 @@ def _command(args: argparse.Namespace, node: Any, line: str, target: str | None,
         return target
     to, text = target, line
     head, sep, rest = line.partition(":")
-    if sep and node.core.find(head.strip()) is not None:
+    if sep and node.core.known(head.strip()):
         to, text = head.strip(), rest.strip()
     if to is None:
         print("p2pim: say who: NAME: text, or /to NAME", file=sys.stderr, flush=True)

@@ -40,8 +40,8 @@ EXPIRE_AFTER = 3.5  # intervals without an announcement
 RTO_FIRST, RTO_MAX = 0.5, 8.0
 IPMSG_RTO, IPMSG_TRIES = 1.0, 6
 MAX_DATA = 60 * 1024
-PREFIX = "lan:"
-P2PIM_GROUP = "p2pim"  # our IP Messenger group name: how p2pim instances skip each other there  # contacts and history of LAN peers, apart from server buddies
+PREFIX = "lan:"  # contacts and history of LAN peers, apart from server buddies
+P2PIM_GROUP = "p2pim"  # our IP Messenger group name: how p2pim instances skip each other there
 
 
 class LanError(Exception):
@@ -192,12 +192,12 @@ class LanCore:
         self._announce(announce.ENTRY, None)
         self._next_announce = now + self.interval
         if self.ipmsg_enabled:
-            self._ipmsg(None, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, ipmsg.entry_extra(self.name, P2PIM_GROUP))
+            self._ipmsg(None, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
 
     def stop(self) -> None:
         self._announce(announce.EXIT, None)
         if self.ipmsg_enabled:
-            self._ipmsg(None, ipmsg.BR_EXIT | ipmsg.UTF8OPT, ipmsg.entry_extra(self.name, P2PIM_GROUP))
+            self._ipmsg(None, ipmsg.BR_EXIT | ipmsg.UTF8OPT, self._entry())
 
     def ask(self) -> None:
         """Who is here? Everyone answers straight to us."""
@@ -233,6 +233,10 @@ class LanCore:
             raise LanError(str(exc)) from None
         msg_id = self._queue(peer.name, peer.key, body, text, now)
         return msg_id.hex()
+
+    def known(self, name: str) -> bool:
+        """Here now, or seen before (its key is pinned): a message to it can be queued."""
+        return self.find(name) is not None or self.store.contact(PREFIX + name) is not None
 
     def find(self, name: str) -> LanPeer | None:
         if name in self.peers:
@@ -396,6 +400,9 @@ class LanCore:
 
     # -- IP Messenger peers ---------------------------------------------------------------
 
+    def _entry(self) -> bytes:
+        return ipmsg.entry_extra(self.name, P2PIM_GROUP)
+
     def _ipmsg(self, dest: Addr | None, command: int, extra: bytes) -> int:
         self._packetno += 1
         data = ipmsg.encode(self._packetno, self.name, self.host, command, extra)
@@ -438,9 +445,7 @@ class LanCore:
                 self._events.append(PeerUp(peer, name in self._ever))
                 self._ever.add(name)
             if mode == ipmsg.BR_ENTRY:
-                self._ipmsg(
-                    src, ipmsg.ANSENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, ipmsg.entry_extra(self.name, P2PIM_GROUP)
-                )
+                self._ipmsg(src, ipmsg.ANSENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
         elif mode == ipmsg.BR_EXIT:
             gone = [p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src]
             for p in gone:
