@@ -178,6 +178,7 @@ class LanCore:
     _ipmsg_out: dict[int, _IpmsgOut] = field(default_factory=dict)
     _ipmsg_seen: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
     _ever: set[str] = field(default_factory=set)
+    _last_at: dict[bytes, int] = field(default_factory=dict)  # newest announcement time per key
     _next_announce: float = 0.0
     _packetno: int = field(default_factory=lambda: int(time.time()))
     _last_ms: int = 0
@@ -321,9 +322,10 @@ class LanCore:
             if old is not None:
                 old.key_changed = True
             return
-        if old is not None and heard.at_ms <= old.last_at_ms:
-            self.counters["replayed"] += 1
+        if heard.at_ms <= self._last_at.get(heard.key, -1):
+            self.counters["replayed"] += 1  # also after it left: an old ENTRY must not bring it back
             return
+        self._last_at[heard.key] = heard.at_ms
         if heard.kind == announce.EXIT:
             if old is not None:
                 del self.peers[heard.name]

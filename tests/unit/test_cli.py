@@ -24,3 +24,14 @@ def test_parse_server_rejects(bad: str) -> None:
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nat", "--server", "127.0.0.1", "--lifetime", "0"]) == 2
     assert "--lifetime" in capsys.readouterr().err
+
+
+def test_lan_usage_errors_exit_2_before_any_packet(
+    capsys: pytest.CaptureFixture[str], tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert main(["lan", "peers", "--interface", "no-such-if0"]) == 2
+    assert "no broadcast-capable IPv4 interface 'no-such-if0'" in capsys.readouterr().err
+    assert main(["lan", "--name", "a:b", "--interface", "no-such-if0"]) == 2
+    assert "cannot be a LAN name" in capsys.readouterr().err
+    assert main(["lan", "--interval", "0.01"]) == 2
