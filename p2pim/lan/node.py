@@ -97,6 +97,7 @@ class LanNode:
                     )
                 )
         self.core.start(self._loop.time())
+        self._flush()  # the ENTRY goes out now, not at the first timer
         self._task = asyncio.create_task(self._ticker())
         return self.core.data_port
 
