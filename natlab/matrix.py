@@ -234,6 +234,12 @@ def run_scenario(
                 chat_a.type(f"a2b {i}")
                 chat_b.type(f"b2a {i}")
                 time.sleep(interval)
+            # Both stay until they have everything from the other (under loss the last
+            # ones may still be on their way by the relay), then end their input.
+            deadline = time.monotonic() + 60
+            for chat, prefix in ((chat_b, "a2b "), (chat_a, "b2a ")):
+                while len(_texts(chat, prefix)) < messages and time.monotonic() < deadline:
+                    time.sleep(0.05)
             errors = [chat_a.finish(90), chat_b.finish(90)]
             _collect(result, chat_a, chat_b, t0, online)
             for err in errors:
@@ -255,6 +261,14 @@ def run_scenario(
             topo.down()
     result.seconds = round(time.monotonic() - started, 2)
     return result
+
+
+def _texts(chat: JsonProcess, prefix: str) -> set[str]:
+    return {
+        str(ev.get("text"))
+        for _, ev in list(chat.log)
+        if ev.get("event") == "message" and str(ev.get("text", "")).startswith(prefix)
+    }
 
 
 def _collect(result: Result, chat_a: JsonProcess, chat_b: JsonProcess, t0: float, online: float) -> None:
