@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from ..identity import Identity
 from ..stun import codec
+from ..stun.transaction import ClientTransaction
 from ..wire import disco_pb2 as dpb
 from ..wire import nat_pb2 as npb
 from .disco import (
@@ -56,7 +57,8 @@ from .peer import (
 log = logging.getLogger(__name__)
 
 MAX_DIRECT = 1100  # bigger envelopes take the relay: no IP fragmentation through NATs
-STUN_TRIES = (0.0, 0.25, 0.75, 1.75, 3.0)  # send times; give up at 4 s
+STUN_RTO = 0.25  # first retransmission; doubles (RFC 8489): sends at 0, 0.25, 0.75, 1.75, 3.75 s
+STUN_SENDS = 5
 STUN_GIVE_UP = 4.0
 MAX_REFLEXIVE = 4
 
@@ -110,7 +112,7 @@ class PathManager:
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._extra: dict[str, dict[int, socket.socket]] = {}
-        self._stun: dict[bytes, asyncio.Future[tuple[codec.stun.Message, Addr]]] = {}
+        self._stun: dict[bytes, asyncio.Future[codec.stun.Message]] = {}
         self._probes: dict[bytes, tuple[str, asyncio.Future[float]]] = {}
         self._key_cache: dict[bytes, str] = {}
         self._keys_loaded = -1e9
@@ -160,17 +162,16 @@ class PathManager:
         """
         assert self._sock is not None
         host = (_source_ip(stun[0]) if stun else "127.0.0.1", self.port)
-        mapped = other = None
+        mapped = None
         hard = False
-        if stun:
-            first = await self._binding(stun[0])
-            if first is not None:
-                mapped = codec.mapped_address(first[0])
-                alt = codec.other_address(first[0]) or (stun[1] if len(stun) > 1 else None)
-                if alt is not None and mapped is not None:
-                    second = await self._binding(alt)
-                    other = codec.mapped_address(second[0]) if second else None
-                    hard = other is not None and other != mapped
+        first = await self._binding(stun[0]) if stun else None
+        if first is not None:
+            mapped = codec.mapped_address(first)
+            alt = codec.other_address(first) or (stun[1] if len(stun) > 1 else None)
+            if alt is not None and mapped is not None:
+                second = await self._binding(alt)
+                other = codec.mapped_address(second) if second else None
+                hard = other is not None and other != mapped
         self.local = Local(host, mapped, hard)
         for core in self.peers.values():
             core.local = self.local.candidates()
@@ -179,35 +180,34 @@ class PathManager:
             self._do(peer, SendCallMeMaybe(reply))
         return self.local
 
-    async def _binding(self, server: Addr) -> tuple[codec.stun.Message, Addr] | None:
-        request = codec.binding_request()
-        data = codec.encode(request)
-        future: asyncio.Future[tuple[codec.stun.Message, Addr]] = self._loop.create_future()
-        self._stun[request.transaction_id] = future
-        start = self._loop.time()
+    async def _binding(self, server: Addr) -> codec.stun.Message | None:
+        """One Binding request on our socket, retransmitted by the project's sans-IO transaction."""
+        now = self._loop.time()
+        tx = ClientTransaction(
+            codec.binding_request(), server, now, STUN_RTO, now + STUN_GIVE_UP, max_sends=STUN_SENDS
+        )
+        future: asyncio.Future[codec.stun.Message] = self._loop.create_future()
+        self._stun[tx.transaction_id] = future
         try:
-            for at in STUN_TRIES:
-                await asyncio.sleep(max(0.0, start + at - self._loop.time()))
-                if future.done():
+            while tx.next_timer() is not None:
+                data = tx.due(self._loop.time())
+                if data is not None:
+                    self._sendto(self._sock, data, server)
+                due = tx.next_timer()
+                if due is None:
                     break
-                self._sendto(self._sock, data, server)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(future), 0.25)
-                    break
-            if not future.done():
-                await asyncio.wait_for(future, max(0.0, start + STUN_GIVE_UP - self._loop.time()))
-            return future.result()
-        except TimeoutError:
+                    return await asyncio.wait_for(asyncio.shield(future), max(0.0, due - self._loop.time()))
             return None
         finally:
-            self._stun.pop(request.transaction_id, None)
+            self._stun.pop(tx.transaction_id, None)
 
     # -- what the client tells us --------------------------------------------------------
 
     def want(self, peer: str) -> None:
         """``peer`` is online and we talk to it: try for a direct path."""
-        self._core(peer).activate(self._loop.time())
-        self._run(peer)
+        if self._core(peer).activate(self._loop.time()):
+            self._run(peer)
 
     def offline(self, peer: str) -> None:
         core = self.peers.get(peer)
@@ -244,9 +244,7 @@ class PathManager:
             self.counters["unknown_sender"] += 1
             return
         try:
-            if sender_key(data) != key:
-                raise DiscoError("not the key we pinned for this buddy")
-            msg = self.boxes.open(data, key)
+            msg = self.boxes.open(data, key)  # also refuses a packet claiming another key
         except DiscoError:
             self.counters["forged"] += 1
             return
@@ -322,7 +320,7 @@ class PathManager:
             if future is None or future.done():
                 self.counters["stun_unmatched"] += 1
                 return
-            future.set_result((decoded.message, addr))
+            future.set_result(decoded.message)
             return
         self.counters["bad_packets"] += 1
 

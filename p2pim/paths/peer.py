@@ -62,7 +62,6 @@ class Path:
     sock: int
     addr: Addr
     rtt: float  # seconds
-    since: float
 
 
 # -- outputs ---------------------------------------------------------------------
@@ -150,20 +149,25 @@ class PeerPath:
 
     # -- inputs -------------------------------------------------------------------
 
-    def activate(self, now: float) -> None:
-        """We want a direct path (traffic, or the peer came online): ask the peer to punch."""
-        if self.path is not None or self._round is not None:
-            return
-        if self._retry_at is not None and now < self._retry_at:
-            return
-        self._ask(now)
+    def activate(self, now: float) -> bool:
+        """We want a direct path (traffic, or the peer came online): ask the peer to punch.
 
-    def _ask(self, now: float) -> None:
+        True if that asked (a call-me-maybe is waiting in :meth:`poll`). Called for every
+        message sent, so the common case (a path, or punching under way) does nothing.
+        """
+        if self.path is not None or self._round is not None:
+            return False
+        if self._retry_at is not None and now < self._retry_at:
+            return False
+        return self._ask(now)
+
+    def _ask(self, now: float) -> bool:
         if now - self._cmm_at < CMM_QUIET:
-            return
+            return False
         self._cmm_at = now
         self._retry_at = now + RETRY_BACKOFF[min(self._failures, len(RETRY_BACKOFF) - 1)]
         self._out.append(SendCallMeMaybe(reply=False))
+        return True
 
     def call_me_maybe(self, now: float, cands: Candidates, reply: bool) -> None:
         """The peer's candidates: answer (unless this is an answer) and punch."""
@@ -217,13 +221,13 @@ class PeerPath:
         del self._pending[tx]
         rtt = max(0.0, now - pending.sent_at)
         if self.path is not None and (sock, addr) == (self.path.sock, self.path.addr):
-            self.path = Path(sock, addr, 0.8 * self.path.rtt + 0.2 * rtt, self.path.since)
+            self.path = Path(sock, addr, 0.8 * self.path.rtt + 0.2 * rtt)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
             self.suspected = False
             return rtt
         if self.path is None or rtt < BETTER * self.path.rtt:
             reason = "punched" if self.path is None else "faster path"
-            self.path = Path(sock, addr, rtt, now)
+            self.path = Path(sock, addr, rtt)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
             self.suspected = False
             self._end_round(success=True)
