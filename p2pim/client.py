@@ -526,18 +526,13 @@ class Client:
         self._pushes.put_nowait((pb.Frame(relay_in=pb.RelayIn(sender=env.sender, data=data)), True))
 
     def _on_path(self, peer: str, path: Path | None, reason: str) -> None:
-        via, addr, rtt = "relay", "", None
-        if path is not None:
-            via, addr, rtt = "direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2)
+        via, addr, rtt = _path_view(path)
         self.store.set_path(peer, via, addr, rtt, _now_ms())
         self._emit(PathUpdate(peer, via, addr, rtt, reason))
 
     def path_to(self, peer: str) -> tuple[str, str, float | None]:
         """("direct", "ip:port", rtt_ms) or ("relay", "", None), as this session sees it."""
-        path = self.paths.route(peer) if self.paths else None
-        if path is None:
-            return ("relay", "", None)
-        return ("direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2))
+        return _path_view(self.paths.route(peer) if self.paths else None)
 
     async def logout(self, forget: bool = True) -> None:
         """Log out (buddies see us offline); ``forget`` also revokes and deletes the saved token."""
@@ -880,6 +875,13 @@ class Client:
             ack = pb.Frame(id=self._take_id(), offline_ack=pb.OfflineAck(store_ids=[store_id]))
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(ack.SerializeToString())
+
+
+def _path_view(path: Path | None) -> tuple[str, str, float | None]:
+    """How a path is shown and stored: ("direct", "ip:port", rtt_ms) or ("relay", "", None)."""
+    if path is None:
+        return ("relay", "", None)
+    return ("direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2))
 
 
 def _now_ms() -> int:

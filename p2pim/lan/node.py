@@ -155,12 +155,16 @@ class LanNode:
         self._flush()
 
     def _flush(self) -> None:
+        """After an input: act on it now, and let the ticker re-arm for the new next timer."""
+        self._drain()
+        self._wake.set()
+
+    def _drain(self) -> None:
         sends, events = self.core.poll(self._loop.time())
         for s in sends:
             self._send(s)
         for ev in events:
             self.events.put_nowait(ev)
-        self._wake.set()
 
     def _send(self, s: Send) -> None:
         sock = self._socks.get("ipmsg" if s.channel == "ipmsg" else "data")
@@ -180,8 +184,4 @@ class LanNode:
             finally:
                 timer.cancel()
             self._wake.clear()
-            sends, events = self.core.poll(self._loop.time())
-            for s in sends:
-                self._send(s)
-            for ev in events:
-                self.events.put_nowait(ev)
+            self._drain()
