@@ -263,12 +263,17 @@ def run_scenario(
     return result
 
 
-def _texts(chat: JsonProcess, prefix: str) -> set[str]:
-    return {
-        str(ev.get("text"))
-        for _, ev in list(chat.log)
+def _arrivals(chat: JsonProcess, prefix: str) -> list[tuple[float, str]]:
+    """(arrival time, text) of every message event whose text starts with ``prefix``."""
+    return [
+        (at, str(ev.get("text")))
+        for at, ev in list(chat.log)
         if ev.get("event") == "message" and str(ev.get("text", "")).startswith(prefix)
-    }
+    ]
+
+
+def _texts(chat: JsonProcess, prefix: str) -> set[str]:
+    return {text for _, text in _arrivals(chat, prefix)}
 
 
 def _collect(result: Result, chat_a: JsonProcess, chat_b: JsonProcess, t0: float, online: float) -> None:
@@ -277,11 +282,7 @@ def _collect(result: Result, chat_a: JsonProcess, chat_b: JsonProcess, t0: float
         (chat_b, "a2b ", "delivered_ab", "b"),
         (chat_a, "b2a ", "delivered_ba", "a"),
     ):
-        texts = [
-            (at, str(ev.get("text")))
-            for at, ev in chat.log
-            if ev.get("event") == "message" and str(ev.get("text", "")).startswith(prefix)
-        ]
+        texts = _arrivals(chat, prefix)
         distinct = {t for _, t in texts}
         setattr(result, attr, len(distinct))
         result.duplicates += len(texts) - len(distinct)
