@@ -7,11 +7,13 @@ buddy's key pinned once covers both uses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
-from nacl.exceptions import BadSignatureError
+from nacl.bindings import crypto_core_ed25519_is_valid_point
+from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
@@ -23,6 +25,22 @@ class IdentityError(Exception):
     """The key file is missing, unreadable or not a key."""
 
 
+class BadPublicKey(ValueError):
+    """Bytes that are not a usable identity public key (see :func:`valid_public_key`)."""
+
+
+def valid_public_key(key: bytes) -> bool:
+    """True if ``key`` can be an identity: a canonical Ed25519 point of the prime-order subgroup.
+
+    libsodium verifies signatures from keys with a small-order component (it
+    only refuses keys of small order), but cannot convert them to Curve25519,
+    so such a key could log in and then break every box sealed for it. Every
+    key that arrives from outside (register, buddy lists, LAN announcements,
+    disco) passes this check before it is pinned or used.
+    """
+    return len(key) == KEY_SIZE and bool(crypto_core_ed25519_is_valid_point(key))
+
+
 def login_message(nonce: bytes, username: str) -> bytes:
     """What the identity key signs to log in: bound to this server nonce and this name."""
     return LOGIN_CONTEXT + nonce + username.encode()
@@ -30,6 +48,8 @@ def login_message(nonce: bytes, username: str) -> bytes:
 
 def verify_login(public_key: bytes, nonce: bytes, username: str, signature: bytes) -> bool:
     """True if ``signature`` is ``public_key``'s signature of :func:`login_message`."""
+    if not valid_public_key(public_key):
+        return False
     try:
         VerifyKey(public_key).verify(login_message(nonce, username), signature)
     except (BadSignatureError, ValueError, TypeError):
@@ -44,9 +64,19 @@ def fingerprint(public_key: bytes) -> str:
     return " ".join(f"{g:05d}" for g in groups)
 
 
+@functools.lru_cache(maxsize=1024)
 def box_public_key(public_key: bytes) -> PublicKey:
-    """The Curve25519 key a buddy's Ed25519 identity key stands for."""
-    return VerifyKey(public_key).to_curve25519_public_key()
+    """The Curve25519 key a buddy's Ed25519 identity key stands for; :class:`BadPublicKey` if none.
+
+    Cached: every envelope sealed or opened needs it, and the subgroup check costs a
+    scalar multiplication, while a client talks to few keys.
+    """
+    if not valid_public_key(public_key):
+        raise BadPublicKey("not a valid Ed25519 identity key")
+    try:
+        return VerifyKey(public_key).to_curve25519_public_key()
+    except (CryptoError, ValueError, TypeError):
+        raise BadPublicKey("not a valid Ed25519 identity key") from None
 
 
 class Identity:
