@@ -8,7 +8,9 @@ applies whole or not at all, and a database newer than the code is refused.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
 
 
 class SchemaTooNew(Exception):
@@ -16,6 +18,15 @@ class SchemaTooNew(Exception):
 
 
 def open_db(path: str, migrations: list[str], foreign_keys: bool = False) -> sqlite3.Connection:
+    """Open (creating it private to this user: directory 0700, file 0600) and migrate.
+
+    The mode is set when the file is created, before SQLite writes a byte; the
+    WAL and shared-memory files SQLite adds take the database file's mode.
+    Hashes, tokens and message history are nobody else's business.
+    """
+    if path != ":memory:" and not os.path.exists(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")

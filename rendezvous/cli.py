@@ -70,7 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--login-ip-burst", type=float, default=50, help="login burst per address (default 50)"
     )
     serve.add_argument(
-        "--offline-quota", type=int, default=1000, help="offline envelopes per user (default 1000)"
+        "--register-ip-rate",
+        type=float,
+        default=1 / 60,
+        help="new accounts/s per address (default one a minute)",
+    )
+    serve.add_argument(
+        "--register-ip-burst", type=float, default=10, help="new-account burst per address (default 10)"
+    )
+    serve.add_argument(
+        "--offline-quota", type=int, default=2000, help="offline envelopes per user (default 2000)"
+    )
+    serve.add_argument(
+        "--offline-sender-quota",
+        type=int,
+        default=500,
+        help="of those, at most this many from one sender (default 500)",
+    )
+    serve.add_argument(
+        "--login-deadline", type=float, default=20.0, help="close connections not logged in by then, s (20)"
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=0, help="connections in all (default: the open-file limit)"
+    )
+    serve.add_argument(
+        "--max-per-ip", type=int, default=128, help="connections per source address (default 128)"
+    )
+    serve.add_argument(
+        "--max-pending-per-ip",
+        type=int,
+        default=16,
+        help="connections per source address not logged in yet (default 16)",
+    )
+    serve.add_argument(
+        "--send-queue-kb",
+        type=int,
+        default=1024,
+        help="frames queued for one connection before it counts as not reading, KiB (default 1024)",
     )
     serve.add_argument(
         "--offline-days", type=float, default=30, help="offline envelope expiry (default 30 days)"
@@ -113,19 +149,31 @@ async def _run_serve(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             print(f"rendezvous: cannot load TLS certificate: {exc}", file=sys.stderr)
             return EXIT_START_FAILED
+    try:
+        limits = Limits(
+            heartbeat_s=args.heartbeat,
+            login_ip_rate=args.login_ip_rate,
+            login_ip_burst=args.login_ip_burst,
+            register_ip_rate=args.register_ip_rate,
+            register_ip_burst=args.register_ip_burst,
+            offline_max_envelopes=args.offline_quota,
+            offline_sender_envelopes=args.offline_sender_quota,
+            offline_max_age_s=args.offline_days * 86400,
+            login_deadline_s=args.login_deadline,
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_per_ip,
+            max_pending_per_ip=args.max_pending_per_ip,
+            send_queue_bytes=args.send_queue_kb * 1024,
+        )
+    except ValueError as exc:
+        print(f"rendezvous: {exc}", file=sys.stderr)
+        return 2
     db_path = Path(args.db) if args.db else default_db()
     try:
         db = Database(db_path)
     except (SchemaTooNew, sqlite3.Error, OSError) as exc:
         print(f"rendezvous: cannot open database {db_path}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    limits = Limits(
-        heartbeat_s=args.heartbeat,
-        login_ip_rate=args.login_ip_rate,
-        login_ip_burst=args.login_ip_burst,
-        offline_max_envelopes=args.offline_quota,
-        offline_max_age_s=args.offline_days * 86400,
-    )
     hub = Hub(db, limits)
     server = RendezvousServer(hub, PasswordHasher(args.kdf_cost))
     stun = None
@@ -144,7 +192,11 @@ async def _run_serve(args: argparse.Namespace) -> int:
     scheme = "wss" if tls else "ws"
     where = f"{scheme}://{args.host}:{server.port}"
     stun_text = ", ".join(f"{ip}:{port}" for ip, port in stun.addresses) if stun else "off"
-    print(f"rendezvous: control on {where}; STUN on {stun_text}; database {db_path}", flush=True)
+    print(
+        f"rendezvous: control on {where}; STUN on {stun_text}; database {db_path}; "
+        f"up to {server.admission.max_total} connections",
+        flush=True,
+    )
     await _wait_for_signal()
     await server.close()
     if stun is not None:

@@ -85,8 +85,6 @@ class StoredEnvelope:
 class Database:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.conn = open_db(self.path, MIGRATIONS, foreign_keys=True)
 
     @property
@@ -190,13 +188,21 @@ class Database:
 
     # -- offline envelopes --------------------------------------------------------
 
-    def offline_usage(self, recipient_id: int) -> tuple[int, int]:
-        """(envelopes, bytes) waiting for ``recipient_id``."""
+    def offline_usage(self, recipient_id: int, sender: str) -> tuple[int, int, int, int]:
+        """(envelopes, bytes) waiting for ``recipient_id`` in all, then those from ``sender``."""
         row = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM offline WHERE recipient_id = ?",
-            (recipient_id,),
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0), "
+            "COALESCE(SUM(sender = ?), 0), COALESCE(SUM(CASE WHEN sender = ? THEN LENGTH(envelope) END), 0) "
+            "FROM offline WHERE recipient_id = ?",
+            (sender, sender, recipient_id),
         ).fetchone()
-        return int(row[0]), int(row[1])
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
+    def has_offline(self, recipient_id: int, msg_id: bytes) -> bool:
+        row = self.conn.execute(
+            "SELECT 1 FROM offline WHERE recipient_id = ? AND msg_id = ?", (recipient_id, msg_id)
+        ).fetchone()
+        return row is not None
 
     def store_offline(
         self, recipient_id: int, sender: str, msg_id: bytes, envelope: bytes, now_ms: int
@@ -209,10 +215,20 @@ class Database:
         )
         return cur.lastrowid if cur.rowcount else None
 
-    def pending_offline(self, recipient_id: int) -> list[StoredEnvelope]:
+    def offline_count(self, recipient_id: int) -> int:
+        row = self.conn.execute("SELECT COUNT(*) FROM offline WHERE recipient_id = ?", (recipient_id,))
+        return int(row.fetchone()[0])
+
+    def last_offline_id(self, recipient_id: int) -> int:
+        row = self.conn.execute("SELECT MAX(id) FROM offline WHERE recipient_id = ?", (recipient_id,))
+        return int(row.fetchone()[0] or 0)
+
+    def pending_offline(self, recipient_id: int, after_id: int = 0, limit: int = -1) -> list[StoredEnvelope]:
+        """Envelopes for ``recipient_id`` with a store id above ``after_id``, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, sender, envelope, stored_ms FROM offline WHERE recipient_id = ? ORDER BY id",
-            (recipient_id,),
+            "SELECT id, sender, envelope, stored_ms FROM offline WHERE recipient_id = ? AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (recipient_id, after_id, limit),
         ).fetchall()
         return [StoredEnvelope(*row) for row in rows]
 
@@ -227,6 +243,15 @@ class Database:
                 )
                 deleted += cur.rowcount
         return deleted
+
+    def drop_offline_between(self, a: User, b: User) -> int:
+        """Forget what waits between two users (either way): they are no longer buddies."""
+        cur = self.conn.execute(
+            "DELETE FROM offline "
+            "WHERE (recipient_id = ? AND sender = ?) OR (recipient_id = ? AND sender = ?)",
+            (a.id, b.username, b.id, a.username),
+        )
+        return cur.rowcount
 
     def expire(self, now_ms: int, max_age_ms: int) -> int:
         """Drop offline envelopes and tokens past their time."""

@@ -29,6 +29,14 @@ offline_ack          login                                           ok
 ===================  ==============================================  =====================
 
 Pushes (frame id 0): presence, buddy_event, relay_in, offline_envelope.
+
+Every table here has a bound, and everything a peer can make the server do
+is limited (see :class:`Limits`): login and register attempts per address and
+user, password-hashing jobs waiting (in all and per address), each sender's
+share of a recipient's offline store, and offline envelopes in flight per
+session (the backlog is pushed a window at a time, paced by the reader's
+acks). Connection counts, the login deadline and each connection's send queue
+are enforced by the shell, from the same :class:`Limits`.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from p2pim.identity import verify_login
+from p2pim.identity import valid_public_key, verify_login
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
 
@@ -58,6 +66,10 @@ TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,31}")
 MAX_HOST_ENDPOINTS = 16
 MAX_SESSIONS = 8  # per user; the oldest is closed when a ninth logs in
+MAX_ACK_IDS = 1000  # store ids in one offline_ack
+MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a uint64 from the wire may not fit
+MAX_PAUSE_S = 1.0  # the longest the shell stops reading a connection after a RATE_LIMITED
+UNMETERED = ("offline_ack", "logout")  # acks pace the backlog: metering them would stall it
 
 
 @dataclass(frozen=True)
@@ -69,11 +81,54 @@ class Limits:
     login_user_burst: float = 10
     login_ip_rate: float = 5.0
     login_ip_burst: float = 50
-    # Offline store per recipient.
-    offline_max_envelopes: int = 1000
-    offline_max_bytes: int = 16 * 1024 * 1024
+    # Registrations per source IP: a bucket of their own, far stricter than logins
+    # (an account costs a row forever; a login costs nothing after it).
+    register_ip_rate: float = 1 / 60
+    register_ip_burst: float = 10
+    # argon2id jobs waiting or running, in all and per source IP. Hashing is slow on
+    # purpose (and 64 MiB each at the interactive cost); beyond these a login or
+    # register is answered RATE_LIMITED at once instead of waiting behind a flood.
+    # The per-address bound is what keeps an honest login fast: a flood from N
+    # addresses puts at most 2N jobs ahead of it.
+    hashing_max: int = 32
+    hashing_per_ip: int = 2
+    # Offline store per recipient, and the share one sender may fill: a buddy (or
+    # three) sending garbage cannot keep everyone else's messages out.
+    offline_max_envelopes: int = 2000
+    offline_max_bytes: int = 32 * 1024 * 1024
+    offline_sender_envelopes: int = 500
+    offline_sender_bytes: int = 8 * 1024 * 1024
     offline_max_age_s: float = 30 * 24 * 3600
+    # Offline envelopes pushed to a session and not yet acknowledged: the backlog
+    # flows at the pace the reader acks it, never as one 32 MiB burst.
+    offline_window: int = 32
+    # Requests per user and second (with bursts): relays, and everything else but acks.
+    # An honest client is far below both; a buddy cannot make the server write, fan out
+    # presence or relay for it without bound.
+    request_rate: float = 20.0
+    request_burst: float = 200
+    relay_rate: float = 500.0
+    relay_burst: float = 2000
     heartbeat_s: int = 20
+    # Enforced by the shell (rendezvous.server):
+    login_deadline_s: float = 20.0  # a connection that has not logged in by then is closed
+    max_connections: int = 0  # 0: the open-file limit minus a reserve
+    max_connections_per_ip: int = 128  # NATs put many users behind one address: not too low
+    max_pending_per_ip: int = 16  # of those, not logged in yet (see rendezvous.admission)
+    connect_ip_rate: float = 10.0  # new connections per second per address ...
+    connect_ip_burst: float = 50  # ... with bursts (a NAT's users reconnecting after a restart)
+    send_queue_bytes: int = 1024 * 1024  # per connection, beyond the socket's own buffer
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if name.endswith(("_rate", "_s")) and not value > 0:
+                raise ValueError(f"{name} must be positive")
+            if name.endswith("_burst") and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+            if isinstance(value, int) and name != "max_connections" and value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must be 0 (from the file limit) or more")
 
 
 @dataclass
@@ -86,6 +141,11 @@ class Session:
     user_id: int = 0
     presence: pb.Presence.ValueType = pb.OFFLINE
     quiet: bool = False  # a one-shot command: can send and receive, does not show as online
+    leave_offline: bool = False  # shows nothing: gets only what is stored while it is on, not the backlog
+    offline_cursor: int = 0  # highest store id pushed to this session
+    offline_inflight: set[int] = field(default_factory=set)  # pushed, not yet acked or kept
+    hashing: bool = False  # holds a password-hashing slot
+    pause_s: float = 0.0  # the shell reads nothing more from it for this long (then resets it)
     token_hash: bytes = b""
     endpoints: pb.PublishEndpoints | None = None
     closed: bool = False
@@ -101,14 +161,31 @@ class Counters:
     logins: int = 0
     login_failures: int = 0
     login_throttled: int = 0
+    register_throttled: int = 0
+    requests_throttled: int = 0
+    hashing_shed: int = 0
     relayed: int = 0
     relay_refused: int = 0
     stored: int = 0
     offline_delivered: int = 0
     offline_acked: int = 0
+    offline_dropped: int = 0  # with a buddy removal
+    # counted by the shell
+    connections_refused: int = 0
+    login_timeouts: int = 0
+    slow_consumers: int = 0
+    internal_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Close:
+    """Output: close this connection (after the frames queued before) with a WebSocket code."""
+
+    code: int = 1000
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,10 +245,15 @@ class Hub:
         self.online: dict[str, list[Session]] = {}
         self._shown: dict[str, pb.Presence.ValueType] = {}  # presence buddies were last told
         self.buddies: dict[str, set[str]] = {}  # mutual buddies of each online user
-        self._out: list[tuple[Session, bytes | None]] = []
+        self._out: list[tuple[Session, bytes | Close]] = []
         lim = self.limits
         self._user_limiter = RateLimiter(lim.login_user_rate, lim.login_user_burst)
         self._ip_limiter = RateLimiter(lim.login_ip_rate, lim.login_ip_burst)
+        self._register_limiter = RateLimiter(lim.register_ip_rate, lim.register_ip_burst)
+        self._request_budget = RateLimiter(lim.request_rate, lim.request_burst)
+        self._relay_budget = RateLimiter(lim.relay_rate, lim.relay_burst)
+        self._hashing: dict[str, int] = {}  # source IP -> jobs waiting or running
+        self._hashing_total = 0
         self._handlers: dict[str, Callable[[Session, pb.Frame, float], pb.Frame | None]] = {
             "logout": self._logout,
             "buddy_request": self._buddy_request,
@@ -189,8 +271,8 @@ class Hub:
 
     # -- plumbing -------------------------------------------------------------
 
-    def take_output(self) -> list[tuple[Session, bytes | None]]:
-        """Frames to send, in order; ``None`` means close that session after what came before."""
+    def take_output(self) -> list[tuple[Session, bytes | Close]]:
+        """Frames to send, in order; a :class:`Close` closes that session after what came before."""
         out, self._out = self._out, []
         return out
 
@@ -198,9 +280,9 @@ class Hub:
         if not session.closed:
             self._out.append((session, frame.SerializeToString()))
 
-    def _close(self, session: Session) -> None:
+    def _close(self, session: Session, code: int = 1000, reason: str = "") -> None:
         if not session.closed:
-            self._out.append((session, None))
+            self._out.append((session, Close(code, reason)))
             session.closed = True
 
     def connect(self, remote: tuple[str, int]) -> Session:
@@ -233,6 +315,13 @@ class Hub:
             return None
         return frame
 
+    def _refusal(self, session: Session, frame: pb.Frame, exc: RequestError) -> pb.Frame:
+        if exc.code == pb.RATE_LIMITED:
+            # Refusing is cheap and a loop of refusals is not: the shell stops reading this
+            # connection for a moment, so a client that ignores retry_after cannot spin us.
+            session.pause_s = min(MAX_PAUSE_S, exc.retry_after_ms / 1000)
+        return error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms)
+
     def receive(self, session: Session, frame: pb.Frame, now: float) -> None:
         """Handle a parsed request other than register/login (those go through begin/finish)."""
         kind = frame.WhichOneof("body")
@@ -240,12 +329,29 @@ class Hub:
         try:
             if not session.username:
                 raise RequestError(pb.NOT_LOGGED_IN, "log in first")
+            if kind not in UNMETERED:
+                budget = self._relay_budget if kind == "relay" else self._request_budget
+                if not budget.allow(session.username, now):
+                    self.counters.requests_throttled += 1
+                    raise RequestError(
+                        pb.RATE_LIMITED, "too many requests; slow down", int(1000 / budget.rate)
+                    )
             reply = self._handlers[kind](session, frame, now)
         except RequestError as exc:
-            reply = error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms)
+            reply = self._refusal(session, frame, exc)
         if reply is not None:
             reply.id = frame.id
             self._send(session, reply)
+
+    def login_deadline(self, session: Session, now: float) -> bool:
+        """The shell's login timer fired: close ``session`` if it has not logged in (True if closed)."""
+        if session.username or session.closed:
+            return False
+        self.counters.login_timeouts += 1
+        reason = f"log in within {self.limits.login_deadline_s:g} s"
+        self._send(session, error_frame(0, pb.NOT_LOGGED_IN, reason))
+        self._close(session, 1008, reason)
+        return True
 
     def disconnect(self, session: Session, now: float) -> None:
         """The connection is gone (closed, failed, or missed heartbeats)."""
@@ -257,18 +363,28 @@ class Hub:
     def begin_register(self, session: Session, frame: pb.Frame, now: float) -> HashWork | None:
         req = frame.register
         try:
-            self._throttle(session, None, now)
+            if not self._register_limiter.allow(session.remote[0], now):
+                self.counters.register_throttled += 1
+                raise RequestError(
+                    pb.RATE_LIMITED,
+                    "too many new accounts from your address; wait and retry",
+                    int(1000 / self.limits.register_ip_rate),
+                )
             _check_username(req.username)
             if not MIN_PASSWORD <= len(req.password) <= MAX_PASSWORD:
                 raise RequestError(
                     pb.BAD_REQUEST, f"passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters"
                 )
-            if len(req.identity_key) != 32:
-                raise RequestError(pb.BAD_REQUEST, "identity_key must be a 32-byte Ed25519 public key")
+            if not valid_public_key(req.identity_key):
+                raise RequestError(
+                    pb.BAD_REQUEST,
+                    "identity_key must be a 32-byte Ed25519 public key of the prime-order subgroup",
+                )
             if self.db.user(req.username) is not None:
                 raise RequestError(pb.USERNAME_TAKEN, f"the name {req.username!r} is taken")
+            self._claim_hashing(session)
         except RequestError as exc:
-            self._send(session, error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms))
+            self._send(session, self._refusal(session, frame, exc))
             return None
         return HashWork(req.password)
 
@@ -311,10 +427,36 @@ class Hub:
                 return None
             if not req.password:
                 raise RequestError(pb.BAD_REQUEST, "give a password or a resume token")
+            self._claim_hashing(session)
         except RequestError as exc:
-            self._send(session, error_frame(frame.id, exc.code, exc.message, exc.retry_after_ms))
+            self._send(session, self._refusal(session, frame, exc))
             return None
         return VerifyWork(user, req.password)
+
+    def _claim_hashing(self, session: Session) -> None:
+        """Take a password-hashing slot for ``session``, or refuse (RATE_LIMITED) when none is free."""
+        ip, lim = session.remote[0], self.limits
+        if self._hashing_total >= lim.hashing_max or self._hashing.get(ip, 0) >= lim.hashing_per_ip:
+            self.counters.hashing_shed += 1
+            raise RequestError(
+                pb.RATE_LIMITED, "the server is busy checking passwords; retry in a second", 1000
+            )
+        self._hashing[ip] = self._hashing.get(ip, 0) + 1
+        self._hashing_total += 1
+        session.hashing = True
+
+    def hash_done(self, session: Session) -> None:
+        """The shell finished (or abandoned) the hashing ``begin_*`` asked for: free the slot."""
+        if not session.hashing:
+            return
+        session.hashing = False
+        ip = session.remote[0]
+        self._hashing_total -= 1
+        left = self._hashing.get(ip, 1) - 1
+        if left > 0:
+            self._hashing[ip] = left
+        else:
+            self._hashing.pop(ip, None)
 
     def finish_login(
         self, session: Session, frame: pb.Frame, work: VerifyWork, password_ok: bool, now: float
@@ -341,6 +483,9 @@ class Hub:
         session.username, session.user_id = user.username, user.id
         session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
         session.quiet = req.quiet
+        session.leave_offline = req.leave_offline
+        if req.leave_offline:  # skip the backlog; what is stored from now on (receipts) still comes
+            session.offline_cursor = self.db.last_offline_id(user.id)
         sessions.append(session)
         if user.username not in self.buddies:
             self.buddies[user.username] = self.db.mutual_buddies(user.id)
@@ -350,7 +495,6 @@ class Hub:
             self.db.add_token(user.id, _token_hash(token), int(now * 1000) + TOKEN_LIFETIME_MS)
         if token or req.resume_token:
             session.token_hash = _token_hash(token or req.resume_token)
-        pending = self.db.pending_offline(user.id)
         self._send(
             session,
             pb.Frame(
@@ -358,14 +502,13 @@ class Hub:
                 login_ok=pb.LoginOk(
                     resume_token=token,
                     heartbeat_s=self.limits.heartbeat_s,
-                    offline_pending=len(pending),
+                    offline_pending=self.db.offline_count(user.id),
                     stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
                 ),
             ),
         )
         self._announce(session.username, now)
-        for env in pending:
-            self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms)
+        self._pump_offline(session)
 
     # -- presence -------------------------------------------------------------
 
@@ -504,6 +647,9 @@ class Hub:
         other = self._other(session, frame.buddy_remove.username)
         if not self.db.remove_relation(session.user_id, other.id):
             raise RequestError(pb.NOT_A_BUDDY, f"{other.username} is not your buddy")
+        # What waits between them goes too: a removed buddy's envelopes (garbage, say)
+        # must not keep filling the store, and ours are not for them any more.
+        self.counters.offline_dropped += self.db.drop_offline_between(self._me(session), other)
         for a, b in ((session.username, other.username), (other.username, session.username)):
             self.buddies.get(a, set()).discard(b)
         self._event(other.username, pb.BuddyEvent.REMOVED, self._me(session), "mutual", now)
@@ -572,17 +718,37 @@ class Hub:
             )
         recipient = self.db.user(req.to)
         assert recipient is not None
-        count, size = self.db.offline_usage(recipient.id)
-        lim = self.limits
-        if count >= lim.offline_max_envelopes or size + len(req.envelope) > lim.offline_max_bytes:
+        if self.db.has_offline(recipient.id, req.msg_id):
+            return pb.Frame(ok=pb.Ok())  # a retransmission of an envelope we hold already
+        count, size, mine, my_size = self.db.offline_usage(recipient.id, session.username)
+        lim, more = self.limits, len(req.envelope)
+        if mine >= lim.offline_sender_envelopes or my_size + more > lim.offline_sender_bytes:
+            raise RequestError(
+                pb.QUOTA_EXCEEDED,
+                f"{mine} of your messages are waiting for {req.to} already: the most one sender may leave",
+            )
+        if count >= lim.offline_max_envelopes or size + more > lim.offline_max_bytes:
             raise RequestError(pb.QUOTA_EXCEEDED, f"{req.to}'s offline store is full")
-        now_ms = int(now * 1000)
-        store_id = self.db.store_offline(recipient.id, session.username, req.msg_id, req.envelope, now_ms)
-        if store_id is not None:  # None: a retransmission of an envelope we hold already
+        store_id = self.db.store_offline(
+            recipient.id, session.username, req.msg_id, req.envelope, int(now * 1000)
+        )
+        if store_id is not None:
             self.counters.stored += 1
             for peer in self.online.get(req.to, ()):
-                self._push_offline(peer, store_id, session.username, req.envelope, now_ms)
+                self._pump_offline(peer)
         return pb.Frame(ok=pb.Ok())
+
+    def _pump_offline(self, session: Session) -> None:
+        """Push the next stored envelopes to ``session``, up to its window of unanswered ones."""
+        if session.closed or not session.username:
+            return
+        room = self.limits.offline_window - len(session.offline_inflight)
+        if room <= 0:
+            return
+        for env in self.db.pending_offline(session.user_id, session.offline_cursor, room):
+            session.offline_cursor = env.id
+            session.offline_inflight.add(env.id)
+            self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms)
 
     def _push_offline(
         self, session: Session, store_id: int, sender: str, envelope: bytes, stored_ms: int
@@ -598,8 +764,15 @@ class Hub:
         )
 
     def _offline_ack(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
-        ids = list(frame.offline_ack.store_ids)[:1000]
-        self.counters.offline_acked += self.db.ack_offline(session.user_id, ids)
+        acked, kept = list(frame.offline_ack.store_ids), list(frame.offline_ack.keep_ids)
+        if len(acked) + len(kept) > MAX_ACK_IDS:
+            raise RequestError(pb.BAD_REQUEST, f"at most {MAX_ACK_IDS} store ids in one offline_ack")
+        if any(i > MAX_SQL_INT for i in acked + kept):
+            raise RequestError(pb.BAD_REQUEST, "store ids are below 2^63 (use the ids the server pushed)")
+        self.counters.offline_acked += self.db.ack_offline(session.user_id, acked)
+        session.offline_inflight.difference_update(acked)
+        session.offline_inflight.difference_update(kept)  # stays stored; pushed again next login
+        self._pump_offline(session)
         return pb.Frame(ok=pb.Ok())
 
     def expire(self, now: float) -> int:

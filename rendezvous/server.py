@@ -1,35 +1,177 @@
 """asyncio shell around :class:`rendezvous.hub.Hub`: WebSockets in, frames out.
 
 Where a frame enters: :meth:`RendezvousServer._connection` reads one binary
-message at a time and gives it to the hub; whatever the hub queued leaves in
-:meth:`_flush`. Heartbeats are the WebSocket ping/pong of the ``websockets``
-library: a client that stops answering is closed after ``heartbeat_s`` and the
-hub then tells its buddies it went offline. Password hashing runs in a small
-thread pool so a login never stalls the relay.
+message at a time and gives it to the hub. Whatever the hub queued for any
+connection goes, in :meth:`_deliver`, into that connection's
+:class:`Outgoing` queue, which only its own writer task drains. So the
+handler of a sender never waits on a recipient's socket: a peer that stops
+reading fills its own queue and is dropped ("not reading"), and everyone
+writing to it carries on (their messages are retransmitted and then stored).
+
+Bounds kept here, from :class:`rendezvous.hub.Limits`: connections in all,
+per address and per address not yet logged in (decided at TCP accept, see
+:mod:`rendezvous.admission`); a deadline to log in; each connection's queued
+bytes; how long one write may stay blocked. Heartbeats are the WebSocket
+ping/pong of the ``websockets`` library; a peer whose writes stay blocked is
+caught by our own watchdog, because the library's ping waits in the same
+blocked drain. Password hashing runs in a small thread pool, its queue
+bounded by the hub, so a login never stalls the relay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
+import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from p2pim.wire import control_pb2 as pb
 
-from .hub import MAX_FRAME, Hub, Session
+from .admission import Admission, Verdict, default_max_connections
+from .hub import MAX_FRAME, Close, Counters, Hub, Session, error_frame
 from .passwords import PasswordHasher
 
 log = logging.getLogger(__name__)
 
-# A peer whose unsent backlog passes this is not reading: close it rather than
-# buffer without bound or let it stall the senders (relay is datagram-like).
-SLOW_CONSUMER_BYTES = 1024 * 1024
 EXPIRE_EVERY_S = 3600.0
+WATCHDOG_EVERY_S = 1.0
+SOCKET_BUFFER = 256 * 1024  # websockets' write limit: what the kernel may not have taken yet
+CLOSE_GRACE_S = 2.0  # a close frame's chance to leave before the socket is cut
+LOG_EVERY_S = 10.0  # repeated errors (accept failing, a bug hit in a loop) log once per this
+HASHING_NICE = 10  # password hashing yields the CPU to relaying (see _lower_priority)
+# One core stays free for the event loop: a login flood may saturate the hashing threads,
+# never the relay.
+HASHING_THREADS = max(1, (os.cpu_count() or 2) - 1)
+REFUSAL_LINGER_S = 0.5  # a refused connection's chance to read our 503 before it is cut
+
+
+class Outgoing:
+    """One connection's frames waiting to be written: a bounded queue and its writer task.
+
+    Small on purpose (thousands of idle connections each hold one): the queue and the
+    writer exist only while there is something to write.
+    """
+
+    __slots__ = ("deadline", "dropped", "frames", "limit", "session", "size", "writer", "ws")
+
+    def __init__(self, ws: ServerConnection, session: Session, limit: int) -> None:
+        self.ws = ws
+        self.session = session
+        self.limit = limit
+        self.frames: deque[bytes | Close] | None = None
+        self.size = 0  # bytes in ``frames``
+        self.writer: asyncio.Task[None] | None = None  # running while ``frames`` is not empty
+        self.dropped = False  # cut for not reading: queue nothing more
+        self.deadline: asyncio.TimerHandle | None = None  # to log in
+
+    def put(self, item: bytes | Close) -> bool:
+        """Queue a frame; False if that would pass the bound (the peer is not reading)."""
+        if self.dropped:
+            return True
+        if isinstance(item, bytes):
+            if self.size + len(item) > self.limit:
+                return False
+            self.size += len(item)
+        if self.frames is None:
+            self.frames = deque()
+        self.frames.append(item)
+        return True
+
+
+class _LogOnce:
+    """Log a repeating error at most once per :data:`LOG_EVERY_S`, with how often it happened."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.last = -LOG_EVERY_S
+
+    def __call__(self, detail: str, exc_info: BaseException | None = None) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_S:
+            log.warning(
+                "%s: %s (%d times since last logged)", self.what, detail, self.count, exc_info=exc_info
+            )
+            self.last, self.count = now, 0
+
+
+class _Admitted(ServerConnection):
+    """A connection counted by an :class:`Admission` from accept to close.
+
+    Over a cap, it never becomes a WebSocket: it answers at once with an HTTP 503
+    saying why (the client shows that line), half-closes, ignores what the peer
+    sends, and is cut after :data:`REFUSAL_LINGER_S`, so a refusal holds a
+    descriptor for a moment, not for the handshake timeout. Each server makes a
+    subclass that sets ``admission`` and ``counters``.
+    """
+
+    admission: Admission
+    counters: Counters
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = str(peer[0]) if peer else "?"
+        self.verdict, refusal = self.admission.open(self.peer_ip, time.monotonic())
+        self.logged_in = False
+        if self.verdict is Verdict.ACCEPT:
+            super().connection_made(transport)
+            return
+        self.counters.connections_refused += 1
+        if self.verdict is Verdict.DROP:
+            transport.abort()
+            return
+        body = (refusal + "\n").encode()
+        try:
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            if transport.can_write_eof():
+                transport.write_eof()
+        except OSError:  # reset before we could answer (a flood does that): nothing to say
+            transport.abort()
+            return
+        asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.verdict is Verdict.ACCEPT:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self.verdict is Verdict.ACCEPT:
+            super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.admission.close(self.peer_ip, self.verdict, self.logged_in)
+        if self.verdict is Verdict.ACCEPT:
+            super().connection_lost(exc)
+
+    def count_login(self) -> None:
+        if not self.logged_in:
+            self.logged_in = True
+            self.admission.logged_in(self.peer_ip)
+
+
+def _lower_priority() -> None:
+    """Run this (hashing) thread at a lower CPU priority than the event loop.
+
+    A login flood keeps both argon2id threads busy; on a small machine they would
+    otherwise take the cores the relay needs. Linux applies nice values per thread.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICE)
 
 
 class RendezvousServer:
@@ -38,26 +180,46 @@ class RendezvousServer:
     def __init__(self, hub: Hub, hasher: PasswordHasher) -> None:
         self.hub = hub
         self.hasher = hasher
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
+        lim = hub.limits
+        self.admission = Admission(
+            default_max_connections(lim.max_connections),
+            lim.max_connections_per_ip,
+            lim.max_pending_per_ip,
+            lim.connect_ip_rate,
+            lim.connect_ip_burst,
+        )
+        self._pool = ThreadPoolExecutor(
+            max_workers=HASHING_THREADS, thread_name_prefix="argon2", initializer=_lower_priority
+        )
         self._server: Server | None = None
-        self._housekeeping: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy: dict[Outgoing, float] = {}  # connections whose writer is blocked, since when
+        self._accept_errors = _LogOnce("cannot accept connections")
+        self._bugs = _LogOnce("internal error handling a frame")
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        hb = self.hub.limits.heartbeat_s
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
+        lim = self.hub.limits
+        admitted = type(
+            "Admitted", (_Admitted,), {"admission": self.admission, "counters": self.hub.counters}
+        )
+        hb = lim.heartbeat_s
         self._server = await serve(
             self._connection,
             host,
             port,
             ssl=tls,
+            create_connection=admitted,
+            open_timeout=min(10.0, lim.login_deadline_s),
             max_size=4 * MAX_FRAME,  # above our own limit, so the hub answers oversized frames itself
             max_queue=4,
-            write_limit=SLOW_CONSUMER_BYTES,
+            write_limit=SOCKET_BUFFER,
             compression=None,  # ciphertext does not compress; per-message deflate costs memory
             ping_interval=hb,
             ping_timeout=hb,
-            close_timeout=2,  # a peer that does not answer our close must not hold up shutdown
+            close_timeout=CLOSE_GRACE_S,  # a peer that does not answer our close must not hold up shutdown
         )
-        self._housekeeping = asyncio.create_task(self._expire_loop())
+        self._tasks = [asyncio.create_task(self._expire_loop()), asyncio.create_task(self._watchdog())]
 
     @property
     def port(self) -> int:
@@ -65,12 +227,21 @@ class RendezvousServer:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def close(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.close()  # a close frame to each connection (1001, going away) ...
+            try:
+                await asyncio.wait_for(asyncio.shield(self._server.wait_closed()), 2 * CLOSE_GRACE_S)
+            except TimeoutError:
+                # ... which a peer that stopped reading never takes (websockets waits for
+                # its drain without a deadline): cut those.
+                for ws in list(self._server.all_connections):
+                    ws.transport.abort()
+                await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- housekeeping ------------------------------------------------------------------
 
     async def _expire_loop(self) -> None:
         while True:
@@ -79,57 +250,172 @@ class RendezvousServer:
                 log.info("expired %d offline envelopes", dropped)
             await asyncio.sleep(EXPIRE_EVERY_S)
 
+    async def _watchdog(self) -> None:
+        """Drop connections whose writes have been blocked for a heartbeat: they stopped reading."""
+        stall = float(self.hub.limits.heartbeat_s)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCHDOG_EVERY_S)
+            now = loop.time()
+            for out in [o for o, since in self._busy.items() if now - since > stall]:
+                self._drop(out, "not reading")
+            self._deliver()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio logs a traceback for every failed accept (EMFILE: out of descriptors) and
+        # retries each second; under a flood that is megabytes of log a minute.
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            self._accept_errors(str(context.get("exception", "")))
+            return
+        loop.default_exception_handler(context)
+
+    # -- one connection -------------------------------------------------------------------
+
     async def _connection(self, ws: ServerConnection) -> None:
         remote = ws.remote_address
         session = self.hub.connect((str(remote[0]), int(remote[1])))
-        session.transport = ws
-        await self._flush()
+        out = Outgoing(ws, session, self.hub.limits.send_queue_bytes)
+        session.transport = out
+        loop = asyncio.get_running_loop()
+        out.deadline = loop.call_later(self.hub.limits.login_deadline_s, self._login_deadline, out)
+        self._deliver()
         try:
             async for data in ws:
+                if session.closed:  # dropped meanwhile (not reading): nothing more it sends counts
+                    break
                 frame = self.hub.parse(session, data)
                 if frame is not None:
-                    kind = frame.WhichOneof("body")
-                    if kind == "register":
-                        await self._register(session, frame)
-                    elif kind == "login":
-                        await self._login(session, frame)
-                    else:
-                        self.hub.receive(session, frame, time.time())
-                await self._flush()
+                    try:
+                        kind = frame.WhichOneof("body")
+                        if kind == "register":
+                            await self._register(session, frame)
+                        elif kind == "login":
+                            await self._login(out, frame)
+                        else:
+                            self.hub.receive(session, frame, time.time())
+                    except Exception as exc:  # a bug: this connection ends, everyone else carries on
+                        self.hub.counters.internal_errors += 1
+                        self._bugs(f"{type(exc).__name__}: {exc}", exc)
+                        self._put(
+                            out, error_frame(frame.id, pb.INTERNAL, "internal error").SerializeToString()
+                        )
+                        self._put(out, Close(1011, "internal error"))
+                        session.closed = True
+                self._deliver()
                 if session.closed:
                     break
+                if session.pause_s:  # refused for going too fast: read nothing more for a moment
+                    await asyncio.sleep(session.pause_s)
+                    session.pause_s = 0.0
         except ConnectionClosed:
             pass
         finally:
+            if out.deadline is not None:
+                out.deadline.cancel()
             self.hub.disconnect(session, time.time())
-            await self._flush()
+            self._deliver()
+            # Let the writer finish what is queued (a goodbye, a close) unless it is stuck
+            # (wait_for cancels it then), or the connection is gone already.
+            if ws.state is State.CLOSED:
+                if out.writer is not None:
+                    out.writer.cancel()
+            else:
+                self._put(out, Close())
+                if out.writer is not None:
+                    with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                        await asyncio.wait_for(out.writer, CLOSE_GRACE_S)
+            self._busy.pop(out, None)
 
     async def _register(self, session: Session, frame: pb.Frame) -> None:
         work = self.hub.begin_register(session, frame, time.time())
         if work is not None:
             loop = asyncio.get_running_loop()
-            pw_hash = await loop.run_in_executor(self._pool, self.hasher.hash, work.password)
+            try:
+                pw_hash = await loop.run_in_executor(self._pool, self.hasher.hash, work.password)
+            finally:
+                self.hub.hash_done(session)
             self.hub.finish_register(session, frame, pw_hash, time.time())
 
-    async def _login(self, session: Session, frame: pb.Frame) -> None:
+    async def _login(self, out: Outgoing, frame: pb.Frame) -> None:
+        session = out.session
         work = self.hub.begin_login(session, frame, time.time())
         if work is not None:
             stored = work.user.pw_hash if work.user is not None else None
             loop = asyncio.get_running_loop()
-            ok = await loop.run_in_executor(self._pool, self.hasher.verify, stored, work.password)
-            self.hub.finish_login(session, frame, work, ok, time.time())
-
-    async def _flush(self) -> None:
-        for session, data in self.hub.take_output():
-            ws = session.transport
-            assert isinstance(ws, ServerConnection)
             try:
-                if data is None:
-                    await ws.close(1000)
-                elif ws.transport.get_write_buffer_size() > SLOW_CONSUMER_BYTES:
-                    log.info("closing slow consumer %s", session.username or session.remote)
-                    await ws.close(1008, "not reading")
-                else:
-                    await ws.send(data)
-            except ConnectionClosed:
-                pass
+                ok = await loop.run_in_executor(self._pool, self.hasher.verify, stored, work.password)
+            finally:
+                self.hub.hash_done(session)
+            self.hub.finish_login(session, frame, work, ok, time.time())
+        if session.username:
+            if out.deadline is not None:
+                out.deadline.cancel()
+                out.deadline = None
+            if isinstance(out.ws, _Admitted):
+                out.ws.count_login()
+
+    def _login_deadline(self, out: Outgoing) -> None:
+        if self.hub.login_deadline(out.session, time.time()):
+            self._deliver()
+
+    # -- frames out ------------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        """Move what the hub queued into each connection's own queue; never waits."""
+        while batch := self.hub.take_output():
+            for session, item in batch:
+                out = session.transport
+                assert isinstance(out, Outgoing)
+                self._put(out, item)
+
+    def _put(self, out: Outgoing, item: bytes | Close) -> None:
+        """Queue ``item`` for ``out`` and make sure a writer runs; drop a peer that is not reading."""
+        if not out.put(item):
+            self._drop(out, "not reading")
+        elif out.writer is None and not out.dropped:
+            out.writer = asyncio.create_task(self._writer(out))
+
+    def _drop(self, out: Outgoing, reason: str) -> None:
+        """``out``'s peer is not reading: it goes offline now, its socket is cut after a short grace."""
+        if out.dropped:
+            return
+        out.dropped = True
+        self.hub.counters.slow_consumers += 1
+        log.info("closing slow consumer %s", out.session.username or out.session.remote)
+        self.hub.disconnect(out.session, time.time())  # buddies see it offline at once
+        if out.writer is not None:
+            out.writer.cancel()
+        out.frames = None
+        out.size = 0
+        self._busy.pop(out, None)
+        out.writer = asyncio.create_task(self._cut(out.ws, 1008, reason))  # the handler awaits it
+
+    async def _cut(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close with ``code`` if the close frame can still leave, else abort the TCP connection."""
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            await asyncio.wait_for(ws.close(code, reason), CLOSE_GRACE_S)
+        ws.transport.abort()
+
+    async def _writer(self, out: Outgoing) -> None:
+        """Write ``out``'s queue until it is empty, then end (the next frame starts another)."""
+        ws, loop = out.ws, asyncio.get_running_loop()
+        try:
+            while out.frames:
+                item = out.frames.popleft()
+                self._busy[out] = loop.time()
+                try:
+                    if isinstance(item, Close):
+                        out.dropped = True  # nothing may follow a close
+                        await self._cut(ws, item.code, item.reason)
+                        return
+                    out.size -= len(item)
+                    await ws.send(item)
+                except ConnectionClosed:
+                    out.dropped = True
+                    return
+                finally:
+                    self._busy.pop(out, None)
+            out.frames = None
+        finally:
+            if out.writer is asyncio.current_task():
+                out.writer = None

@@ -9,7 +9,6 @@ message id, which is what deduplicates).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +98,6 @@ class PathRow:
 class ClientStore:
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
-        if self.path != ":memory:" and not os.path.exists(self.path):
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self.conn = open_db(self.path, MIGRATIONS)
 
     def close(self) -> None:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from p2pim.wire import nat_pb2 as p2pim_dot_wire_dot_nat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2pim/wire/control.proto\x12\np2pim.wire\x1a\x14p2pim/wire/nat.proto\"\xd1\x08\n\x05\x46rame\x12\n\n\x02id\x18\x01 \x01(\r\x12(\n\x08register\x18\n \x01(\x0b\x32\x14.p2pim.wire.RegisterH\x00\x12\"\n\x05login\x18\x0b \x01(\x0b\x32\x11.p2pim.wire.LoginH\x00\x12$\n\x06logout\x18\x0c \x01(\x0b\x32\x12.p2pim.wire.LogoutH\x00\x12\x31\n\rbuddy_request\x18\r \x01(\x0b\x32\x18.p2pim.wire.BuddyRequestH\x00\x12/\n\x0c\x62uddy_accept\x18\x0e \x01(\x0b\x32\x17.p2pim.wire.BuddyAcceptH\x00\x12\x31\n\rbuddy_decline\x18\x0f \x01(\x0b\x32\x18.p2pim.wire.BuddyDeclineH\x00\x12/\n\x0c\x62uddy_remove\x18\x10 \x01(\x0b\x32\x17.p2pim.wire.BuddyRemoveH\x00\x12\x32\n\nbuddy_list\x18\x11 \x01(\x0b\x32\x1c.p2pim.wire.BuddyListRequestH\x00\x12+\n\nset_status\x18\x12 \x01(\x0b\x32\x15.p2pim.wire.SetStatusH\x00\x12\x39\n\x11publish_endpoints\x18\x13 \x01(\x0b\x32\x1c.p2pim.wire.PublishEndpointsH\x00\x12\"\n\x05relay\x18\x14 \x01(\x0b\x32\x11.p2pim.wire.RelayH\x00\x12\"\n\x05store\x18\x15 \x01(\x0b\x32\x11.p2pim.wire.StoreH\x00\x12-\n\x0boffline_ack\x18\x16 \x01(\x0b\x32\x16.p2pim.wire.OfflineAckH\x00\x12\x37\n\x10lookup_endpoints\x18\x17 \x01(\x0b\x32\x1b.p2pim.wire.LookupEndpointsH\x00\x12\x1c\n\x02ok\x18( \x01(\x0b\x32\x0e.p2pim.wire.OkH\x00\x12\"\n\x05\x65rror\x18) \x01(\x0b\x32\x11.p2pim.wire.ErrorH\x00\x12*\n\tchallenge\x18* \x01(\x0b\x32\x15.p2pim.wire.ChallengeH\x00\x12\'\n\x08login_ok\x18+ \x01(\x0b\x32\x13.p2pim.wire.LoginOkH\x00\x12(\n\x07\x62uddies\x18, \x01(\x0b\x32\x15.p2pim.wire.BuddyListH\x00\x12*\n\tendpoints\x18- \x01(\x0b\x32\x15.p2pim.wire.EndpointsH\x00\x12.\n\x08presence\x18< \x01(\x0b\x32\x1a.p2pim.wire.PresenceUpdateH\x00\x12-\n\x0b\x62uddy_event\x18= \x01(\x0b\x32\x16.p2pim.wire.BuddyEventH\x00\x12\'\n\x08relay_in\x18> \x01(\x0b\x32\x13.p2pim.wire.RelayInH\x00\x12\x37\n\x10offline_envelope\x18? \x01(\x0b\x32\x1b.p2pim.wire.OfflineEnvelopeH\x00\x42\x06\n\x04\x62ody\"U\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.p2pim.wire.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"\x04\n\x02Ok\"*\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06server\x18\x02 \x01(\t\"D\n\x08Register\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0cidentity_key\x18\x03 \x01(\x0c\"\x9f\x01\n\x05Login\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x12\n\nwant_token\x18\x05 \x01(\x08\x12&\n\x08presence\x18\x06 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\r\n\x05quiet\x18\x07 \x01(\x08\"p\n\x07LoginOk\x12\x14\n\x0cresume_token\x18\x01 \x01(\x0c\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\r\x12\x17\n\x0foffline_pending\x18\x03 \x01(\r\x12!\n\x04stun\x18\x04 \x03(\x0b\x32\x13.p2pim.wire.Address\"\x1e\n\x06Logout\x12\x14\n\x0crevoke_token\x18\x01 \x01(\x08\" \n\x0c\x42uddyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1f\n\x0b\x42uddyAccept\x12\x10\n\x08username\x18\x01 \x01(\t\" \n\x0c\x42uddyDecline\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1f\n\x0b\x42uddyRemove\x12\x10\n\x08username\x18\x01 \x01(\t\"\x12\n\x10\x42uddyListRequest\"\x94\x01\n\x05\x42uddy\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.p2pim.wire.BuddyState\x12&\n\x08presence\x18\x04 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\x14\n\x0clast_seen_ms\x18\x05 \x01(\x04\"/\n\tBuddyList\x12\"\n\x07\x62uddies\x18\x01 \x03(\x0b\x32\x11.p2pim.wire.Buddy\"3\n\tSetStatus\x12&\n\x08presence\x18\x01 \x01(\x0e\x32\x14.p2pim.wire.Presence\"`\n\x0ePresenceUpdate\x12\x10\n\x08username\x18\x01 \x01(\t\x12&\n\x08presence\x18\x02 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\x14\n\x0clast_seen_ms\x18\x03 \x01(\x04\"\xaf\x01\n\nBuddyEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.p2pim.wire.BuddyEvent.Kind\x12 \n\x05\x62uddy\x18\x02 \x01(\x0b\x32\x11.p2pim.wire.Buddy\"T\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tREQUESTED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0b\n\x07REMOVED\x10\x04\"\x81\x01\n\x10PublishEndpoints\x12!\n\x04host\x18\x01 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\x12%\n\x03nat\x18\x03 \x01(\x0b\x32\x18.p2pim.wire.NatBehaviour\"#\n\x0fLookupEndpoints\x12\x10\n\x08username\x18\x01 \x01(\t\"\xb3\x01\n\tEndpoints\x12\x10\n\x08username\x18\x01 \x01(\t\x12!\n\x04host\x18\x02 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x03 \x01(\x0b\x32\x13.p2pim.wire.Address\x12%\n\x03nat\x18\x04 \x01(\x0b\x32\x18.p2pim.wire.NatBehaviour\x12%\n\x08observed\x18\x05 \x01(\x0b\x32\x13.p2pim.wire.Address\"!\n\x05Relay\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x07RelayIn\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x05Store\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0e\n\x06msg_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"[\n\x0fOfflineEnvelope\x12\x10\n\x08store_id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\x12\x14\n\x0cstored_at_ms\x18\x04 \x01(\x04\"\x1f\n\nOfflineAck\x12\x11\n\tstore_ids\x18\x01 \x03(\x04*\xe3\x01\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\r\n\tBAD_FRAME\x10\x01\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x02\x12\x0f\n\x0b\x41UTH_FAILED\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x12\n\x0eUSERNAME_TAKEN\x10\x05\x12\x11\n\rNOT_LOGGED_IN\x10\x06\x12\x10\n\x0cNO_SUCH_USER\x10\x07\x12\x0f\n\x0bNOT_A_BUDDY\x10\x08\x12\x10\n\x0cPEER_OFFLINE\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x0c\n\x08INTERNAL\x10\x0b*G\n\x08Presence\x12\x18\n\x14PRESENCE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x08\n\x04\x41WAY\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03*]\n\nBuddyState\x12\x1b\n\x17\x42UDDY_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06MUTUAL\x10\x01\x12\x10\n\x0cREQUEST_SENT\x10\x02\x12\x14\n\x10REQUEST_RECEIVED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18p2pim/wire/control.proto\x12\np2pim.wire\x1a\x14p2pim/wire/nat.proto\"\xd1\x08\n\x05\x46rame\x12\n\n\x02id\x18\x01 \x01(\r\x12(\n\x08register\x18\n \x01(\x0b\x32\x14.p2pim.wire.RegisterH\x00\x12\"\n\x05login\x18\x0b \x01(\x0b\x32\x11.p2pim.wire.LoginH\x00\x12$\n\x06logout\x18\x0c \x01(\x0b\x32\x12.p2pim.wire.LogoutH\x00\x12\x31\n\rbuddy_request\x18\r \x01(\x0b\x32\x18.p2pim.wire.BuddyRequestH\x00\x12/\n\x0c\x62uddy_accept\x18\x0e \x01(\x0b\x32\x17.p2pim.wire.BuddyAcceptH\x00\x12\x31\n\rbuddy_decline\x18\x0f \x01(\x0b\x32\x18.p2pim.wire.BuddyDeclineH\x00\x12/\n\x0c\x62uddy_remove\x18\x10 \x01(\x0b\x32\x17.p2pim.wire.BuddyRemoveH\x00\x12\x32\n\nbuddy_list\x18\x11 \x01(\x0b\x32\x1c.p2pim.wire.BuddyListRequestH\x00\x12+\n\nset_status\x18\x12 \x01(\x0b\x32\x15.p2pim.wire.SetStatusH\x00\x12\x39\n\x11publish_endpoints\x18\x13 \x01(\x0b\x32\x1c.p2pim.wire.PublishEndpointsH\x00\x12\"\n\x05relay\x18\x14 \x01(\x0b\x32\x11.p2pim.wire.RelayH\x00\x12\"\n\x05store\x18\x15 \x01(\x0b\x32\x11.p2pim.wire.StoreH\x00\x12-\n\x0boffline_ack\x18\x16 \x01(\x0b\x32\x16.p2pim.wire.OfflineAckH\x00\x12\x37\n\x10lookup_endpoints\x18\x17 \x01(\x0b\x32\x1b.p2pim.wire.LookupEndpointsH\x00\x12\x1c\n\x02ok\x18( \x01(\x0b\x32\x0e.p2pim.wire.OkH\x00\x12\"\n\x05\x65rror\x18) \x01(\x0b\x32\x11.p2pim.wire.ErrorH\x00\x12*\n\tchallenge\x18* \x01(\x0b\x32\x15.p2pim.wire.ChallengeH\x00\x12\'\n\x08login_ok\x18+ \x01(\x0b\x32\x13.p2pim.wire.LoginOkH\x00\x12(\n\x07\x62uddies\x18, \x01(\x0b\x32\x15.p2pim.wire.BuddyListH\x00\x12*\n\tendpoints\x18- \x01(\x0b\x32\x15.p2pim.wire.EndpointsH\x00\x12.\n\x08presence\x18< \x01(\x0b\x32\x1a.p2pim.wire.PresenceUpdateH\x00\x12-\n\x0b\x62uddy_event\x18= \x01(\x0b\x32\x16.p2pim.wire.BuddyEventH\x00\x12\'\n\x08relay_in\x18> \x01(\x0b\x32\x13.p2pim.wire.RelayInH\x00\x12\x37\n\x10offline_envelope\x18? \x01(\x0b\x32\x1b.p2pim.wire.OfflineEnvelopeH\x00\x42\x06\n\x04\x62ody\"U\n\x05\x45rror\x12#\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x15.p2pim.wire.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x03 \x01(\r\"\x04\n\x02Ok\"*\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0e\n\x06server\x18\x02 \x01(\t\"D\n\x08Register\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0cidentity_key\x18\x03 \x01(\x0c\"\xb6\x01\n\x05Login\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x12\n\nwant_token\x18\x05 \x01(\x08\x12&\n\x08presence\x18\x06 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\r\n\x05quiet\x18\x07 \x01(\x08\x12\x15\n\rleave_offline\x18\x08 \x01(\x08\"p\n\x07LoginOk\x12\x14\n\x0cresume_token\x18\x01 \x01(\x0c\x12\x13\n\x0bheartbeat_s\x18\x02 \x01(\r\x12\x17\n\x0foffline_pending\x18\x03 \x01(\r\x12!\n\x04stun\x18\x04 \x03(\x0b\x32\x13.p2pim.wire.Address\"\x1e\n\x06Logout\x12\x14\n\x0crevoke_token\x18\x01 \x01(\x08\" \n\x0c\x42uddyRequest\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1f\n\x0b\x42uddyAccept\x12\x10\n\x08username\x18\x01 \x01(\t\" \n\x0c\x42uddyDecline\x12\x10\n\x08username\x18\x01 \x01(\t\"\x1f\n\x0b\x42uddyRemove\x12\x10\n\x08username\x18\x01 \x01(\t\"\x12\n\x10\x42uddyListRequest\"\x94\x01\n\x05\x42uddy\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x14\n\x0cidentity_key\x18\x02 \x01(\x0c\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.p2pim.wire.BuddyState\x12&\n\x08presence\x18\x04 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\x14\n\x0clast_seen_ms\x18\x05 \x01(\x04\"/\n\tBuddyList\x12\"\n\x07\x62uddies\x18\x01 \x03(\x0b\x32\x11.p2pim.wire.Buddy\"3\n\tSetStatus\x12&\n\x08presence\x18\x01 \x01(\x0e\x32\x14.p2pim.wire.Presence\"`\n\x0ePresenceUpdate\x12\x10\n\x08username\x18\x01 \x01(\t\x12&\n\x08presence\x18\x02 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12\x14\n\x0clast_seen_ms\x18\x03 \x01(\x04\"\xaf\x01\n\nBuddyEvent\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.p2pim.wire.BuddyEvent.Kind\x12 \n\x05\x62uddy\x18\x02 \x01(\x0b\x32\x11.p2pim.wire.Buddy\"T\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tREQUESTED\x10\x01\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x02\x12\x0c\n\x08\x44\x45\x43LINED\x10\x03\x12\x0b\n\x07REMOVED\x10\x04\"\x81\x01\n\x10PublishEndpoints\x12!\n\x04host\x18\x01 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\x12%\n\x03nat\x18\x03 \x01(\x0b\x32\x18.p2pim.wire.NatBehaviour\"#\n\x0fLookupEndpoints\x12\x10\n\x08username\x18\x01 \x01(\t\"\xb3\x01\n\tEndpoints\x12\x10\n\x08username\x18\x01 \x01(\t\x12!\n\x04host\x18\x02 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x03 \x01(\x0b\x32\x13.p2pim.wire.Address\x12%\n\x03nat\x18\x04 \x01(\x0b\x32\x18.p2pim.wire.NatBehaviour\x12%\n\x08observed\x18\x05 \x01(\x0b\x32\x13.p2pim.wire.Address\"!\n\x05Relay\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x07RelayIn\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"5\n\x05Store\x12\n\n\x02to\x18\x01 \x01(\t\x12\x0e\n\x06msg_id\x18\x02 \x01(\x0c\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\"[\n\x0fOfflineEnvelope\x12\x10\n\x08store_id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x03 \x01(\x0c\x12\x14\n\x0cstored_at_ms\x18\x04 \x01(\x04\"1\n\nOfflineAck\x12\x11\n\tstore_ids\x18\x01 \x03(\x04\x12\x10\n\x08keep_ids\x18\x02 \x03(\x04*\xe3\x01\n\tErrorCode\x12\x15\n\x11\x45RROR_UNSPECIFIED\x10\x00\x12\r\n\tBAD_FRAME\x10\x01\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x02\x12\x0f\n\x0b\x41UTH_FAILED\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x12\n\x0eUSERNAME_TAKEN\x10\x05\x12\x11\n\rNOT_LOGGED_IN\x10\x06\x12\x10\n\x0cNO_SUCH_USER\x10\x07\x12\x0f\n\x0bNOT_A_BUDDY\x10\x08\x12\x10\n\x0cPEER_OFFLINE\x10\t\x12\x12\n\x0eQUOTA_EXCEEDED\x10\n\x12\x0c\n\x08INTERNAL\x10\x0b*G\n\x08Presence\x12\x18\n\x14PRESENCE_UNSPECIFIED\x10\x00\x12\n\n\x06ONLINE\x10\x01\x12\x08\n\x04\x41WAY\x10\x02\x12\x0b\n\x07OFFLINE\x10\x03*]\n\nBuddyState\x12\x1b\n\x17\x42UDDY_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06MUTUAL\x10\x01\x12\x10\n\x0cREQUEST_SENT\x10\x02\x12\x14\n\x10REQUEST_RECEIVED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'p2pim.wire.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ERRORCODE']._serialized_start=2977
-  _globals['_ERRORCODE']._serialized_end=3204
-  _globals['_PRESENCE']._serialized_start=3206
-  _globals['_PRESENCE']._serialized_end=3277
-  _globals['_BUDDYSTATE']._serialized_start=3279
-  _globals['_BUDDYSTATE']._serialized_end=3372
+  _globals['_ERRORCODE']._serialized_start=3018
+  _globals['_ERRORCODE']._serialized_end=3245
+  _globals['_PRESENCE']._serialized_start=3247
+  _globals['_PRESENCE']._serialized_end=3318
+  _globals['_BUDDYSTATE']._serialized_start=3320
+  _globals['_BUDDYSTATE']._serialized_end=3413
   _globals['_FRAME']._serialized_start=63
   _globals['_FRAME']._serialized_end=1168
   _globals['_ERROR']._serialized_start=1170
@@ -49,47 +49,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER']._serialized_start=1307
   _globals['_REGISTER']._serialized_end=1375
   _globals['_LOGIN']._serialized_start=1378
-  _globals['_LOGIN']._serialized_end=1537
-  _globals['_LOGINOK']._serialized_start=1539
-  _globals['_LOGINOK']._serialized_end=1651
-  _globals['_LOGOUT']._serialized_start=1653
-  _globals['_LOGOUT']._serialized_end=1683
-  _globals['_BUDDYREQUEST']._serialized_start=1685
-  _globals['_BUDDYREQUEST']._serialized_end=1717
-  _globals['_BUDDYACCEPT']._serialized_start=1719
-  _globals['_BUDDYACCEPT']._serialized_end=1750
-  _globals['_BUDDYDECLINE']._serialized_start=1752
-  _globals['_BUDDYDECLINE']._serialized_end=1784
-  _globals['_BUDDYREMOVE']._serialized_start=1786
-  _globals['_BUDDYREMOVE']._serialized_end=1817
-  _globals['_BUDDYLISTREQUEST']._serialized_start=1819
-  _globals['_BUDDYLISTREQUEST']._serialized_end=1837
-  _globals['_BUDDY']._serialized_start=1840
-  _globals['_BUDDY']._serialized_end=1988
-  _globals['_BUDDYLIST']._serialized_start=1990
-  _globals['_BUDDYLIST']._serialized_end=2037
-  _globals['_SETSTATUS']._serialized_start=2039
-  _globals['_SETSTATUS']._serialized_end=2090
-  _globals['_PRESENCEUPDATE']._serialized_start=2092
-  _globals['_PRESENCEUPDATE']._serialized_end=2188
-  _globals['_BUDDYEVENT']._serialized_start=2191
-  _globals['_BUDDYEVENT']._serialized_end=2366
-  _globals['_BUDDYEVENT_KIND']._serialized_start=2282
-  _globals['_BUDDYEVENT_KIND']._serialized_end=2366
-  _globals['_PUBLISHENDPOINTS']._serialized_start=2369
-  _globals['_PUBLISHENDPOINTS']._serialized_end=2498
-  _globals['_LOOKUPENDPOINTS']._serialized_start=2500
-  _globals['_LOOKUPENDPOINTS']._serialized_end=2535
-  _globals['_ENDPOINTS']._serialized_start=2538
-  _globals['_ENDPOINTS']._serialized_end=2717
-  _globals['_RELAY']._serialized_start=2719
-  _globals['_RELAY']._serialized_end=2752
-  _globals['_RELAYIN']._serialized_start=2754
-  _globals['_RELAYIN']._serialized_end=2793
-  _globals['_STORE']._serialized_start=2795
-  _globals['_STORE']._serialized_end=2848
-  _globals['_OFFLINEENVELOPE']._serialized_start=2850
-  _globals['_OFFLINEENVELOPE']._serialized_end=2941
-  _globals['_OFFLINEACK']._serialized_start=2943
-  _globals['_OFFLINEACK']._serialized_end=2974
+  _globals['_LOGIN']._serialized_end=1560
+  _globals['_LOGINOK']._serialized_start=1562
+  _globals['_LOGINOK']._serialized_end=1674
+  _globals['_LOGOUT']._serialized_start=1676
+  _globals['_LOGOUT']._serialized_end=1706
+  _globals['_BUDDYREQUEST']._serialized_start=1708
+  _globals['_BUDDYREQUEST']._serialized_end=1740
+  _globals['_BUDDYACCEPT']._serialized_start=1742
+  _globals['_BUDDYACCEPT']._serialized_end=1773
+  _globals['_BUDDYDECLINE']._serialized_start=1775
+  _globals['_BUDDYDECLINE']._serialized_end=1807
+  _globals['_BUDDYREMOVE']._serialized_start=1809
+  _globals['_BUDDYREMOVE']._serialized_end=1840
+  _globals['_BUDDYLISTREQUEST']._serialized_start=1842
+  _globals['_BUDDYLISTREQUEST']._serialized_end=1860
+  _globals['_BUDDY']._serialized_start=1863
+  _globals['_BUDDY']._serialized_end=2011
+  _globals['_BUDDYLIST']._serialized_start=2013
+  _globals['_BUDDYLIST']._serialized_end=2060
+  _globals['_SETSTATUS']._serialized_start=2062
+  _globals['_SETSTATUS']._serialized_end=2113
+  _globals['_PRESENCEUPDATE']._serialized_start=2115
+  _globals['_PRESENCEUPDATE']._serialized_end=2211
+  _globals['_BUDDYEVENT']._serialized_start=2214
+  _globals['_BUDDYEVENT']._serialized_end=2389
+  _globals['_BUDDYEVENT_KIND']._serialized_start=2305
+  _globals['_BUDDYEVENT_KIND']._serialized_end=2389
+  _globals['_PUBLISHENDPOINTS']._serialized_start=2392
+  _globals['_PUBLISHENDPOINTS']._serialized_end=2521
+  _globals['_LOOKUPENDPOINTS']._serialized_start=2523
+  _globals['_LOOKUPENDPOINTS']._serialized_end=2558
+  _globals['_ENDPOINTS']._serialized_start=2561
+  _globals['_ENDPOINTS']._serialized_end=2740
+  _globals['_RELAY']._serialized_start=2742
+  _globals['_RELAY']._serialized_end=2775
+  _globals['_RELAYIN']._serialized_start=2777
+  _globals['_RELAYIN']._serialized_end=2816
+  _globals['_STORE']._serialized_start=2818
+  _globals['_STORE']._serialized_end=2871
+  _globals['_OFFLINEENVELOPE']._serialized_start=2873
+  _globals['_OFFLINEENVELOPE']._serialized_end=2964
+  _globals['_OFFLINEACK']._serialized_start=2966
+  _globals['_OFFLINEACK']._serialized_end=3015
 # @@protoc_insertion_point(module_scope)

@@ -350,6 +350,7 @@ class Login(_message.Message):
     WANT_TOKEN_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     QUIET_FIELD_NUMBER: _builtins.int
+    LEAVE_OFFLINE_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
     resume_token: _builtins.bytes
@@ -360,6 +361,12 @@ class Login(_message.Message):
     """initial presence, default ONLINE"""
     quiet: _builtins.bool
     """a one-shot command: do not show as online to buddies"""
+    leave_offline: _builtins.bool
+    """A session that does not show what arrives (a one-shot `send`): the server
+    skips the backlog waiting at login and pushes only envelopes stored while
+    the session is on (its receipts); the client keeps, unacknowledged, any
+    text among them, so texts wait for a session that shows them.
+    """
     def __init__(
         self,
         *,
@@ -370,10 +377,11 @@ class Login(_message.Message):
         want_token: _builtins.bool = ...,
         presence: Global___Presence.ValueType = ...,
         quiet: _builtins.bool = ...,
+        leave_offline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password", "presence", b"presence", "quiet", b"quiet", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leave_offline", b"leave_offline", "password", b"password", "presence", b"presence", "quiet", b"quiet", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -859,19 +867,30 @@ Global___OfflineEnvelope: _TypeAlias = OfflineEnvelope  # noqa: Y015
 
 @_typing.final
 class OfflineAck(_message.Message):
+    """The answer to pushed offline envelopes. The server pushes a window of them
+    and the next ones as earlier ones are answered, so a long backlog is paced
+    by the reader. `store_ids`: consumed (or unreadable): delete them.
+    `keep_ids`: seen but not consumed now (e.g. sealed with a key the user has
+    not yet trusted): keep them stored, push them again at the next login.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STORE_IDS_FIELD_NUMBER: _builtins.int
+    KEEP_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def keep_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         store_ids: _abc.Iterable[_builtins.int] | None = ...,
+        keep_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["store_ids", b"store_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_ids", b"keep_ids", "store_ids", b"store_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

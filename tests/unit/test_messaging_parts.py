@@ -117,8 +117,29 @@ def test_server_db_offline_store_dedups_and_acks_only_own(tmp_path: Path) -> Non
     assert first is not None
     assert db.store_offline(bob.id, "alice", b"i" * 16, b"env", 1001) is None  # retransmission
     assert db.ack_offline(alice.id, [first]) == 0  # not alice's to delete
-    assert db.offline_usage(bob.id) == (1, 3)
+    assert db.has_offline(bob.id, b"i" * 16) and not db.has_offline(alice.id, b"i" * 16)
+    assert db.add_user("carol", b"h", b"k" * 32, 0)
+    second = db.store_offline(bob.id, "carol", b"j" * 16, b"envelope", 1002)
+    # in all, then this sender's share
+    assert db.offline_usage(bob.id, "alice") == (2, 11, 1, 3)
+    assert db.offline_usage(bob.id, "carol") == (2, 11, 1, 8)
+    assert [e.id for e in db.pending_offline(bob.id)] == [first, second]
+    assert [e.id for e in db.pending_offline(bob.id, after_id=first)] == [second]  # the window's cursor
+    assert [e.id for e in db.pending_offline(bob.id, limit=1)] == [first]
+    carol = db.user("carol")
+    assert carol is not None
+    assert db.drop_offline_between(carol, bob) == 1  # they are no longer buddies
+    assert db.offline_count(bob.id) == 1
     assert db.expire(now_ms=10_000, max_age_ms=5_000) == 1
+
+
+def test_server_db_is_private_to_its_user(tmp_path: Path) -> None:
+    Database(tmp_path / "data" / "s.db").close()
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    for name in ("s.db", "s.db-wal", "s.db-shm"):
+        path = tmp_path / "data" / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
 
 
 def test_client_store_pins_keys_and_dedups(tmp_path: Path) -> None:

@@ -1,0 +1,208 @@
+"""The rendezvous core without sockets: bounds on what one peer can make it do.
+
+Sessions log in with a token (no password hashing needed in-process); frames go in
+with :meth:`Hub.receive` and come out of :meth:`Hub.take_output`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+
+from p2pim.identity import Identity
+from p2pim.messaging.ids import new_msg_id
+from p2pim.wire import control_pb2 as pb
+from rendezvous.db import Database
+from rendezvous.hub import Close, Hub, Limits, Session
+
+_ids = itertools.count(1)
+
+
+class World:
+    def __init__(self, **limits: object) -> None:
+        self.db = Database(":memory:")
+        self.hub = Hub(self.db, Limits(**limits))  # type: ignore[arg-type]
+        self.keys: dict[str, Identity] = {}
+        self.now = 1000.0
+        self._inbox: dict[int, list[pb.Frame]] = {}
+
+    def account(self, name: str) -> None:
+        ident = Identity.generate()
+        self.keys[name] = ident
+        assert self.db.add_user(name, b"$argon2id$x", ident.public_key, 0)
+        user = self.db.user(name)
+        assert user is not None
+        self.db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15)
+
+    def buddies(self, a: str, b: str) -> None:
+        ua, ub = self.db.user(a), self.db.user(b)
+        assert ua is not None and ub is not None
+        self.db.make_mutual(ua.id, ub.id)
+
+    def login(self, name: str, ip: str = "10.0.0.1", leave_offline: bool = False) -> Session:
+        s = self.hub.connect((ip, 40000))
+        sig = self.keys[name].sign_login(s.nonce, name)
+        login = pb.Login(
+            username=name, resume_token=name.encode(), signature=sig, leave_offline=leave_offline
+        )
+        assert self.hub.begin_login(s, pb.Frame(id=next(_ids), login=login), self.now) is None  # token: done
+        assert s.username == name
+        return s
+
+    def request(self, s: Session, **body: object) -> pb.Frame:
+        """Send a request; returns its reply (pushes it caused stay for :meth:`frames`)."""
+        frame = pb.Frame(id=next(_ids), **body)  # type: ignore[arg-type]
+        self.hub.receive(s, frame, self.now)
+        self._pull()
+        reply = next(f for f in self._inbox[id(s)] if f.id == frame.id)
+        self._inbox[id(s)].remove(reply)
+        return reply
+
+    def frames(self, s: Session) -> list[pb.Frame]:
+        """Everything sent to ``s`` and not yet looked at."""
+        self._pull()
+        return self._inbox.pop(id(s), [])
+
+    def _pull(self) -> None:
+        for x, d in self.hub.take_output():
+            if isinstance(d, bytes):
+                self._inbox.setdefault(id(x), []).append(pb.Frame.FromString(d))
+
+
+def pushed(frames: list[pb.Frame]) -> list[int]:
+    return [f.offline_envelope.store_id for f in frames if f.HasField("offline_envelope")]
+
+
+def store(w: World, s: Session, to: str, size: int = 100) -> pb.Frame:
+    return w.request(s, store=pb.Store(to=to, msg_id=new_msg_id(), envelope=b"e" * size))
+
+
+def test_the_offline_backlog_is_pushed_a_window_at_a_time_as_acks_come() -> None:
+    w = World(offline_window=4)
+    for name in ("alice", "bob"):
+        w.account(name)
+    w.buddies("alice", "bob")
+    alice = w.login("alice")
+    for _ in range(10):
+        assert store(w, alice, "bob").HasField("ok")
+    bob = w.login("bob")
+    first = pushed(w.frames(bob))
+    assert len(first) == 4  # not all ten at once
+    assert pushed(w.frames(bob)) == []  # nothing more until bob answers
+    w.request(bob, offline_ack=pb.OfflineAck(store_ids=first[:2]))
+    assert len(pushed(w.frames(bob))) == 2  # two answered, two more come
+    # "keep" frees the window without deleting: it comes again at the next login.
+    w.request(bob, offline_ack=pb.OfflineAck(keep_ids=first[2:]))
+    nxt = pushed(w.frames(bob))
+    assert len(nxt) == 2 and w.db.offline_count(bob.user_id) == 8
+
+
+def test_a_session_that_leaves_the_backlog_gets_only_what_is_stored_while_it_is_on() -> None:
+    w = World()
+    for name in ("alice", "bob"):
+        w.account(name)
+    w.buddies("alice", "bob")
+    alice = w.login("alice")
+    store(w, alice, "bob")
+    one_shot = w.login("bob", leave_offline=True)
+    assert pushed(w.frames(one_shot)) == []  # the backlog waits for a session that shows it
+    store(w, alice, "bob")  # e.g. a receipt for what the one-shot session sent
+    assert len(pushed(w.frames(one_shot))) == 1
+    listener = w.login("bob")
+    assert len(pushed(w.frames(listener))) == 2
+
+
+def test_one_sender_may_fill_only_its_share_of_a_store() -> None:
+    w = World(offline_max_envelopes=6, offline_sender_envelopes=2)
+    for name in ("alice", "bob", "mallory"):
+        w.account(name)
+    w.buddies("bob", "alice")
+    w.buddies("bob", "mallory")
+    mallory, alice = w.login("mallory"), w.login("alice")
+    assert store(w, mallory, "bob").HasField("ok") and store(w, mallory, "bob").HasField("ok")
+    refused = store(w, mallory, "bob")
+    assert refused.error.code == pb.QUOTA_EXCEEDED and "one sender" in refused.error.message
+    assert store(w, alice, "bob").HasField("ok")
+    # Removing mallory drops what mallory left.
+    bob = w.login("bob")
+    assert w.request(bob, buddy_remove=pb.BuddyRemove(username="mallory")).HasField("ok")
+    assert w.db.offline_count(bob.user_id) == 1
+
+
+@pytest.mark.parametrize("ids", [[2**63], [1, 2**64 - 1]])
+def test_store_ids_beyond_sqlite_are_a_bad_request(ids: list[int]) -> None:
+    w = World()
+    w.account("alice")
+    alice = w.login("alice")
+    assert w.request(alice, offline_ack=pb.OfflineAck(store_ids=ids)).error.code == pb.BAD_REQUEST
+
+
+def test_password_hashing_slots_are_bounded_per_address_and_in_all() -> None:
+    w = World(hashing_max=3, hashing_per_ip=2, login_ip_burst=100)
+    w.account("alice")
+
+    def begin(ip: str) -> tuple[Session, object]:
+        s = w.hub.connect((ip, 1))
+        login = pb.Login(username="alice", password="guess guess", signature=b"")
+        return s, w.hub.begin_login(s, pb.Frame(id=1, login=login), w.now)
+
+    s1, work1 = begin("10.0.0.1")
+    s2, work2 = begin("10.0.0.1")
+    s3, work3 = begin("10.0.0.1")
+    assert work1 is not None and work2 is not None and work3 is None  # third from one address: shed
+    assert w.frames(s3)[-1].error.code == pb.RATE_LIMITED and s3.pause_s > 0
+    s4, work4 = begin("10.0.0.2")
+    _s5, work5 = begin("10.0.0.3")
+    assert work4 is not None and work5 is None  # three in all
+    w.hub.hash_done(s1)
+    s6, work6 = begin("10.0.0.3")
+    assert work6 is not None  # a slot came free
+    for s in (s2, s4, s6):
+        w.hub.hash_done(s)
+    w.hub.hash_done(s6)  # twice is harmless
+    assert w.hub._hashing == {} and w.hub._hashing_total == 0
+
+
+def test_requests_past_a_users_budget_are_refused_and_acks_are_not_metered() -> None:
+    w = World(request_rate=1.0, request_burst=3)
+    w.account("alice")
+    alice = w.login("alice")
+    codes = [w.request(alice, buddy_list=pb.BuddyListRequest()).WhichOneof("body") for _ in range(4)]
+    assert codes == ["buddies", "buddies", "buddies", "error"]
+    assert w.request(alice, offline_ack=pb.OfflineAck()).HasField("ok")
+    w.now += 1.0
+    assert w.request(alice, buddy_list=pb.BuddyListRequest()).HasField("buddies")
+
+
+def test_a_connection_that_does_not_log_in_is_closed_at_the_deadline() -> None:
+    w = World(login_deadline_s=5)
+    w.account("alice")
+    idle = w.hub.connect(("10.0.0.9", 1))
+    assert w.hub.login_deadline(idle, w.now)
+    out = w.hub.take_output()
+    assert out[-1] == (idle, Close(1008, "log in within 5 s"))
+    assert pb.Frame.FromString(out[-2][1]).error.code == pb.NOT_LOGGED_IN  # type: ignore[arg-type]
+    alice = w.login("alice")
+    assert not w.hub.login_deadline(alice, w.now)  # logged in: the deadline means nothing
+
+
+def test_small_order_identity_keys_are_refused_at_register() -> None:
+    from tests.mixedkey import MixedKey
+
+    w = World()
+    s = w.hub.connect(("10.0.0.1", 1))
+    frame = pb.Frame(
+        id=5,
+        register=pb.Register(username="mallory", password="long enough", identity_key=MixedKey().public_key),
+    )
+    assert w.hub.begin_register(s, frame, w.now) is None
+    assert w.frames(s)[-1].error.code == pb.BAD_REQUEST
+
+
+def test_limits_refuse_nonsense() -> None:
+    with pytest.raises(ValueError):
+        Limits(hashing_per_ip=0)
+    with pytest.raises(ValueError):
+        Limits(login_deadline_s=0)
