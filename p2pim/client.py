@@ -35,12 +35,20 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from .identity import fingerprint
+from .identity import fingerprint, valid_public_key
 from .messaging.delivery import Delivery, Failed, Finished, Transmit, Via
-from .messaging.envelope import EnvelopeError, open_envelope, parse_envelope, receipt_body, seal, text_body
-from .messaging.store import ClientStore
+from .messaging.envelope import (
+    EnvelopeError,
+    Opened,
+    open_envelope,
+    parse_envelope,
+    receipt_body,
+    seal,
+    text_body,
+)
+from .messaging.store import ClientStore, Contact
 from .paths.disco import is_disco
 from .paths.manager import PathManager
 from .paths.peer import DEFAULT_KEEPALIVE, Path
@@ -58,6 +66,11 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 MAX_FRAME = 256 * 1024
 RELAY_IDS_KEPT = 4096  # request ids of recent relays, to match a refusal to its message
+BUSY_RETRIES, BUSY_RETRY_MAX_MS = 3, 2000  # a login the server shed for load is tried again
+# Bad input from one buddy (garbage relayed, forged envelopes) is counted always and
+# shown once, then as one summary line per this many seconds: a flood must not
+# become a flood of warnings.
+PROBLEM_EVERY_S = 30.0
 
 PRESENCE_NAMES = {pb.ONLINE: "online", pb.AWAY: "away", pb.OFFLINE: "offline"}
 BUDDY_STATES = {
@@ -203,14 +216,23 @@ class Client:
         quiet: bool = False,
         direct: bool | None = None,
         udp_port: int = 0,
+        inbox: bool = True,
     ) -> None:
         """``quiet``: a short-lived session (one CLI command) that buddies do not see as online.
 
         ``direct``: open a UDP socket and punch direct paths to buddies (default: unless quiet);
         ``udp_port`` is its port (0: any).
+
+        ``inbox``: this session takes delivery of messages (the offline backlog and live
+        texts) and so must show them. A command that shows nothing (a one-shot ``send``)
+        passes False: the server skips the backlog for it, and texts that reach it anyway
+        are neither shown nor acknowledged (a relayed one is resent by its sender and then
+        stored; a stored one stays on the server), so they wait for a session that shows
+        them. Receipts it still takes: they are its own business.
         """
         self.server = server
         self.quiet = quiet
+        self.inbox = inbox
         self.direct = (not quiet) if direct is None else direct
         self.udp_port = udp_port
         self.paths: PathManager | None = None
@@ -222,6 +244,8 @@ class Client:
         self.delivery = Delivery()
         self.counters = {
             "bad_envelopes": 0,
+            "bad_pushes": 0,
+            "left_for_inbox": 0,
             "duplicates": 0,
             "reconnects": 0,
             "sent_direct": 0,
@@ -248,6 +272,7 @@ class Client:
         self._reader_task: asyncio.Task[None] | None = None
         self._closing = False
         self._presence: pb.Presence.ValueType = pb.ONLINE
+        self._problems: dict[str, tuple[float, int]] = {}  # sender -> (last shown, dropped since)
         for row in self.store.outbox():
             self.delivery.add(row.msg_id, row.peer, row.envelope, row.receipt)
 
@@ -274,6 +299,12 @@ class Client:
                 ),
                 CONNECT_TIMEOUT + 1,
             )
+        except InvalidStatus as exc:  # the server answered, and said no (e.g. too many connections)
+            said = exc.response.body.decode("utf-8", "replace").strip()[:200] if exc.response.body else ""
+            raise Unreachable(
+                f"the server at {self.server} refused the connection: "
+                f"{said or 'HTTP ' + str(exc.response.status_code)}"
+            ) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise Unreachable(f"cannot reach the server at {self.server}: {_reason(exc)}") from None
         except InvalidURI:
@@ -443,8 +474,19 @@ class Client:
             want_token=want_token,
             presence=self._presence,
             quiet=self.quiet,
+            leave_offline=not self.inbox,
         )
-        reply = await self._request("login", req)
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                reply = await self._request("login", req)
+                break
+            except ClientError as exc:
+                # A server shedding load says "retry in a second"; a throttled password guess
+                # says far longer, and that one the user should see.
+                busy = exc.code == pb.RATE_LIMITED and 0 < exc.retry_after_ms <= BUSY_RETRY_MAX_MS
+                if not busy or attempt == BUSY_RETRIES:
+                    raise
+                await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
         self.username = username
         if token:
             self._token = token
@@ -498,7 +540,7 @@ class Client:
 
     def _buddy_keys(self) -> dict[bytes, str]:
         """Pinned keys of mutual buddies: nobody else may probe us or send to us directly."""
-        return {k: u for k, u in self.store.keys().items() if u in self._mutual}
+        return {k: u for k, u in self.store.keys().items() if u in self._mutual and valid_public_key(k)}
 
     def _relay_bytes(self, peer: str, data: bytes) -> None:
         ws = self._ws
@@ -576,12 +618,16 @@ class Client:
             )
         if self.paths is not None:
             self.paths.forget_keys()
+            if not self.quiet and self.local_ready.is_set():
+                for peer in self.delivery.online & self._mutual:
+                    self.paths.want(peer)  # a buddy learned just now may have tried to punch already
         return out
 
     def _see_key(self, peer: str, key: bytes) -> bool:
-        """Pin on first sight; report a change (True) and keep the old key."""
-        if len(key) != 32:
-            return False
+        """Pin on first sight; report a change or an unusable key (True) and keep the old key."""
+        if not valid_public_key(key):
+            self._problem(peer, f"the server offers an unusable key for {peer}: ignored")
+            return True
         seen = self.store.see_key(peer, key, _now_ms())
         if seen != "changed":
             return False
@@ -635,6 +681,8 @@ class Client:
         contact = self.store.contact(peer)
         if contact is None:
             raise ClientError(pb.NOT_A_BUDDY, f"{peer} is not a known buddy")
+        if not valid_public_key(contact.identity_key):
+            raise ClientError(KEY_CHANGED, f"the key pinned for {peer} is not a usable key")
         if contact.offered_key is not None:
             raise ClientError(
                 KEY_CHANGED,
@@ -772,26 +820,50 @@ class Client:
             if kind == "ok":
                 self.delivery.stored(msg_id)
             else:
-                self.delivery.refused(msg_id, frame.error.code == pb.PEER_OFFLINE, frame.error.message)
+                self._refused(msg_id, frame.error)
             self._wake.set()
         elif frame.id in self._relay_reqs:  # relays are answered only when refused
-            msg_id = self._relay_reqs.pop(frame.id)
-            self.delivery.refused(msg_id, frame.error.code == pb.PEER_OFFLINE, frame.error.message)
+            self._refused(self._relay_reqs.pop(frame.id), frame.error)
             self._wake.set()
         else:
             future = self._pending.get(frame.id)
             if future is not None and not future.done():
                 future.set_result(frame)
 
+    def _refused(self, msg_id: bytes, error: pb.Error) -> None:
+        # RATE_LIMITED: the server is shedding load; the message waits and goes again.
+        retry = max(0.05, error.retry_after_ms / 1000) if error.code == pb.RATE_LIMITED else 0.0
+        now = asyncio.get_running_loop().time()
+        self.delivery.refused(msg_id, error.code == pb.PEER_OFFLINE, error.message, retry, now)
+
     # -- incoming pushes -------------------------------------------------------------
 
     async def _push_worker(self) -> None:
+        """Handle pushes one by one. Nothing one push holds may end this loop: it serves them all."""
         while True:
             frame, direct = await self._pushes.get()
             await self._logged_in.wait()  # the server pushes right after LoginOk: finish login first
-            # Unreachable: the connection dropped while handling it; offline copies come again.
-            with contextlib.suppress(Unreachable):
+            try:
                 await self._on_push(frame, direct)
+            except Unreachable:
+                pass  # the connection dropped while handling it; offline copies come again
+            except Exception as exc:  # a bug or input nobody foresaw: count it, say it, carry on
+                self.counters["bad_pushes"] += 1
+                log.debug("push %s failed", frame.WhichOneof("body"), exc_info=True)
+                self._problem("", f"could not handle a {frame.WhichOneof('body')} from the server: {exc}")
+
+    def _problem(self, sender: str, message: str) -> None:
+        """Show a problem with ``sender``'s input once, then one summary per :data:`PROBLEM_EVERY_S`."""
+        now = time.monotonic()
+        last, dropped = self._problems.get(sender, (-PROBLEM_EVERY_S, 0))
+        if now - last < PROBLEM_EVERY_S:
+            self._problems[sender] = (last, dropped + 1)
+            return
+        if len(self._problems) > 1024:  # bounded: forget who was shown when
+            self._problems.clear()
+        self._problems[sender] = (now, 0)
+        more = f" ({dropped} more like it since the last warning)" if dropped else ""
+        self._emit(Problem(message + more))
 
     async def _on_push(self, frame: pb.Frame, direct: bool = False) -> None:
         kind = frame.WhichOneof("body")
@@ -808,6 +880,8 @@ class Client:
         elif kind == "presence":
             p = frame.presence
             online = p.presence in (pb.ONLINE, pb.AWAY)
+            if online and p.username not in self._mutual and self.connected:
+                await self._refresh_buddies()  # only buddies' presence is pushed: ours is stale
             self.delivery.presence(p.username, online)
             if self.paths is not None:
                 if not online:
@@ -834,47 +908,88 @@ class Client:
     async def _on_envelope(
         self, sender: str, data: bytes, store_id: int | None, direct: bool = False
     ) -> None:
+        keep = False  # an offline copy to leave on the server, unacknowledged by design
         try:
-            env = parse_envelope(data)
-            if env.sender != sender:
-                raise EnvelopeError(f"envelope claims to be from {env.sender!r} but came from {sender!r}")
-            contact = self.store.contact(sender)
-            if contact is None and self.connected:
-                await self._refresh_buddies()
-                contact = self.store.contact(sender)
-            if contact is None:
-                raise EnvelopeError(f"message from {sender!r}, whose key we do not know")
-            opened = open_envelope(self.profile.identity, self.username, env, contact.identity_key)
+            env, contact, opened = await self._open(sender, data)
         except EnvelopeError as exc:
+            # Unreadable for good (garbage, forged, a stranger): an offline copy is acknowledged
+            # and so deleted, or it would sit in our store for a month crowding out real ones.
             self.counters["bad_envelopes"] += 1
-            self._emit(Problem(f"dropped a message: {exc}"))
-            return  # an offline copy stays on the server (not acknowledged)
-        body = opened.body
-        which = body.WhichOneof("kind")
-        if which == "text":
-            fresh = self.store.add_incoming(env.msg_id, sender, body.text.text, env.sent_at_ms, _now_ms())
-            if fresh:
-                self._emit(Message(sender, body.text.text, env.msg_id, env.sent_at_ms, store_id is not None))
-            else:
-                self.counters["duplicates"] += 1
-            # Receipt even for a duplicate: the sender retransmits because it missed the last one.
-            # It goes back the way the message came: a relayed message may come from another
-            # session of the sender (a one-shot `send`) than the one our direct path reaches.
-            if contact.offered_key is None:
-                receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
-                self._queue(sender, contact.identity_key, receipt, None, relay_only=not direct)
-        elif which == "receipt":
-            ids = [m for m in body.receipt.msg_ids if self.store.outgoing_peer(m) == sender]
-            state = "read" if body.receipt.kind == epb.Receipt.READ else "delivered"
-            moved = [m for m in ids if self.store.advance(m, state)]
-            self.delivery.delivered(ids)
-            self._wake.set()
-            if moved:
-                self._emit(Receipt(sender, state, tuple(moved)))
+            self._problem(sender, f"dropped a message from {sender}: {exc}")
+        except _NotYet as exc:
+            keep = True
+            self._problem(sender, str(exc))
+        else:
+            body = opened.body
+            which = body.WhichOneof("kind")
+            if which == "text" and not self.inbox:
+                # Not ours to show: no receipt, and an offline copy is kept on the server,
+                # so it waits for a session that shows it.
+                self.counters["left_for_inbox"] += 1
+                keep = True
+            elif which == "text":
+                fresh = self.store.add_incoming(env.msg_id, sender, body.text.text, env.sent_at_ms, _now_ms())
+                if fresh:
+                    self._emit(
+                        Message(sender, body.text.text, env.msg_id, env.sent_at_ms, store_id is not None)
+                    )
+                else:
+                    self.counters["duplicates"] += 1
+                # Receipt even for a duplicate: the sender retransmits because it missed the last one.
+                # It goes back the way the message came: a relayed message may come from another
+                # session of the sender (a one-shot `send`) than the one our direct path reaches.
+                if contact.offered_key is None:
+                    receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
+                    self._queue(sender, contact.identity_key, receipt, None, relay_only=not direct)
+            elif which == "receipt":
+                ids = [m for m in body.receipt.msg_ids if self.store.outgoing_peer(m) == sender]
+                state = "read" if body.receipt.kind == epb.Receipt.READ else "delivered"
+                moved = [m for m in ids if self.store.advance(m, state)]
+                self.delivery.delivered(ids)
+                self._wake.set()
+                if moved:
+                    self._emit(Receipt(sender, state, tuple(moved)))
         if store_id is not None and self._ws is not None:
-            ack = pb.Frame(id=self._take_id(), offline_ack=pb.OfflineAck(store_ids=[store_id]))
+            # Every pushed offline envelope is answered: the server sends the next ones as we do.
+            answer = pb.OfflineAck(keep_ids=[store_id]) if keep else pb.OfflineAck(store_ids=[store_id])
+            ack = pb.Frame(id=self._take_id(), offline_ack=answer)
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(ack.SerializeToString())
+
+    async def _open(self, sender: str, data: bytes) -> tuple[epb.Envelope, Contact, Opened]:
+        """Parse and open an envelope from ``sender``.
+
+        Raises :class:`EnvelopeError` for what can never be read, and :class:`_NotYet`
+        for what opens only with a key the user has not trusted yet.
+        """
+        env = parse_envelope(data)
+        if env.sender != sender:
+            raise EnvelopeError(f"envelope claims to be from {env.sender!r} but came from {sender!r}")
+        contact = self.store.contact(sender)
+        if contact is None and self.connected:
+            await self._refresh_buddies()
+            contact = self.store.contact(sender)
+        if contact is None:
+            raise EnvelopeError(f"message from {sender!r}, whose key we do not know")
+        me = self.profile.identity
+        try:
+            return env, contact, open_envelope(me, self.username, env, contact.identity_key)
+        except EnvelopeError:
+            offered = contact.offered_key
+            if offered is None:
+                raise
+        try:
+            open_envelope(me, self.username, env, offered)
+        except EnvelopeError:
+            raise EnvelopeError(f"envelope from {sender!r} failed authentication") from None
+        raise _NotYet(
+            f"a message from {sender} is sealed with their new key; it stays on the server until "
+            f"you check the key and run: p2pim buddy trust {sender}"
+        )
+
+
+class _NotYet(Exception):
+    """An envelope that opens only with a key not yet trusted: kept on the server for later."""
 
 
 def _path_view(path: Path | None) -> tuple[str, str, float | None]:

@@ -192,8 +192,10 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         store = ClientStore(profile.db_path)
         saved = store.account()
         store.close()
-        # Only `listen` shows the user online; one-shot commands are quiet sessions, so
-        # buddies do not see presence flicker each time a message is sent from a script.
+        # Only `listen` and `chat` show the user online; one-shot commands are quiet
+        # sessions, so buddies do not see presence flicker each time a message is sent
+        # from a script. Only commands that show messages take them in: a `send` must
+        # not swallow what arrived while you were away (it waits for `listen`).
         client = Client(
             _server_for(args, saved),
             profile,
@@ -201,6 +203,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
             quiet=args.command not in ("listen", "chat"),
             direct=args.command in ("listen", "chat", "ping"),
             udp_port=getattr(args, "udp_port", 0),
+            inbox=args.command in ("listen", "chat", "login"),
         )
         try:
             if login != "no":

@@ -36,6 +36,7 @@ class Phase(Enum):
     WAITING = "waiting"  # not connected, or waiting for the server's answer to a store
     RELAYED = "relayed"  # sent over the relay, waiting for a receipt
     STORING = "storing"  # store request in flight
+    BACKOFF = "backoff"  # the server said "too fast": try again at ``due``
 
 
 @dataclass
@@ -122,10 +123,19 @@ class Delivery:
         if item is not None:
             self._ready.append(Finished(item, "stored"))
 
-    def refused(self, msg_id: bytes, peer_offline: bool, reason: str) -> None:
-        """The server refused a relay or store of ``msg_id``."""
+    def refused(
+        self, msg_id: bytes, peer_offline: bool, reason: str, retry_in: float = 0.0, now: float = 0.0
+    ) -> None:
+        """The server refused a relay or store of ``msg_id``.
+
+        ``retry_in`` > 0: it was shedding load (rate limited), not refusing the message:
+        the item waits that long and is sent again, never failed.
+        """
         item = self.items.get(msg_id)
         if item is None:
+            return
+        if retry_in > 0:
+            item.phase, item.due = Phase.BACKOFF, now + retry_in
             return
         item.phase = Phase.WAITING
         if peer_offline:
@@ -143,7 +153,7 @@ class Delivery:
         for item in list(self.items.values()):
             if item.phase is Phase.STORING:
                 continue
-            if item.phase is Phase.RELAYED and now < item.due:
+            if item.phase in (Phase.RELAYED, Phase.BACKOFF) and now < item.due:
                 continue
             if item.peer in self.online and item.tries < RELAY_TRIES:
                 item.tries += 1
@@ -158,5 +168,5 @@ class Delivery:
         return actions
 
     def next_timer(self) -> float | None:
-        dues = [i.due for i in self.items.values() if i.phase is Phase.RELAYED]
+        dues = [i.due for i in self.items.values() if i.phase in (Phase.RELAYED, Phase.BACKOFF)]
         return min(dues) if dues else None

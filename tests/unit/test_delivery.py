@@ -115,3 +115,17 @@ def test_a_receipt_for_an_unknown_id_changes_nothing() -> None:
     d.stored(b"nope")
     d.refused(b"nope", peer_offline=False, reason="x")
     assert d.poll(0.0) == []
+
+
+def test_a_server_shedding_load_delays_a_message_and_never_fails_it() -> None:
+    d = Delivery()
+    d.connection(True)
+    d.add(b"1", "bob", b"env", receipt=False)
+    assert sends(d.poll(0.0)) == [(b"1", Via.STORE)]
+    d.refused(b"1", peer_offline=False, reason="too many requests", retry_in=0.5, now=0.0)
+    assert d.poll(0.1) == []  # not failed, not sent again yet
+    assert d.next_timer() == 0.5
+    assert sends(d.poll(0.5)) == [(b"1", Via.STORE)]
+    d.stored(b"1")
+    [fin] = d.poll(0.6)
+    assert isinstance(fin, Finished) and fin.state == "stored"
