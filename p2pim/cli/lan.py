@@ -23,6 +23,13 @@ EXIT_KEY_CHANGED = 8
 EXIT_FAILED = 9
 
 
+GONE = {
+    "left": "left",
+    "timeout": "is gone (no longer heard)",
+    "evicted": "is no longer listed (too many peers on this LAN; pinned peers stay)",
+}
+
+
 def add_parser(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--profile", default=os.environ.get("P2PIM_PROFILE", "default"), help="profile name")
@@ -153,7 +160,7 @@ def _event(ev: Any) -> tuple[dict[str, Any], str]:
         )
     if isinstance(ev, lc.PeerGone):
         return {"event": "peer", "up": False, "reason": ev.reason, **ev.peer.as_dict()}, (
-            f"[{stamp}] * {ev.peer.name} {'left' if ev.reason == 'left' else 'is gone (no announcements)'}"
+            f"[{stamp}] * {ev.peer.name} {GONE.get(ev.reason, 'is gone')}"
         )
     if isinstance(ev, lc.LanMessage):
         tag = "" if ev.encrypted else " [unencrypted]"

@@ -13,13 +13,16 @@ from google.protobuf.message import DecodeError
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from ..identity import Identity
+from ..identity import Identity, valid_public_key
 from ..wire import lan_pb2 as lpb
 
 MAGIC = b"P2PL"
 CONTEXT = b"p2pim-lan-announce\0"
 MAX_ANNOUNCE = 1024
 MAX_NAME = 64
+# An announcement says how often its sender announces; a peer is gone after 3.5 of
+# those. Bounded, or one forged announcement would leave a peer for years.
+MAX_INTERVAL_S = 300
 
 ENTRY, ALIVE, ANSWER, EXIT = (lpb.Announce.ENTRY, lpb.Announce.ALIVE, lpb.Announce.ANSWER, lpb.Announce.EXIT)
 
@@ -60,15 +63,16 @@ def verify(data: bytes) -> Heard:
         ann = lpb.Announce.FromString(signed.announce)
     except DecodeError:
         raise AnnounceError("garbled") from None
-    if len(ann.identity_key) != 32 or len(signed.signature) != 64:
-        raise AnnounceError("bad key or signature length")
+    if not valid_public_key(ann.identity_key) or len(signed.signature) != 64:
+        raise AnnounceError("bad key or signature")
     if not valid_name(ann.name) or not 0 < ann.port < 65536 or ann.kind not in (ENTRY, ALIVE, ANSWER, EXIT):
         raise AnnounceError("bad field")
     try:
         VerifyKey(ann.identity_key).verify(CONTEXT + signed.announce, signed.signature)
     except (BadSignatureError, ValueError):
         raise AnnounceError("bad signature") from None
-    return Heard(ann.kind, ann.name, bytes(ann.identity_key), ann.port, ann.at_ms, max(1, ann.interval_s))
+    interval = min(MAX_INTERVAL_S, max(1, ann.interval_s))
+    return Heard(ann.kind, ann.name, bytes(ann.identity_key), ann.port, ann.at_ms, interval)
 
 
 def valid_name(name: str) -> bool:

@@ -14,9 +14,18 @@ on every LAN we are on". Two kinds of peer share the picture:
   in SQLite, so a message typed before a crash still goes out when the peer
   is next seen, and receivers drop duplicates by message id.
 * **IP Messenger peers** (IP Messenger, iptux, FeiQ) speak Draft-9 on UDP
-  2425: plain text, shown as unencrypted.
+  2425: plain text, shown as unencrypted. They announce only at start and
+  exit, so one silent for :data:`IPMSG_IDLE` seconds is asked (a unicast
+  BR_ENTRY, which every client answers with ANSENTRY) and is gone after
+  :data:`IPMSG_PROBES` unanswered asks.
 
-Garbage on either port is dropped and counted in :attr:`LanCore.counters`.
+Anyone on the LAN may send anything, so everything here is bounded: at most
+:data:`MAX_PEERS` peers (when full, the unpinned peer heard from longest ago
+makes room; pinned peers are never pushed out), announcement intervals of at
+most :data:`announce.MAX_INTERVAL_S`, and a key is pinned (written to the
+profile) only when a message is exchanged with it; until then it lives in
+memory. Garbage on either port is dropped and counted in
+:attr:`LanCore.counters`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ DEFAULT_INTERVAL = 10.0
 EXPIRE_AFTER = 3.5  # intervals without an announcement
 RTO_FIRST, RTO_MAX = 0.5, 8.0
 IPMSG_RTO, IPMSG_TRIES = 1.0, 6
+IPMSG_IDLE = 60.0  # an IP Messenger peer silent this long is asked whether it is still there
+IPMSG_PROBE_GAP, IPMSG_PROBES = 5.0, 3  # ... this often, this many times, then it is gone
+MAX_PEERS = 256
+MAX_REMEMBERED = 4096  # announcement times (replay protection) and names seen, per run
 MAX_DATA = 60 * 1024
 PREFIX = "lan:"  # contacts and history of LAN peers, apart from server buddies
 P2PIM_GROUP = "p2pim"  # our IP Messenger group name: how p2pim instances skip each other there
@@ -60,6 +73,10 @@ class LanPeer:
     expires: float | None = None
     last_at_ms: int = 0
     key_changed: bool = False
+    pinned: bool = False  # its key is in the profile (a message was exchanged); never evicted
+    heard: float = 0.0  # when we last heard from it
+    probes: int = 0  # IP Messenger: unanswered "are you there?" asks
+    next_probe: float = 0.0
 
     @property
     def encrypted(self) -> bool:
@@ -170,6 +187,9 @@ class LanCore:
             "duplicates": 0,
             "ipmsg_malformed": 0,
             "ipmsg_duplicates": 0,
+            "peers_full": 0,
+            "evicted": 0,
+            "name_conflicts": 0,
         }
     )
     _sends: list[Send] = field(default_factory=list)
@@ -177,8 +197,11 @@ class LanCore:
     _out: dict[bytes, _Out] = field(default_factory=dict)
     _ipmsg_out: dict[int, _IpmsgOut] = field(default_factory=dict)
     _ipmsg_seen: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
-    _ever: set[str] = field(default_factory=set)
-    _last_at: dict[bytes, int] = field(default_factory=dict)  # newest announcement time per key
+    _ever: set[str] = field(default_factory=set)  # names seen this run (bounded)
+    # newest announcement time per key, bounded (least recently heard forgotten first)
+    _last_at: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    _conflicts: set[bytes] = field(default_factory=set)  # keys warned about (bounded)
+    _recent: OrderedDict[str, bytes] = field(default_factory=OrderedDict)  # gone, unpinned: name -> key
     _next_announce: float = 0.0
     _packetno: int = field(default_factory=lambda: int(time.time()))
     _last_ms: int = 0
@@ -221,13 +244,15 @@ class LanCore:
         peer: LanPeer | None = self.find(to)
         if peer is None:
             known = self.store.contact(PREFIX + to)
-            if known is None:
+            key = known.identity_key if known is not None else self._recent.get(to)
+            if key is None:
                 raise LanError(f"nobody called {to!r} on this LAN (p2pim lan peers)")
-            peer = LanPeer(to, "p2pim", ("0.0.0.0", 0), known.identity_key)  # queued until seen
+            peer = LanPeer(to, "p2pim", ("0.0.0.0", 0), key, pinned=known is not None)  # queued until seen
         if peer.kind == "ipmsg":
             return self._send_ipmsg(peer, text, now)
         if peer.key_changed:
             raise LanError(f"{peer.name}'s key changed; check it, then: p2pim lan trust {peer.name}")
+        self._pin(peer)
         try:
             body = text_body(text)
         except ValueError as exc:
@@ -236,8 +261,12 @@ class LanCore:
         return msg_id.hex()
 
     def known(self, name: str) -> bool:
-        """Here now, or seen before (its key is pinned): a message to it can be queued."""
-        return self.find(name) is not None or self.store.contact(PREFIX + name) is not None
+        """Here now, or seen before (pinned, or earlier in this run): a message to it can be queued."""
+        return (
+            self.find(name) is not None
+            or name in self._recent
+            or self.store.contact(PREFIX + name) is not None
+        )
 
     def find(self, name: str) -> LanPeer | None:
         if name in self.peers:
@@ -251,10 +280,16 @@ class LanCore:
         if now >= self._next_announce:
             self._announce(announce.ALIVE, None)
             self._next_announce = now + self.interval
-        for name, peer in list(self.peers.items()):
+        for peer in list(self.peers.values()):
             if peer.expires is not None and now >= peer.expires:
-                del self.peers[name]
-                self._events.append(PeerGone(peer, "timeout"))
+                self._gone(peer, "timeout")
+            elif peer.kind == "ipmsg" and now >= self._probe_due(peer):
+                if peer.probes >= IPMSG_PROBES:
+                    self._gone(peer, "timeout")
+                    continue
+                peer.probes += 1
+                peer.next_probe = now + IPMSG_PROBE_GAP
+                self._ipmsg(peer.addr, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
         for item in list(self._out.values()):
             to = self.peers.get(item.peer)
             if to is None or to.kind != "p2pim" or now < item.due:
@@ -283,9 +318,52 @@ class LanCore:
     def next_timer(self) -> float:
         dues = [self._next_announce]
         dues += [p.expires for p in self.peers.values() if p.expires is not None]
+        dues += [self._probe_due(p) for p in self.peers.values() if p.kind == "ipmsg"]
         dues += [o.due for o in self._out.values() if o.peer in self.peers]
         dues += [o.due for o in self._ipmsg_out.values()]
         return min(dues)
+
+    @staticmethod
+    def _probe_due(peer: LanPeer) -> float:
+        return max(peer.heard + IPMSG_IDLE, peer.next_probe)
+
+    def _admit(self, name: str) -> bool:
+        """Room for a new peer ``name``? When full, the unpinned peer heard longest ago goes."""
+        if name in self.peers or len(self.peers) < MAX_PEERS:
+            return True
+        unpinned = [p for p in self.peers.values() if not p.pinned]
+        if not unpinned:
+            self.counters["peers_full"] += 1
+            return False
+        self.counters["evicted"] += 1
+        self._gone(min(unpinned, key=lambda p: p.heard), "evicted")
+        return True
+
+    def _gone(self, peer: LanPeer, reason: str) -> None:
+        """``peer`` left the table; an unpinned p2pim peer's key is remembered (bounded) for
+        this run, so a message typed to it is still queued until it is back."""
+        del self.peers[peer.name]
+        self._events.append(PeerGone(peer, reason))
+        if peer.kind == "p2pim" and not peer.pinned and not peer.key_changed:
+            self._recent[peer.name] = peer.key
+            self._recent.move_to_end(peer.name)
+            if len(self._recent) > MAX_PEERS:
+                self._recent.popitem(last=False)
+
+    def _pin(self, peer: LanPeer) -> None:
+        """Keep ``peer``'s key in the profile: from now on another key for its name is a warning."""
+        if not peer.pinned and peer.kind == "p2pim":
+            self.store.see_key(PREFIX + peer.name, peer.key, int(time.time() * 1000))
+            peer.pinned = True
+
+    def _remember(self, name: str) -> bool:
+        """Note that ``name`` was here this run; True if it had been before."""
+        if name in self._ever:
+            return True
+        if len(self._ever) >= MAX_REMEMBERED:
+            self._ever.clear()
+        self._ever.add(name)
+        return False
 
     def pending(self) -> int:
         """Messages (not receipts) still waiting for their receipt."""
@@ -307,29 +385,47 @@ class LanCore:
             return
         if heard.key == self.identity.public_key:
             return  # our own broadcast, looped back
-        seen = self.store.see_key(PREFIX + heard.name, heard.key, int(time.time() * 1000))
         old = self.peers.get(heard.name)
-        if seen == "changed":
-            if old is None or not old.key_changed:
-                pinned = self.store.contact(PREFIX + heard.name)
+        contact = self.store.contact(PREFIX + heard.name)
+        if contact is not None and contact.identity_key != heard.key:
+            seen = self.store.see_key(PREFIX + heard.name, heard.key, int(time.time() * 1000))
+            if seen == "changed" and (old is None or not old.key_changed):
                 self._events.append(
                     LanWarning(
                         f"{heard.name} now announces a different key ({fingerprint(heard.key)}; pinned "
-                        f"{fingerprint(pinned.identity_key) if pinned else '?'}): not trusted. If they "
+                        f"{fingerprint(contact.identity_key)}): not trusted. If they "
                         f"really changed it: p2pim lan trust {heard.name}"
                     )
                 )
             if old is not None:
                 old.key_changed = True
             return
+        if contact is None and old is not None and old.key != heard.key:
+            # Two keys claim one name and neither is pinned: the one here first keeps it.
+            self.counters["name_conflicts"] += 1
+            if heard.key not in self._conflicts:
+                if len(self._conflicts) >= MAX_REMEMBERED:
+                    self._conflicts.clear()
+                self._conflicts.add(heard.key)
+                self._events.append(
+                    LanWarning(
+                        f"another key ({fingerprint(heard.key)}) also announces itself as {heard.name}: "
+                        f"ignored while the first ({fingerprint(old.key)}) is here"
+                    )
+                )
+            return
         if heard.at_ms <= self._last_at.get(heard.key, -1):
             self.counters["replayed"] += 1  # also after it left: an old ENTRY must not bring it back
             return
         self._last_at[heard.key] = heard.at_ms
+        self._last_at.move_to_end(heard.key)
+        if len(self._last_at) > MAX_REMEMBERED:
+            self._last_at.popitem(last=False)
         if heard.kind == announce.EXIT:
             if old is not None:
-                del self.peers[heard.name]
-                self._events.append(PeerGone(old, "left"))
+                self._gone(old, "left")
+            return
+        if not self._admit(heard.name):
             return
         addr = (src[0], heard.port)
         peer = LanPeer(
@@ -339,11 +435,12 @@ class LanCore:
             heard.key,
             expires=now + EXPIRE_AFTER * heard.interval_s,
             last_at_ms=heard.at_ms,
+            pinned=contact is not None,
+            heard=now,
         )
         self.peers[heard.name] = peer
         if old is None or old.addr != addr:
-            self._events.append(PeerUp(peer, heard.name in self._ever))
-            self._ever.add(heard.name)
+            self._events.append(PeerUp(peer, self._remember(heard.name)))
             for item in self._out.values():  # it is (back) here: send now
                 if item.peer == heard.name:
                     item.due = now
@@ -354,17 +451,24 @@ class LanCore:
         try:
             env = parse_envelope(data)
             contact = self.store.contact(PREFIX + env.sender)
-            if contact is None:
+            peer = self.peers.get(env.sender)
+            if contact is not None:
+                key = contact.identity_key
+            elif peer is not None and peer.kind == "p2pim":
+                key = peer.key  # announced, not pinned yet: this message pins it
+            else:
                 self.counters["unknown_sender"] += 1
                 return
-            opened = open_envelope(self.identity, self.name, env, contact.identity_key)
+            opened = open_envelope(self.identity, self.name, env, key)
         except EnvelopeError:
             self.counters["bad_envelopes"] += 1
             return
         sender = env.sender
-        peer = self.peers.get(sender)
-        if peer is not None and peer.addr != src:
-            peer.addr = src  # authenticated by the envelope: it moved (a restart)
+        if peer is not None:
+            self._pin(peer)
+            peer.heard = now
+            if peer.addr != src:
+                peer.addr = src  # authenticated by the envelope: it moved (a restart)
         body = opened.body
         kind = body.WhichOneof("kind")
         if kind == "text":
@@ -376,7 +480,7 @@ class LanCore:
             else:
                 self.counters["duplicates"] += 1
             receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
-            rid = self._queue(sender, contact.identity_key, receipt, None, now)
+            rid = self._queue(sender, key, receipt, None, now)
             if peer is None:  # not announced yet (we just started): answer where it came from
                 item = self._out.pop(rid)
                 self.store.outbox_done(rid, None)
@@ -431,6 +535,9 @@ class LanCore:
         if pkt.user == self.name and pkt.host == self.host and pkt.packetno <= self._packetno:
             return  # our own broadcast
         mode = pkt.mode
+        for p in self.peers.values():  # anything from it answers our "are you there?"
+            if p.kind == "ipmsg" and p.addr == src:
+                p.heard, p.probes, p.next_probe = now, 0, 0.0
         nick = pkt.text() or pkt.user
         name = f"{nick.replace('@', '_')}@{src[0]}"
         if mode in (ipmsg.BR_ENTRY, ipmsg.ANSENTRY, ipmsg.BR_ABSENCE) and pkt.group() == P2PIM_GROUP:
@@ -439,20 +546,25 @@ class LanCore:
             old = next((p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src), None)
             if old is not None and old.name != name:
                 del self.peers[old.name]
+            if old is None and not self._admit(name):
+                return
             peer = LanPeer(
-                name, "ipmsg", src, host=pkt.host, group=pkt.group(), away=pkt.has(ipmsg.ABSENCEOPT)
+                name,
+                "ipmsg",
+                src,
+                host=pkt.host,
+                group=pkt.group(),
+                away=pkt.has(ipmsg.ABSENCEOPT),
+                heard=now,
             )
             self.peers[name] = peer
             if old is None:
-                self._events.append(PeerUp(peer, name in self._ever))
-                self._ever.add(name)
+                self._events.append(PeerUp(peer, self._remember(name)))
             if mode == ipmsg.BR_ENTRY:
                 self._ipmsg(src, ipmsg.ANSENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
         elif mode == ipmsg.BR_EXIT:
-            gone = [p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src]
-            for p in gone:
-                del self.peers[p.name]
-                self._events.append(PeerGone(p, "left"))
+            for p in [p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src]:
+                self._gone(p, "left")
         elif mode == ipmsg.SENDMSG:
             sender = next((p.name for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src), None)
             sender = sender or f"{pkt.user.replace('@', '_')}@{src[0]}"

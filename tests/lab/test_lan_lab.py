@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -205,5 +206,54 @@ def test_garbage_on_every_port_is_counted_and_chat_goes_on(lan: tuple[Topology, 
     finally:
         for p in (alice, bob):
             if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(5)
+
+
+FORGER = """
+import socket, sys, time
+from p2pim.identity import Identity
+from p2pim.lan import announce
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+for i in range(int(sys.argv[1])):
+    # a fresh key each time, validly signed, claiming to announce once a year
+    data = announce.make(Identity.generate(), announce.ALIVE, f"forged{i}", 7000, 10**13 + i, 365 * 86400)
+    s.sendto(data, ("10.0.1.255", 2426))
+    if i % 100 == 99:
+        time.sleep(0.02)
+"""
+
+
+def test_thousands_of_forged_peers_are_bounded_and_real_peers_still_chat(lan: tuple[Topology, str]) -> None:
+    topo, tmp = lan
+    alice = _lan(topo, tmp, "h1", "alice")
+    bob: JsonProcess | None = None
+    try:
+        done = topo.run("h1c", [sys.executable, "-c", FORGER, "3000"])
+        assert done.returncode == 0, done.stderr
+        bob = _lan(topo, tmp, "h1b", "bob")
+        assert alice.wait(_up("bob"), 5) is not None
+        alice.type("bob: through the noise")
+        assert bob.wait(lambda e: e.get("event") == "message" and e.get("text") == "through the noise", 5)
+        assert alice.wait(lambda e: e.get("event") == "delivered", 5) is not None
+        listed, most = 0, 0
+        for _, e in alice.log:
+            if e.get("event") == "peer":
+                listed += 1 if e.get("up") else -1
+                most = max(most, listed)
+        assert most <= 256  # never more peers than the bound, whatever the LAN says
+        alice.proc.stdin.close()  # type: ignore[union-attr]
+        assert alice.wait(lambda e: e.get("event") == "stats", 10) is not None
+        stats = next(e for _, e in alice.log if e.get("event") == "stats")
+        assert int(stats["evicted"]) >= 2000, json.dumps(stats)  # most of 3000 arrived and made room
+        # Nothing of the flood reached the disk: only bob, with whom a message was exchanged.
+        db = Path(tmp) / "alice" / "p2pim" / "profiles" / "default" / "lan.db"
+        with sqlite3.connect(db) as conn:
+            rows = [r[0] for r in conn.execute("SELECT username FROM contacts WHERE username LIKE 'lan:%'")]
+        assert rows == ["lan:bob"]
+    finally:
+        for p in (alice, bob):
+            if p is not None and p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait(5)

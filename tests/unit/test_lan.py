@@ -11,8 +11,11 @@ from hypothesis import strategies as st
 
 from p2pim.identity import Identity
 from p2pim.lan import announce, ipmsg
-from p2pim.lan.core import LanCore, LanDelivered, LanMessage, LanWarning, PeerGone, PeerUp, Send
+from p2pim.lan import core as ipmsg_core
+from p2pim.lan.core import MAX_PEERS, LanCore, LanDelivered, LanMessage, LanWarning, PeerGone, PeerUp, Send
 from p2pim.messaging.store import ClientStore
+from p2pim.wire import lan_pb2 as lpb
+from tests.mixedkey import MixedKey
 
 # -- IP Messenger codec ------------------------------------------------------------------
 
@@ -176,11 +179,120 @@ def test_a_changed_key_for_a_known_name_is_a_warning_and_sends_are_refused(tmp_p
     net.a.start(0.0)
     net.b.start(0.0)
     net.run(0.0, 0.5)
+    net.a.send("bob", "hello", 0.5)  # an exchange: now bob's key is pinned
+    net.run(0.5, 1.0)
     impostor = Identity.generate()
     fake = announce.make(impostor, announce.ALIVE, "bob", 6000, 10**13, 1)
-    net.a.datagram("discovery", fake, ("10.0.0.9", 6000), 0.6)
-    _, events = net.a.poll(0.6)
+    net.a.datagram("discovery", fake, ("10.0.0.9", 6000), 1.1)
+    _, events = net.a.poll(1.1)
     assert any(isinstance(e, LanWarning) and "different key" in e.message for e in events)
     assert net.a.peers["bob"].addr == ("10.0.0.2", 5002)  # still the real bob
     with pytest.raises(Exception, match="key changed"):
-        net.a.send("bob", "to whom?", 0.7)
+        net.a.send("bob", "to whom?", 1.2)
+
+
+def _lan_rows(core: LanCore) -> int:
+    return int(
+        core.store.conn.execute("SELECT COUNT(*) FROM contacts WHERE username LIKE 'lan:%'").fetchone()[0]
+    )
+
+
+def test_keys_are_pinned_only_after_a_message_exchange(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.a.start(0.0)
+    net.b.start(0.0)
+    net.run(0.0, 0.5)
+    assert "bob" in net.a.peers and "alice" in net.b.peers
+    assert _lan_rows(net.a) == 0 and _lan_rows(net.b) == 0  # discovery alone writes nothing
+    net.a.send("bob", "hi", 0.5)
+    assert net.a.store.contact("lan:bob") is not None  # we wrote to bob: pinned
+    net.run(0.5, 1.0)
+    assert net.b.store.contact("lan:alice") is not None  # bob opened alice's message: pinned
+    assert [e.text for e in net.events["bob"] if isinstance(e, LanMessage)] == ["hi"]
+
+
+def test_two_unpinned_keys_for_one_name_the_first_keeps_it(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.a.start(0.0)
+    net.b.start(0.0)
+    net.run(0.0, 0.5)
+    squatter = Identity.generate()
+    for t in (0.6, 0.7):  # twice: one warning, two counts
+        fake = announce.make(squatter, announce.ALIVE, "bob", 6000, int(t * 1000) + 10**13, 1)
+        net.a.datagram("discovery", fake, ("10.0.0.9", 6000), t)
+    _, events = net.a.poll(0.7)
+    warnings = [e for e in events if isinstance(e, LanWarning)]
+    assert len(warnings) == 1 and "also announces itself as bob" in warnings[0].message
+    assert net.a.counters["name_conflicts"] == 2
+    assert net.a.peers["bob"].key == net.b.identity.public_key
+    net.a.send("bob", "to the first bob", 0.8)
+    net.run(0.8, 1.5)
+    assert [e.text for e in net.events["bob"] if isinstance(e, LanMessage)] == ["to the first bob"]
+
+
+def test_a_flood_of_forged_announcements_is_bounded_in_memory_disk_and_time(tmp_path: Path) -> None:
+    net = Net(tmp_path)
+    net.a.start(0.0)
+    net.b.start(0.0)
+    net.run(0.0, 0.5)
+    net.a.send("bob", "pin me", 0.5)
+    net.run(0.5, 1.0)
+    assert net.a.peers["bob"].pinned
+    forged = [Identity.generate() for _ in range(600)]
+    for i, ident in enumerate(forged):  # each claims to announce once a year
+        data = announce.make(ident, announce.ALIVE, f"f{i}", 7000, 10**13 + i, 365 * 86400)
+        net.a.datagram("discovery", data, (f"10.0.{i // 250}.{i % 250 + 1}", 7000), 1.0)
+    assert len(net.a.peers) <= MAX_PEERS
+    assert "bob" in net.a.peers  # pinned peers are never pushed out by strangers
+    assert net.a.counters["evicted"] >= 600 - MAX_PEERS
+    assert _lan_rows(net.a) == 1  # only bob, with whom a message was exchanged
+    # The interval is capped: 3.5 x 300 s later, every forged peer has expired.
+    net.a.poll(1.0 + 3.5 * announce.MAX_INTERVAL_S + 1)
+    assert not any(name.startswith("f") for name in net.a.peers)
+
+
+def test_announced_interval_is_capped_and_small_order_keys_are_refused() -> None:
+    me = Identity.generate()
+    heard = announce.verify(announce.make(me, announce.ALIVE, "alice", 4000, 1, 10**9))
+    assert heard.interval_s == announce.MAX_INTERVAL_S
+    mixed = MixedKey()  # signs announcements libsodium verifies, but is no box key
+    body = lpb.Announce(
+        kind=announce.ALIVE, name="mallory", identity_key=mixed.public_key, port=4000, at_ms=1, interval_s=1
+    ).SerializeToString()
+    signed = lpb.SignedAnnounce(announce=body, signature=mixed.sign(announce.CONTEXT + body))
+    with pytest.raises(announce.AnnounceError):
+        announce.verify(announce.MAGIC + signed.SerializeToString())
+
+
+def _ipmsg_core(tmp: Path) -> LanCore:
+    return LanCore(Identity.generate(), "alice", ClientStore(tmp / "a.db"), 5001, interval=10.0)
+
+
+def test_an_ip_messenger_peer_that_stops_answering_is_asked_then_gone(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.start(0.0)
+    core.poll(0.0)
+    iptux = ("10.0.0.7", 2425)
+    quiet = ("10.0.0.8", 2425)
+    for n, addr in enumerate((iptux, quiet), start=1):
+        core.datagram(
+            "ipmsg", ipmsg.encode(n, "u", "h", ipmsg.BR_ENTRY, ipmsg.entry_extra(f"p{n}")), addr, 1.0
+        )
+    core.poll(1.0)
+    assert {p.name for p in core.peers.values() if p.kind == "ipmsg"} == {"p1@10.0.0.7", "p2@10.0.0.8"}
+    asked: dict[tuple[str, int], int] = {}
+    gone: list[str] = []
+    t = 1.0
+    while t < 1.0 + ipmsg_core.IPMSG_IDLE + 30:
+        t = core.next_timer()
+        sends, events = core.poll(t)
+        for s in sends:
+            if s.channel == "ipmsg" and s.dest is not None and ipmsg.parse(s.data).mode == ipmsg.BR_ENTRY:
+                asked[s.dest] = asked.get(s.dest, 0) + 1
+                if s.dest == iptux:  # this one answers, as real clients do
+                    answer = ipmsg.encode(9, "u", "h", ipmsg.ANSENTRY, ipmsg.entry_extra("p1"))
+                    core.datagram("ipmsg", answer, iptux, t)
+        gone += [e.peer.name for e in events if isinstance(e, PeerGone) and e.reason == "timeout"]
+    assert gone == ["p2@10.0.0.8"]
+    assert asked[quiet] == ipmsg_core.IPMSG_PROBES
+    assert asked[iptux] >= 1 and "p1@10.0.0.7" in core.peers
