@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -85,9 +86,13 @@ def free_tcp_port(ip: str = "127.0.0.1") -> int:
 class RendezvousProcess:
     """A real ``rendezvous serve`` on loopback, with its own database file."""
 
-    def __init__(self, db: Path, extra: tuple[str, ...] = (), port: int | None = None) -> None:
+    def __init__(
+        self, db: Path, extra: tuple[str, ...] = (), port: int | None = None, files: int | None = None
+    ) -> None:
+        """``files``: the server's open-file limit (soft and hard), to run it out of descriptors."""
         self.db = db
         self.extra = extra
+        self.files = files
         self.port = port or free_tcp_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
@@ -98,7 +103,15 @@ class RendezvousProcess:
         if "--stun-port" not in self.extra:
             argv.append("--no-stun")
         argv += ["--kdf-cost", "min", *self.extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        files = self.files
+
+        def limit() -> None:
+            if files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit
+        )
         assert self.proc.stdout is not None
         banner = self.proc.stdout.readline()
         if "control on" not in banner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,8 +86,21 @@ class Raw:
         self.ws, self.nonce = ws, nonce
 
     @classmethod
-    async def open(cls, url: str) -> Raw:
-        ws = await connect(url, max_size=None, compression=None)
+    async def open(cls, url: str, local: str | None = None, rcvbuf: int = 0) -> Raw:
+        """Connect from ``local`` (a 127.x address: another source IP), optionally with a tiny
+        receive buffer and no read-ahead (``rcvbuf``: a peer that will stop reading)."""
+        kwargs: dict[str, Any] = {}
+        if rcvbuf:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((local or "127.0.0.1", 0))
+            host, port = url.removeprefix("ws://").rsplit(":", 1)
+            sock.connect((host, int(port)))
+            sock.setblocking(False)
+            kwargs.update(sock=sock, max_queue=1)
+        elif local:
+            kwargs["local_addr"] = (local, 0)
+        ws = await connect(url, max_size=None, compression=None, ping_interval=None, **kwargs)
         first = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
         assert first.WhichOneof("body") == "challenge"
         return cls(ws, first.challenge.nonce)
@@ -119,3 +133,31 @@ async def gather_for(client: Client, kind: type[E], seconds: float) -> list[E]:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(scan(), seconds)
     return got
+
+
+async def until(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait until ``cond()`` is true (checked every 20 ms); fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Recorder:
+    """Every event of a client, kept in order while the test does other things."""
+
+    def __init__(self, client: Client) -> None:
+        self.events: list[Event] = []
+        self._task = asyncio.create_task(self._run(client))
+
+    async def _run(self, client: Client) -> None:
+        async for ev in client.events():
+            self.events.append(ev)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def stop(self) -> None:
+        self._task.cancel()
