@@ -52,6 +52,7 @@ bench: install system-deps
 	$(BIN)/python bench/relay_bench.py
 	$(BIN)/python bench/paths_bench.py
 	$(BIN)/python bench/lan_bench.py
+	$(BIN)/python bench/abuse_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
