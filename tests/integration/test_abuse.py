@@ -14,7 +14,9 @@ import os
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -46,6 +48,15 @@ from .chatutil import (
 
 def _serve(tmp_path: Path, *extra: str, files: int | None = None) -> RendezvousProcess:
     return RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "30", *extra), files=files)
+
+
+def _run(srv: RendezvousProcess, test: Coroutine[Any, Any, None]) -> str:
+    """Run the test's coroutine against ``srv``, stop the server (also on failure), return its output."""
+    try:
+        asyncio.run(test)
+    finally:
+        out = srv.stop()
+    return out
 
 
 def _counters(output: str) -> dict[str, int]:
@@ -108,10 +119,7 @@ def test_a_buddy_that_stops_reading_stalls_nobody(tmp_path: Path) -> None:
         await flood.ws.close()
         stalled.ws.transport.abort()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["slow_consumers"] >= 1
 
 
@@ -137,10 +145,7 @@ def test_a_stalled_reader_is_dropped_by_the_watchdog(tmp_path: Path) -> None:
         await flood.ws.close()
         stalled.ws.transport.abort()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["slow_consumers"] >= 1
 
 
@@ -182,10 +187,7 @@ def test_a_long_backlog_read_at_full_speed_while_buddies_relay_is_never_cut(tmp_
         for c in (alice, bob, carol):
             await c.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["slow_consumers"] == 0
 
 
@@ -236,10 +238,7 @@ def test_identity_keys_with_a_small_order_component_are_refused_and_stop_nobody(
         await alice.close()
         await bob.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 def test_an_out_of_range_store_id_is_a_bad_request_not_a_broken_connection(tmp_path: Path) -> None:
@@ -258,10 +257,7 @@ def test_an_out_of_range_store_id_is_a_bad_request_not_a_broken_connection(tmp_p
         assert (await raw.request(buddy_list=pb.BuddyListRequest())).WhichOneof("body") == "buddies"
         await raw.ws.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert "Traceback" not in out
     assert _counters(out)["internal_errors"] == 0
 
@@ -286,10 +282,7 @@ def test_a_connection_that_does_not_log_in_is_closed_at_the_deadline(tmp_path: P
         assert a.connected
         await a.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["login_timeouts"] == 1
 
 
@@ -329,10 +322,7 @@ def test_many_idle_connections_from_one_address_lock_nobody_out(tmp_path: Path) 
         for c in (alice, bob):
             await c.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 def test_out_of_descriptors_the_server_refuses_clearly_and_logs_little(tmp_path: Path) -> None:
@@ -444,10 +434,7 @@ def test_one_sender_cannot_fill_a_store_and_garbage_is_discarded(tmp_path: Path)
             await c.close()
         await raw.ws.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 # -- 8: load shedding and the rest ----------------------------------------------------------------
@@ -489,10 +476,7 @@ def test_a_login_flood_is_shed_and_an_honest_login_goes_through(tmp_path: Path) 
         assert codes.count(pb.RATE_LIMITED) > len(codes) // 2
         assert set(codes) <= {pb.RATE_LIMITED, pb.AUTH_FAILED}
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["hashing_shed"] > 0
 
 
@@ -515,10 +499,7 @@ def test_registrations_have_their_own_stricter_bucket(tmp_path: Path) -> None:
         assert (await raw.login("user0", idents[0])).HasField("login_ok")  # logins are not held back
         await raw.ws.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 def test_garbage_relayed_by_a_buddy_is_one_warning_not_one_each(tmp_path: Path) -> None:
@@ -542,10 +523,7 @@ def test_garbage_relayed_by_a_buddy_is_one_warning_not_one_each(tmp_path: Path) 
         await alice.close()
         await mallory.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 def test_a_one_shot_send_leaves_the_backlog_for_listen(tmp_path: Path) -> None:
@@ -578,10 +556,7 @@ def test_a_one_shot_send_leaves_the_backlog_for_listen(tmp_path: Path) -> None:
         assert texts == [f"while away {i}" for i in range(3)]
         await alice.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        srv.stop()
+    _run(srv, go())
 
 
 def test_requests_past_the_budget_slow_a_client_down_and_lose_nothing(tmp_path: Path) -> None:
@@ -608,8 +583,5 @@ def test_requests_past_the_budget_slow_a_client_down_and_lose_nothing(tmp_path: 
         await raw.ws.close()
         await alice.close()
 
-    try:
-        asyncio.run(go())
-    finally:
-        out = srv.stop()
+    out = _run(srv, go())
     assert _counters(out)["requests_throttled"] >= 10
