@@ -67,8 +67,8 @@ class Admission:
     def open(self, ip: str, now: float) -> tuple[Verdict, str]:
         """A connection from ``ip`` was accepted: what to do with it, and the reason if refused."""
         here, waiting = self.per_ip.get(ip, 0), self.pending.get(ip, 0)
-        _bump(self.per_ip, ip, 1)
-        _bump(self.pending, ip, 1)
+        bump(self.per_ip, ip, 1)
+        bump(self.pending, ip, 1)
         self.total += 1
         if self.total > self.max_total:
             reason = "the server is full; try again in a minute"
@@ -90,20 +90,21 @@ class Admission:
 
     def logged_in(self, ip: str) -> None:
         """A connection from ``ip`` logged in: it no longer counts as waiting."""
-        _bump(self.pending, ip, -1)
+        bump(self.pending, ip, -1)
 
     def close(self, ip: str, verdict: Verdict, logged_in: bool) -> None:
         """That connection is gone (``verdict`` is what :meth:`open` said)."""
         self.total -= 1
-        _bump(self.per_ip, ip, -1)
+        bump(self.per_ip, ip, -1)
         if not logged_in:
-            _bump(self.pending, ip, -1)
+            bump(self.pending, ip, -1)
         if verdict is Verdict.REFUSE:
             self.refusing -= 1
 
 
-def _bump(table: dict[str, int], key: str, by: int) -> None:
-    """Add ``by`` to ``table[key]``, deleting the key at zero (the table holds only live addresses)."""
+def bump(table: dict[str, int], key: str, by: int) -> None:
+    """Add ``by`` to ``table[key]``, deleting the key at zero: a table of counts per address
+    holds only addresses with something live, so its size is bounded by what is live."""
     value = table.get(key, 0) + by
     if value > 0:
         table[key] = value

@@ -53,6 +53,7 @@ from p2pim.identity import valid_public_key, verify_login
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
 
+from .admission import bump
 from .db import Database, User
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
 from .ratelimit import RateLimiter
@@ -441,7 +442,7 @@ class Hub:
             raise RequestError(
                 pb.RATE_LIMITED, "the server is busy checking passwords; retry in a second", 1000
             )
-        self._hashing[ip] = self._hashing.get(ip, 0) + 1
+        bump(self._hashing, ip, 1)
         self._hashing_total += 1
         session.hashing = True
 
@@ -450,13 +451,8 @@ class Hub:
         if not session.hashing:
             return
         session.hashing = False
-        ip = session.remote[0]
         self._hashing_total -= 1
-        left = self._hashing.get(ip, 1) - 1
-        if left > 0:
-            self._hashing[ip] = left
-        else:
-            self._hashing.pop(ip, None)
+        bump(self._hashing, session.remote[0], -1)
 
     def finish_login(
         self, session: Session, frame: pb.Frame, work: VerifyWork, password_ok: bool, now: float

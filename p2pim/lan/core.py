@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..identity import Identity, fingerprint
 from ..messaging.envelope import EnvelopeError, open_envelope, parse_envelope, receipt_body, seal, text_body
@@ -345,25 +346,13 @@ class LanCore:
         del self.peers[peer.name]
         self._events.append(PeerGone(peer, reason))
         if peer.kind == "p2pim" and not peer.pinned and not peer.key_changed:
-            self._recent[peer.name] = peer.key
-            self._recent.move_to_end(peer.name)
-            if len(self._recent) > MAX_PEERS:
-                self._recent.popitem(last=False)
+            _keep(self._recent, peer.name, peer.key, MAX_PEERS)
 
     def _pin(self, peer: LanPeer) -> None:
         """Keep ``peer``'s key in the profile: from now on another key for its name is a warning."""
         if not peer.pinned and peer.kind == "p2pim":
             self.store.see_key(PREFIX + peer.name, peer.key, int(time.time() * 1000))
             peer.pinned = True
-
-    def _remember(self, name: str) -> bool:
-        """Note that ``name`` was here this run; True if it had been before."""
-        if name in self._ever:
-            return True
-        if len(self._ever) >= MAX_REMEMBERED:
-            self._ever.clear()
-        self._ever.add(name)
-        return False
 
     def pending(self) -> int:
         """Messages (not receipts) still waiting for their receipt."""
@@ -403,10 +392,7 @@ class LanCore:
         if contact is None and old is not None and old.key != heard.key:
             # Two keys claim one name and neither is pinned: the one here first keeps it.
             self.counters["name_conflicts"] += 1
-            if heard.key not in self._conflicts:
-                if len(self._conflicts) >= MAX_REMEMBERED:
-                    self._conflicts.clear()
-                self._conflicts.add(heard.key)
+            if not _seen(self._conflicts, heard.key):
                 self._events.append(
                     LanWarning(
                         f"another key ({fingerprint(heard.key)}) also announces itself as {heard.name}: "
@@ -417,10 +403,7 @@ class LanCore:
         if heard.at_ms <= self._last_at.get(heard.key, -1):
             self.counters["replayed"] += 1  # also after it left: an old ENTRY must not bring it back
             return
-        self._last_at[heard.key] = heard.at_ms
-        self._last_at.move_to_end(heard.key)
-        if len(self._last_at) > MAX_REMEMBERED:
-            self._last_at.popitem(last=False)
+        _keep(self._last_at, heard.key, heard.at_ms, MAX_REMEMBERED)
         if heard.kind == announce.EXIT:
             if old is not None:
                 self._gone(old, "left")
@@ -440,7 +423,7 @@ class LanCore:
         )
         self.peers[heard.name] = peer
         if old is None or old.addr != addr:
-            self._events.append(PeerUp(peer, self._remember(heard.name)))
+            self._events.append(PeerUp(peer, _seen(self._ever, heard.name)))
             for item in self._out.values():  # it is (back) here: send now
                 if item.peer == heard.name:
                     item.due = now
@@ -559,7 +542,7 @@ class LanCore:
             )
             self.peers[name] = peer
             if old is None:
-                self._events.append(PeerUp(peer, self._remember(name)))
+                self._events.append(PeerUp(peer, _seen(self._ever, name)))
             if mode == ipmsg.BR_ENTRY:
                 self._ipmsg(src, ipmsg.ANSENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
         elif mode == ipmsg.BR_EXIT:
@@ -589,3 +572,26 @@ class LanCore:
             if out is not None and out.addr[0] == src[0]:
                 del self._ipmsg_out[acked]
                 self._events.append(LanDelivered(out.peer, str(acked)))
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _seen(seen: set[K], item: K) -> bool:
+    """Note ``item`` in ``seen`` (forgotten all at once past :data:`MAX_REMEMBERED`); True if
+    it was there already."""
+    if item in seen:
+        return True
+    if len(seen) >= MAX_REMEMBERED:
+        seen.clear()
+    seen.add(item)
+    return False
+
+
+def _keep(table: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
+    """Set ``table[key]``, the newest last; past ``bound`` entries the oldest goes."""
+    table[key] = value
+    table.move_to_end(key)
+    if len(table) > bound:
+        table.popitem(last=False)
