@@ -50,9 +50,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.asyncio.client import ClientConnection  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidHandshake  # noqa: E402
 
+from bench import wire  # noqa: E402
 from p2pim.identity import Identity  # noqa: E402
 from p2pim.messaging.ids import new_msg_id  # noqa: E402
 from p2pim.wire import control_pb2 as pb  # noqa: E402
@@ -67,12 +68,6 @@ NAMES = ["alice", "bob", "s0", "s1", "g0", "g1"]
 PAIRS = [("alice", "bob"), ("s0", "s1"), ("alice", "s1"), ("g0", "g1")]
 KEYS_FILE = "keys.json"
 SERVER_FILES = 1024  # the servers' open-file limit: a common default
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare(tmp: Path) -> None:
@@ -100,56 +95,10 @@ def identity(tmp: Path, name: str) -> Identity:
     return Identity(SigningKey(bytes.fromhex(json.loads((tmp / KEYS_FILE).read_text())[name])))
 
 
-# -- the wire, by hand (no client database: the load must not be the client) -----------------
-
-
-async def open_ws(url: str, local: str | None = None, rcvbuf: int = 0) -> tuple[ClientConnection, bytes]:
-    kwargs: dict[str, object] = {}
-    if rcvbuf:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.bind((local or "127.0.0.1", 0))
-        host, port = url.removeprefix("ws://").rsplit(":", 1)
-        sock.connect((host, int(port)))
-        sock.setblocking(False)
-        kwargs.update(sock=sock, max_queue=1)
-    elif local:
-        kwargs["local_addr"] = (local, 0)
-    ws = await connect(
-        url,
-        compression=None,
-        max_size=None,
-        ping_interval=None,
-        open_timeout=30,
-        **kwargs,  # type: ignore[arg-type]
-    )
-    first = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-    return ws, first.challenge.nonce
-
-
-async def reply_to(ws: ClientConnection, rid: int) -> pb.Frame:
-    while True:
-        frame = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-        if frame.id == rid:
-            return frame
-
-
 async def login(
     url: str, tmp: Path, name: str, local: str | None = None, rcvbuf: int = 0
 ) -> ClientConnection:
-    """Log in with the password, retrying when the server sheds load (as the client does)."""
-    ws, nonce = await open_ws(url, local, rcvbuf)
-    sig = identity(tmp, name).sign_login(nonce, name)
-    for rid in range(1, 1000):
-        frame = pb.Frame(id=rid, login=pb.Login(username=name, password=PASSWORD, signature=sig))
-        await ws.send(frame.SerializeToString())
-        reply = await reply_to(ws, rid)
-        if reply.WhichOneof("body") == "login_ok":
-            return ws
-        if reply.error.code != pb.RATE_LIMITED:
-            raise RuntimeError(f"login {name}: {reply.error.message}")
-        await asyncio.sleep(max(0.05, reply.error.retry_after_ms / 1000))
-    raise RuntimeError(f"login {name}: still refused")
+    return await wire.login(url, name, identity(tmp, name), PASSWORD, local, rcvbuf)
 
 
 # -- the honest probe ----------------------------------------------------------------------------
@@ -261,7 +210,7 @@ async def login_flood(url: str, tmp: Path, deadline: float) -> None:
     async def one(ip: str) -> None:
         while time.monotonic() < deadline:
             try:
-                ws, _ = await open_ws(url, ip)
+                ws, _ = await wire.open_ws(url, ip)
             except (OSError, InvalidHandshake, TimeoutError):
                 await asyncio.sleep(0.1)
                 continue
@@ -276,7 +225,7 @@ async def login_flood(url: str, tmp: Path, deadline: float) -> None:
                         id=rid, login=pb.Login(username=who, password="wrong guess!", signature=b"")
                     )
                     await ws.send(frame.SerializeToString())
-                    await reply_to(ws, rid)
+                    await wire.reply_to(ws, rid)
             await ws.close()
 
     await asyncio.gather(*(one(f"127.0.6.{a}") for a in range(1, 13) for _ in range(10)))
@@ -286,7 +235,7 @@ async def garbage_frames(url: str, tmp: Path, deadline: float) -> None:
     async def one(i: int) -> None:
         while time.monotonic() < deadline:
             try:
-                ws, _ = await open_ws(url, f"127.0.7.{1 + i}")
+                ws, _ = await wire.open_ws(url, f"127.0.7.{1 + i}")
             except (OSError, InvalidHandshake, TimeoutError):
                 await asyncio.sleep(0.1)
                 continue
@@ -320,7 +269,7 @@ async def store_flood(url: str, tmp: Path, deadline: float) -> None:
             rid += 1
             store = pb.Store(to="g1", msg_id=new_msg_id(), envelope=blob)
             await sender.send(pb.Frame(id=rid, store=store).SerializeToString())
-            await reply_to(sender, rid)
+            await wire.reply_to(sender, rid)
     acker.cancel()
 
 
@@ -356,7 +305,7 @@ def run_scenario(
     db_dir = tmp / scenario
     db_dir.mkdir()
     shutil.copy(tmp / "server.db", db_dir / "server.db")
-    port = free_port()
+    port = wire.free_port()
     server = subprocess.Popen(
         [*server_cmd, "serve", "--port", str(port), "--db", str(db_dir / "server.db"), "--no-stun"],
         stdout=subprocess.PIPE,

@@ -24,9 +24,7 @@ import asyncio
 import json
 import os
 import platform
-import random
 import resource
-import socket
 import struct
 import subprocess
 import sys
@@ -37,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
+from websockets.asyncio.client import ClientConnection  # noqa: E402
 
+from bench import wire  # noqa: E402
 from p2pim.identity import Identity  # noqa: E402
 from p2pim.wire import control_pb2 as pb  # noqa: E402
 from rendezvous.db import Database  # noqa: E402
@@ -63,12 +62,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_db(path: Path, n: int) -> list[Identity]:
@@ -97,29 +90,7 @@ def source_address(i: int) -> str:
 
 
 async def login(url: str, i: int, ident: Identity) -> ClientConnection:
-    ws = await connect(
-        url,
-        compression=None,
-        max_size=None,
-        ping_interval=None,
-        open_timeout=30,
-        local_addr=(source_address(i), 0),
-    )
-    challenge = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-    name = f"u{i}"
-    sig = ident.sign_login(challenge.challenge.nonce, name)
-    for attempt in range(1, 100):
-        req = pb.Frame(id=attempt, login=pb.Login(username=name, password=PASSWORD, signature=sig))
-        await ws.send(req.SerializeToString())
-        reply = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-        while reply.id != attempt:
-            reply = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-        if reply.WhichOneof("body") == "login_ok":
-            return ws
-        if reply.error.code != pb.RATE_LIMITED:  # busy hashing: the server sheds, we retry
-            raise RuntimeError(f"login u{i}: {reply}")
-        await asyncio.sleep(reply.error.retry_after_ms / 1000 * (0.5 + random.random()))
-    raise RuntimeError(f"login u{i}: still rate limited")
+    return await wire.login(url, f"u{i}", ident, PASSWORD, local=source_address(i))
 
 
 async def connect_all(url: str, idents: list[Identity], parallel: int = 100) -> list[ClientConnection]:
@@ -191,7 +162,7 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="p2pim-bench-"))
     print(f"preparing {args.clients} accounts ...", flush=True)
     idents = prepare_db(tmp / "server.db", args.clients)
-    port = free_port()
+    port = wire.free_port()
     server = subprocess.Popen(
         [
             *(
