@@ -49,6 +49,9 @@ async def open_ws(url: str, local: str | None = None, rcvbuf: int = 0) -> tuple[
         **kwargs,  # type: ignore[arg-type]
     )
     first = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
+    if first.WhichOneof("body") != "challenge":
+        await ws.close()
+        raise RuntimeError(f"{url} did not greet us with a challenge")
     return ws, first.challenge.nonce
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 from pathlib import Path
 from typing import Any, TypeVar
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
+from bench.wire import open_ws
 from p2pim.client import Client, Event
 from p2pim.identity import Identity
 from p2pim.profile import Profile
@@ -28,6 +28,11 @@ async def new_user(url: str, root: Path, name: str, register: bool = True) -> Cl
         await client.register(name, PASSWORD)
     await client.login(name, PASSWORD)
     return client
+
+
+async def users(url: str, root: Path, *names: str) -> list[Client]:
+    """New accounts, each logged in on a client of its own."""
+    return [await new_user(url, root, name) for name in names]
 
 
 async def relogin(url: str, root: Path, name: str) -> Client:
@@ -89,21 +94,7 @@ class Raw:
     async def open(cls, url: str, local: str | None = None, rcvbuf: int = 0) -> Raw:
         """Connect from ``local`` (a 127.x address: another source IP), optionally with a tiny
         receive buffer and no read-ahead (``rcvbuf``: a peer that will stop reading)."""
-        kwargs: dict[str, Any] = {}
-        if rcvbuf:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.bind((local or "127.0.0.1", 0))
-            host, port = url.removeprefix("ws://").rsplit(":", 1)
-            sock.connect((host, int(port)))
-            sock.setblocking(False)
-            kwargs.update(sock=sock, max_queue=1)
-        elif local:
-            kwargs["local_addr"] = (local, 0)
-        ws = await connect(url, max_size=None, compression=None, ping_interval=None, **kwargs)
-        first = pb.Frame.FromString(await ws.recv())  # type: ignore[arg-type]
-        assert first.WhichOneof("body") == "challenge"
-        return cls(ws, first.challenge.nonce)
+        return cls(*await open_ws(url, local, rcvbuf))
 
     async def request(self, **body: Any) -> pb.Frame:
         frame = pb.Frame(id=next(_ids), **body)

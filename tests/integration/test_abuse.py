@@ -42,6 +42,7 @@ from .chatutil import (
     new_user,
     relogin,
     until,
+    users,
     wait_for,
 )
 
@@ -89,9 +90,7 @@ def test_a_buddy_that_stops_reading_stalls_nobody(tmp_path: Path) -> None:
     srv = _serve(tmp_path)
 
     async def go() -> None:
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
-        carol = await new_user(srv.url, tmp_path, "carol")
+        alice, bob, carol = await users(srv.url, tmp_path, "alice", "bob", "carol")
         await befriend(alice, bob)
         await befriend(carol, bob)
         await befriend(alice, carol)
@@ -128,8 +127,7 @@ def test_a_stalled_reader_is_dropped_by_the_watchdog(tmp_path: Path) -> None:
     srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2", "--send-queue-kb", "65536"))
 
     async def go() -> None:
-        bob = await new_user(srv.url, tmp_path, "bob")
-        carol = await new_user(srv.url, tmp_path, "carol")
+        bob, carol = await users(srv.url, tmp_path, "bob", "carol")
         await befriend(carol, bob)
         await bob.close()
         stalled = await Raw.open(srv.url, rcvbuf=4096)
@@ -153,9 +151,7 @@ def test_a_long_backlog_read_at_full_speed_while_buddies_relay_is_never_cut(tmp_
     srv = _serve(tmp_path)
 
     async def go() -> None:
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
-        carol = await new_user(srv.url, tmp_path, "carol")
+        alice, bob, carol = await users(srv.url, tmp_path, "alice", "bob", "carol")
         await befriend(alice, bob)
         await befriend(carol, bob)
         bob_key = bob.profile.identity.public_key
@@ -211,8 +207,7 @@ def test_identity_keys_with_a_small_order_component_are_refused_and_stop_nobody(
             register=pb.Register(username="trudy", password=PASSWORD, identity_key=mallory.public_key)
         )
         assert refused.error.code == pb.BAD_REQUEST and "prime-order" in refused.error.message
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
+        alice, bob = await users(srv.url, tmp_path, "alice", "bob")
         await befriend(alice, bob)
         await alice.close()
         with sqlite3.connect(srv.db) as conn:  # mallory became alice's buddy back then
@@ -304,8 +299,7 @@ def test_many_idle_connections_from_one_address_lock_nobody_out(tmp_path: Path) 
         assert len(held) == 16 and len(refusals) + dropped == 24 and len(refusals) >= 5
         assert "waiting to log in" in refusals[0]
         # Everyone else connects, logs in and talks as usual.
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
+        alice, bob = await users(srv.url, tmp_path, "alice", "bob")
         await befriend(alice, bob)
         msg = await alice.send("bob", "hi")
         outcome = await alice.wait_outcome(msg, 10)
@@ -392,9 +386,7 @@ def test_one_sender_cannot_fill_a_store_and_garbage_is_discarded(tmp_path: Path)
     srv = _serve(tmp_path, "--offline-quota", "20", "--offline-sender-quota", "5")
 
     async def go() -> None:
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
-        mallory = await new_user(srv.url, tmp_path, "mallory")
+        alice, bob, mallory = await users(srv.url, tmp_path, "alice", "bob", "mallory")
         await befriend(alice, bob)
         await befriend(mallory, bob)
         await bob.close()
@@ -506,8 +498,7 @@ def test_garbage_relayed_by_a_buddy_is_one_warning_not_one_each(tmp_path: Path) 
     srv = _serve(tmp_path)
 
     async def go() -> None:
-        alice = await new_user(srv.url, tmp_path, "alice")
-        mallory = await new_user(srv.url, tmp_path, "mallory")
+        alice, mallory = await users(srv.url, tmp_path, "alice", "mallory")
         await befriend(alice, mallory)
         raw = await Raw.open(srv.url)
         assert (await raw.login("mallory", mallory.profile.identity)).HasField("login_ok")
@@ -563,8 +554,7 @@ def test_requests_past_the_budget_slow_a_client_down_and_lose_nothing(tmp_path: 
     srv = _serve(tmp_path)
 
     async def go() -> None:
-        alice = await new_user(srv.url, tmp_path, "alice")
-        bob = await new_user(srv.url, tmp_path, "bob")
+        alice, bob = await users(srv.url, tmp_path, "alice", "bob")
         await befriend(alice, bob)
         await bob.close()
         await wait_for(alice, _presence("bob", "offline"))
