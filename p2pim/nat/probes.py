@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from p2pim.sansio import Datagram
 from p2pim.stun import codec
 from p2pim.stun.codec import Addr, Class
 from p2pim.stun.transaction import ClientTransaction, TxState
@@ -123,14 +124,14 @@ class ProbeSet:
                 probe.tx.unreachable()
                 probe.outcome = Outcome.UNREACHABLE
 
-    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes, Addr]]:
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
         out = []
         for probe in self._by_tid.values():
             if probe.done:
                 continue
             data = probe.tx.due(now)
             if data is not None:
-                out.append((probe.send_on, data, probe.tx.destination))
+                out.append(Datagram(probe.send_on, data, probe.tx.destination))
             self._settle(probe)
         return out
 
@@ -150,7 +151,8 @@ class ProbeSet:
 
 
 class ProbePlanner:
-    """The shell interface of a planner that runs its tests as a :class:`ProbeSet`.
+    """A planner that runs its tests as a :class:`ProbeSet`, with the common core verbs
+    (:mod:`p2pim.sansio`), so :class:`p2pim.driver.Driver` runs it.
 
     Subclasses set ``self.probes`` and implement :meth:`_advance`, which looks at
     finished probes and adds new ones; it runs after every input.
@@ -158,7 +160,15 @@ class ProbePlanner:
 
     probes: ProbeSet
 
-    def receive(self, sock: str, data: bytes, source: Addr, now: float) -> None:
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def next_event(self) -> None:
+        """Planners report at the end (their ``report()``/``result()``), not as events."""
+        return None
+
+    def receive_datagram(self, sock: str, data: bytes, source: Addr, now: float) -> None:
         self.probes.receive(sock, data, source, now)
         self._advance(now)
 
@@ -166,7 +176,7 @@ class ProbePlanner:
         self.probes.socket_error(sock)
         self._advance(now)
 
-    def datagrams_to_send(self, now: float) -> list[tuple[str, bytes, Addr]]:
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
         out = self.probes.datagrams_to_send(now)
         self._advance(now)
         return out

@@ -139,8 +139,8 @@ class World:
         """Drive ``core`` until done; returns the fake time at the end."""
         while not core.done and now < limit:
             core.handle_timer(now)
-            for label, data, dst in core.datagrams_to_send(now):
-                self.send(label, data, dst, now)
+            for dg in core.datagrams_to_send(now):
+                self.send(dg.sock, dg.data, dg.addr, now)
             if core.done:
                 break
             times = [t for t in (core.get_timer(),) if t is not None]
@@ -151,5 +151,5 @@ class World:
             now = max(now, min(times))
             while self._queue and self._queue[0][0] <= now:
                 _, _, label, data, source = heapq.heappop(self._queue)
-                core.receive(label, data, source, now)
+                core.receive_datagram(label, data, source, now)
         return now

@@ -91,8 +91,8 @@ def test_server_ignoring_change_request_is_detected() -> None:
 def test_garbage_is_counted_and_ignored() -> None:
     world = World(server(), None)
     core = NatDiscovery(SERVER, world.open(NatDiscovery.sockets), 0.0)
-    core.receive("map", b"\xff" * 30, ("192.0.2.1", 1), 0.0)
-    core.receive("map", b"\x01\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"x" * 12, ("192.0.2.1", 1), 0.0)
+    core.receive_datagram("map", b"\xff" * 30, ("192.0.2.1", 1), 0.0)
+    core.receive_datagram("map", b"\x01\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"x" * 12, ("192.0.2.1", 1), 0.0)
     world.run(core)
     rep = core.report()
     assert rep.label is Label.OPEN_INTERNET
