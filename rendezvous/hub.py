@@ -52,15 +52,14 @@ from google.protobuf.message import DecodeError
 from p2pim.identity import valid_public_key, verify_login
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
+from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FRAME
 
 from .admission import bump
 from .db import Database, User
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
 from .ratelimit import RateLimiter
 
-MAX_FRAME = 256 * 1024  # bytes; bigger frames are a protocol error (the connection closes)
 MAX_RELAY = 64 * 1024  # one relayed datagram
-MAX_ENVELOPE = 64 * 1024
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
 TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
@@ -110,7 +109,7 @@ class Limits:
     request_burst: float = 200
     relay_rate: float = 500.0
     relay_burst: float = 2000
-    heartbeat_s: int = 20
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S
     # Enforced by the shell (rendezvous.server):
     login_deadline_s: float = 20.0  # a connection that has not logged in by then is closed
     max_connections: int = 0  # 0: the open-file limit minus a reserve
@@ -708,9 +707,9 @@ class Hub:
     def _store(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         req = frame.store
         self._require_buddy(session, req.to)
-        if len(req.envelope) > MAX_ENVELOPE or len(req.msg_id) != 16:
+        if len(req.envelope) > MAX_ENVELOPE or len(req.msg_id) != ID_SIZE:
             raise RequestError(
-                pb.BAD_REQUEST, f"envelopes are at most {MAX_ENVELOPE} bytes with a 16-byte id"
+                pb.BAD_REQUEST, f"envelopes are at most {MAX_ENVELOPE} bytes with a {ID_SIZE}-byte id"
             )
         recipient = self.db.user(req.to)
         assert recipient is not None

@@ -20,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .render import event_line
+
 EXIT_SERVER_UNREACHABLE = 3
 EXIT_AUTH = 4
 EXIT_NOT_A_BUDDY = 5
@@ -276,13 +278,13 @@ def cmd_login(args: argparse.Namespace) -> int:
                         break
         _out(
             args,
-            {"logged_in": args.username, "offline_messages": [_event_line(m)[0] for m in waiting]},
+            {"logged_in": args.username, "offline_messages": [event_line(m)[0] for m in waiting]},
             f"logged in as {args.username} on {c.server}"
             + (f"; {len(waiting)} message(s) arrived while you were offline:" if waiting else ""),
         )
         if not args.json:
             for m in waiting:
-                print("  " + _event_line(m)[1])
+                print("  " + event_line(m)[1])
         return 0
 
     return _run(args, body, login="no")
@@ -357,80 +359,6 @@ def cmd_send(args: argparse.Namespace) -> int:
     return _run(args, body, login="try")
 
 
-def _event_line(ev: Any) -> tuple[dict[str, Any], str]:
-    from p2pim import client as cl
-
-    stamp = time.strftime("%H:%M:%S")
-    if isinstance(ev, cl.Message):
-        sent = time.strftime("%H:%M:%S", time.localtime(ev.sent_at_ms / 1000))
-        tag = " (while you were offline)" if ev.offline else ""
-        return (
-            {
-                "event": "message",
-                "from": ev.peer,
-                "text": ev.text,
-                "msg_id": ev.msg_id.hex(),
-                "sent_at_ms": ev.sent_at_ms,
-            },
-            f"[{sent}] {ev.peer}: {ev.text}{tag}",
-        )
-    if isinstance(ev, cl.Receipt):
-        return (
-            {"event": "receipt", "from": ev.peer, "kind": ev.kind, "msg_ids": [m.hex() for m in ev.msg_ids]},
-            f"[{stamp}] ({ev.kind} by {ev.peer}: {len(ev.msg_ids)} message(s))",
-        )
-    if isinstance(ev, cl.PresenceChange):
-        return (
-            {"event": "presence", "user": ev.peer, "status": ev.status, "last_seen_ms": ev.last_seen_ms},
-            f"[{stamp}] * {ev.peer} is {ev.status}",
-        )
-    if isinstance(ev, cl.BuddyChange):
-        texts = {
-            "requested": f"{ev.peer} asks to be your buddy: p2pim buddy accept {ev.peer}",
-            "accepted": f"{ev.peer} is now your buddy",
-            "declined": f"{ev.peer} declined your request",
-            "removed": f"{ev.peer} removed you",
-        }
-        return {
-            "event": "buddy",
-            "user": ev.peer,
-            "kind": ev.kind,
-        }, f"[{stamp}] * {texts.get(ev.kind, ev.kind)}"
-    if isinstance(ev, cl.KeyChanged):
-        return (
-            {"event": "key_changed", "user": ev.peer, "pinned": ev.pinned, "offered": ev.offered},
-            f"[{stamp}] WARNING: {ev.peer}'s key changed: pinned {ev.pinned}, offered {ev.offered}. "
-            f"Messages stay with the pinned key until you check and run p2pim buddy trust {ev.peer}",
-        )
-    if isinstance(ev, cl.Outcome):
-        return (
-            {
-                "event": "outcome",
-                "to": ev.peer,
-                "msg_id": ev.msg_id.hex(),
-                "state": ev.state,
-                "detail": ev.detail,
-            },
-            f"[{stamp}] (message to {ev.peer} {ev.state}{': ' + ev.detail if ev.detail else ''})",
-        )
-    if isinstance(ev, cl.PathUpdate):
-        where = f"direct {ev.addr}" + (f" ({ev.rtt_ms:.1f} ms)" if ev.rtt_ms is not None else "")
-        return (
-            {
-                "event": "path",
-                "user": ev.peer,
-                "via": ev.via,
-                "addr": ev.addr,
-                "rtt_ms": ev.rtt_ms,
-                "reason": ev.reason,
-            },
-            f"[{stamp}] * path to {ev.peer}: {where if ev.via == 'direct' else 'relay'} ({ev.reason})",
-        )
-    if isinstance(ev, cl.ConnectionState):
-        return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
-    return {"event": "problem", "message": ev.message}, f"[{stamp}] ! {ev.message}"
-
-
 def cmd_listen(args: argparse.Namespace) -> int:
     from p2pim import client as cl
 
@@ -450,7 +378,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
                 ev = await asyncio.wait_for(anext(events), timeout)
             except TimeoutError:
                 return 0
-            data, line = _event_line(ev)
+            data, line = event_line(ev)
             print(json.dumps(data) if args.json else line, flush=True)
             if isinstance(ev, cl.Message) and not args.no_read_receipts:
                 await c.mark_read(ev.peer)
@@ -641,57 +569,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(json.dumps({"event": "ready", "user": c.username, "peer": args.user}), flush=True)
         else:
             print(f"chatting with {args.user} as {c.username} (end input with Ctrl-D)", flush=True)
-        loop = asyncio.get_running_loop()
-        from .stdin import StdinLines
+        from .stdin import interact
 
-        stdin = StdinLines()
-        lines = stdin.queue
         pending: set[bytes] = set()
         events = c.events()
-        next_event: asyncio.Task[Any] = asyncio.ensure_future(anext(events))
-        next_line: asyncio.Task[Any] | None = asyncio.ensure_future(lines.get())
-        linger_until: float | None = None
+
+        async def on_line(text: str) -> bool:
+            if text.strip():
+                try:
+                    pending.add(await c.send(args.user, text))
+                except cl.ClientError as exc:
+                    print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
+            return True
+
+        async def on_event(ev: Any) -> None:
+            data, line = event_line(ev)
+            print(json.dumps(data) if args.json else line, flush=True)
+            if isinstance(ev, cl.Message) and ev.peer == args.user:
+                await c.mark_read(args.user)
+            if isinstance(ev, cl.Receipt):
+                pending.difference_update(ev.msg_ids)
+            if isinstance(ev, cl.Outcome) and ev.state in ("stored", "failed"):
+                pending.discard(ev.msg_id)
+
         try:
-            while True:
-                waits = {t for t in (next_event, next_line) if t is not None}
-                timeout = None if linger_until is None else max(0.0, linger_until - loop.time())
-                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    return 0 if not pending else EXIT_SERVER_UNREACHABLE
-                if next_line in done:
-                    text = next_line.result()
-                    if text is None:
-                        next_line = None
-                        linger_until = loop.time() + args.linger
-                        if not pending:
-                            return 0
-                        continue
-                    next_line = asyncio.ensure_future(lines.get())
-                    if text.strip():
-                        try:
-                            pending.add(await c.send(args.user, text))
-                        except cl.ClientError as exc:
-                            print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
-                if next_event in done:
-                    ev = next_event.result()
-                    next_event = asyncio.ensure_future(anext(events))
-                    data, line = _event_line(ev)
-                    print(json.dumps(data) if args.json else line, flush=True)
-                    if isinstance(ev, cl.Message) and ev.peer == args.user:
-                        await c.mark_read(args.user)
-                    if isinstance(ev, cl.Receipt):
-                        pending.difference_update(ev.msg_ids)
-                    if isinstance(ev, cl.Outcome) and ev.state in ("stored", "failed"):
-                        pending.discard(ev.msg_id)
-                    if linger_until is not None and not pending:
-                        return 0
+            done = await interact(lambda: anext(events), on_event, on_line, lambda: len(pending), args.linger)
+            return 0 if done else EXIT_SERVER_UNREACHABLE
         finally:
-            stdin.close()
             if args.json:  # for scripts (natlab matrix): how the messages travelled
                 print(json.dumps({"event": "stats", **c.counters}), flush=True)
-            next_event.cancel()
-            if next_line is not None:
-                next_line.cancel()
 
     with contextlib.suppress(KeyboardInterrupt):
         return _run(args, body)

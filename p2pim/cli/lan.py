@@ -18,16 +18,11 @@ import sys
 import time
 from typing import Any
 
+from .render import event_line, show_id
+
 EXIT_NOT_FOUND = 3
 EXIT_KEY_CHANGED = 8
 EXIT_FAILED = 9
-
-
-GONE = {
-    "left": "left",
-    "timeout": "is gone (no longer heard)",
-    "evicted": "is no longer listed (too many peers on this LAN; pinned peers stay)",
-}
 
 
 def add_parser(sub: Any) -> None:
@@ -148,42 +143,6 @@ def _print(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
-def _event(ev: Any) -> tuple[dict[str, Any], str]:
-    from p2pim.lan import core as lc
-
-    stamp = time.strftime("%H:%M:%S")
-    if isinstance(ev, lc.PeerUp):
-        tag = "" if ev.peer.encrypted else " [IP Messenger: unencrypted]"
-        again = " again" if ev.again else ""
-        return {"event": "peer", "up": True, "again": ev.again, **ev.peer.as_dict()}, (
-            f"[{stamp}] * {ev.peer.name} is here{again} ({ev.peer.addr[0]}){tag}"
-        )
-    if isinstance(ev, lc.PeerGone):
-        return {"event": "peer", "up": False, "reason": ev.reason, **ev.peer.as_dict()}, (
-            f"[{stamp}] * {ev.peer.name} {GONE.get(ev.reason, 'is gone')}"
-        )
-    if isinstance(ev, lc.LanMessage):
-        tag = "" if ev.encrypted else " [unencrypted]"
-        return {
-            "event": "message",
-            "from": ev.peer,
-            "text": ev.text,
-            "encrypted": ev.encrypted,
-            "msg_id": ev.msg_id,
-        }, f"[{stamp}] {ev.peer}: {ev.text}{tag}"
-    if isinstance(ev, lc.LanDelivered):
-        return {
-            "event": "delivered",
-            "to": ev.peer,
-            "msg_id": ev.msg_id,
-        }, f"[{stamp}] (delivered to {ev.peer})"
-    if isinstance(ev, lc.LanFailed):
-        return {"event": "failed", "to": ev.peer, "msg_id": ev.msg_id, "reason": ev.reason}, (
-            f"[{stamp}] (not delivered to {ev.peer}: {ev.reason})"
-        )
-    return {"event": "warning", "message": ev.message}, f"[{stamp}] ! {ev.message}"
-
-
 async def _peers(args: argparse.Namespace, node: Any) -> int:
     await asyncio.sleep(args.wait)
     peers = sorted(node.core.peers.values(), key=lambda p: p.name)
@@ -201,6 +160,7 @@ async def _peers(args: argparse.Namespace, node: Any) -> int:
 
 async def _send(args: argparse.Namespace, node: Any) -> int:
     from p2pim.lan import core as lc
+    from p2pim.messaging.events import Outcome
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.wait
@@ -218,14 +178,14 @@ async def _send(args: argparse.Namespace, node: Any) -> int:
             ev = await asyncio.wait_for(node.events.get(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             break
-        if isinstance(ev, lc.LanDelivered) and ev.msg_id == msg_id:
-            _print(args, {"msg_id": msg_id, "state": "delivered"}, f"delivered to {args.peer}")
+        if isinstance(ev, Outcome) and ev.msg_id == msg_id and ev.state == "delivered":
+            _print(args, {"msg_id": show_id(msg_id), "state": "delivered"}, f"delivered to {args.peer}")
             return 0
-        if isinstance(ev, lc.LanFailed) and ev.msg_id == msg_id:
-            raise _Fail(f"not delivered: {ev.reason}", EXIT_FAILED)
+        if isinstance(ev, Outcome) and ev.msg_id == msg_id:
+            raise _Fail(f"not delivered: {ev.detail}", EXIT_FAILED)
     _print(
         args,
-        {"msg_id": msg_id, "state": "queued"},
+        {"msg_id": show_id(msg_id), "state": "queued"},
         f"{args.peer} did not answer in time; the message stays queued for the next p2pim lan",
     )
     return EXIT_NOT_FOUND
@@ -234,53 +194,30 @@ async def _send(args: argparse.Namespace, node: Any) -> int:
 async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
     from p2pim.lan import core as lc
 
-    loop = asyncio.get_running_loop()
-    from .stdin import StdinLines
+    from .stdin import interact
 
-    stdin = StdinLines()
-    lines = stdin.queue
     if args.json:
         _print(args, {"event": "ready", "name": name, "port": node.core.data_port}, "")
     else:
         print(
             f"on the LAN as {name} (port {node.core.data_port}; {', '.join(node.addresses) or 'no address'})."
-            " "
-            "Type NAME: text, or /to NAME then text; /peers; /quit",
+            " Type NAME: text, or /to NAME then text; /peers; /who; /quit",
             flush=True,
         )
-    target: str | None = None
-    linger_until: float | None = None
-    get_line: asyncio.Task[Any] | None = asyncio.ensure_future(lines.get())
-    get_event: asyncio.Task[Any] = asyncio.ensure_future(node.events.get())
+    target: list[str | None] = [None]
+
+    async def on_line(line: str) -> bool:
+        target[0] = _command(args, node, line, target[0], lc)
+        return target[0] != "/quit"
+
+    async def on_event(ev: Any) -> None:
+        data, text = event_line(ev)
+        _print(args, data, text)
+
     try:
-        while True:
-            timeout = None if linger_until is None else max(0.0, linger_until - loop.time())
-            waits = {t for t in (get_line, get_event) if t is not None}
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                return 0
-            if get_event in done:
-                ev = get_event.result()
-                get_event = asyncio.ensure_future(node.events.get())
-                data, text = _event(ev)
-                _print(args, data, text)
-            if get_line is not None and get_line in done:
-                line = get_line.result()
-                if line is None:
-                    get_line = None
-                    linger_until = loop.time() + args.linger
-                else:
-                    get_line = asyncio.ensure_future(lines.get())
-                    target = _command(args, node, line, target, lc)
-                    if target == "/quit":
-                        return 0
-            if linger_until is not None and node.core.pending() == 0:
-                return 0
+        await interact(node.events.get, on_event, on_line, node.core.pending, args.linger)
+        return 0
     finally:
-        stdin.close()
-        get_event.cancel()
-        if get_line is not None:
-            get_line.cancel()
         if args.json:
             _print(args, {"event": "stats", **node.core.counters}, "")
 

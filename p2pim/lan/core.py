@@ -1,8 +1,11 @@
 """LAN chat with no server: discovery, messages and IP Messenger peers (sans-IO).
 
-The shell (:mod:`p2pim.lan.node`) feeds datagrams and the time and sends
-what :meth:`LanCore.poll` returns; ``None`` as a destination means "broadcast
-on every LAN we are on". Two kinds of peer share the picture:
+It speaks the common core verbs (:mod:`p2pim.sansio`); the shell
+(:mod:`p2pim.lan.node`) runs it with the shared driver. A datagram to
+``None`` means "broadcast on every LAN we are on". Envelopes (in and out) are
+the messaging core's job (:class:`p2pim.messaging.core.Messenger`, with the
+:data:`~p2pim.messaging.delivery.LAN` route policy); this module finds peers
+and tells the messaging core who is here. Two kinds of peer share the picture:
 
 * **p2pim peers** announce themselves with signed announcements
   (:mod:`p2pim.lan.announce`) on the discovery port: at start (ENTRY, which
@@ -31,15 +34,19 @@ memory. Garbage on either port is dropped and counted in
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..identity import Identity, fingerprint
-from ..messaging.envelope import EnvelopeError, open_envelope, parse_envelope, receipt_body, seal, text_body
+from ..messaging.core import Keys, Messenger, Verdict
+from ..messaging.delivery import IPMSG, LAN, Delivery, Failed, Transmit, Via
+from ..messaging.envelope import MAX_ENVELOPE, text_body
+from ..messaging.events import Message, MessagingEvent, Outcome, Problem
 from ..messaging.store import ClientStore
 from ..paths.disco import DATA_MAGIC
-from ..wire import envelope_pb2 as epb
+from ..sansio import Datagram
 from ..wire import lan_pb2 as lpb
 from . import announce, ipmsg
 
@@ -47,13 +54,11 @@ Addr = tuple[str, int]
 DISCOVERY_PORT = 2426
 DEFAULT_INTERVAL = 10.0
 EXPIRE_AFTER = 3.5  # intervals without an announcement
-RTO_FIRST, RTO_MAX = 0.5, 8.0
-IPMSG_RTO, IPMSG_TRIES = 1.0, 6
 IPMSG_IDLE = 60.0  # an IP Messenger peer silent this long is asked whether it is still there
 IPMSG_PROBE_GAP, IPMSG_PROBES = 5.0, 3  # ... this often, this many times, then it is gone
 MAX_PEERS = 256
 MAX_REMEMBERED = 4096  # announcement times (replay protection) and names seen, per run
-MAX_DATA = 60 * 1024
+MAX_DATA = MAX_ENVELOPE
 PREFIX = "lan:"  # contacts and history of LAN peers, apart from server buddies
 P2PIM_GROUP = "p2pim"  # our IP Messenger group name: how p2pim instances skip each other there
 
@@ -100,13 +105,6 @@ class LanPeer:
 
 
 @dataclass(frozen=True)
-class Send:
-    channel: str  # "discovery" (p2pim announcements + data), or "ipmsg"
-    dest: Addr | None  # None: broadcast to this channel's port
-    data: bytes
-
-
-@dataclass(frozen=True)
 class PeerUp:
     peer: LanPeer
     again: bool  # it was seen before in this run (a restart, or back from a timeout)
@@ -118,53 +116,7 @@ class PeerGone:
     reason: str  # "left" or "timeout"
 
 
-@dataclass(frozen=True)
-class LanMessage:
-    peer: str
-    text: str
-    encrypted: bool
-    msg_id: str
-
-
-@dataclass(frozen=True)
-class LanDelivered:
-    peer: str
-    msg_id: str
-
-
-@dataclass(frozen=True)
-class LanFailed:
-    peer: str
-    msg_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class LanWarning:
-    message: str
-
-
-LanEvent = PeerUp | PeerGone | LanMessage | LanDelivered | LanFailed | LanWarning
-
-
-@dataclass
-class _Out:
-    msg_id: bytes
-    peer: str
-    envelope: bytes
-    receipt: bool
-    tries: int = 0
-    due: float = 0.0
-
-
-@dataclass
-class _IpmsgOut:
-    packetno: int
-    peer: str
-    addr: Addr
-    data: bytes
-    tries: int = 0
-    due: float = 0.0
+LanEvent = PeerUp | PeerGone | MessagingEvent
 
 
 @dataclass
@@ -177,6 +129,7 @@ class LanCore:
     ipmsg_enabled: bool = True
     host: str = "p2pim"
     group: str = ""
+    clock_ms: Callable[[], int] = field(default=lambda: int(time.time() * 1000))  # wall clock: stamps
     peers: dict[str, LanPeer] = field(default_factory=dict)
     counters: dict[str, int] = field(
         default_factory=lambda: {
@@ -193,10 +146,9 @@ class LanCore:
             "name_conflicts": 0,
         }
     )
-    _sends: list[Send] = field(default_factory=list)
-    _events: list[LanEvent] = field(default_factory=list)
-    _out: dict[bytes, _Out] = field(default_factory=dict)
-    _ipmsg_out: dict[int, _IpmsgOut] = field(default_factory=dict)
+    _sends: list[Datagram] = field(default_factory=list)
+    _events: deque[LanEvent] = field(default_factory=deque)
+    _ipmsg_out: Delivery = field(default_factory=lambda: Delivery(IPMSG, connected=True))
     _ipmsg_seen: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
     _ever: set[str] = field(default_factory=set)  # names seen this run (bounded)
     # newest announcement time per key, bounded (least recently heard forgotten first)
@@ -204,12 +156,24 @@ class LanCore:
     _conflicts: set[bytes] = field(default_factory=set)  # keys warned about (bounded)
     _recent: OrderedDict[str, bytes] = field(default_factory=OrderedDict)  # gone, unpinned: name -> key
     _next_announce: float = 0.0
-    _packetno: int = field(default_factory=lambda: int(time.time()))
+    _packetno: int = 0
     _last_ms: int = 0
 
     def __post_init__(self) -> None:
-        for row in self.store.outbox():  # typed before a crash or while the peer was away
-            self._out[row.msg_id] = _Out(row.msg_id, row.peer.removeprefix(PREFIX), row.envelope, row.receipt)
+        # Envelopes to p2pim peers: the messaging core (outbox in SQLite, so a message
+        # typed before a crash still goes out when the peer is next seen).
+        self.messenger = Messenger(
+            self.identity,
+            self.store,
+            self._keys,
+            name=self.name,
+            policy=LAN,
+            prefix=PREFIX,
+            warn=False,  # anyone on the LAN may send garbage: counted, not shown
+            counters=self.counters,
+            clock_ms=self.clock_ms,
+        )
+        self._packetno = self.clock_ms() // 1000  # IP Messenger numbers packets from the start time
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -230,8 +194,9 @@ class LanCore:
 
     # -- input ---------------------------------------------------------------------
 
-    def datagram(self, channel: str, data: bytes, src: Addr, now: float) -> None:
-        if channel == "ipmsg":
+    def receive_datagram(self, sock: str, data: bytes, src: Addr, now: float) -> None:
+        """``sock``: "ipmsg" (IP Messenger's port), else ours (discovery or data)."""
+        if sock == "ipmsg":
             self._on_ipmsg(data, src, now)
         elif announce.is_announce(data):
             self._on_announce(data, src, now)
@@ -240,8 +205,8 @@ class LanCore:
         else:
             self.counters["garbage"] += 1
 
-    def send(self, to: str, text: str, now: float) -> str:
-        """Queue ``text`` for the peer called ``to``; returns the message id (hex)."""
+    def send(self, to: str, text: str, now: float) -> bytes:
+        """Queue ``text`` for the peer called ``to``; returns its message id."""
         peer: LanPeer | None = self.find(to)
         if peer is None:
             known = self.store.contact(PREFIX + to)
@@ -258,8 +223,7 @@ class LanCore:
             body = text_body(text)
         except ValueError as exc:
             raise LanError(str(exc)) from None
-        msg_id = self._queue(peer.name, peer.key, body, text, now)
-        return msg_id.hex()
+        return self.messenger.send(peer.name, peer.key, body, text, now)
 
     def known(self, name: str) -> bool:
         """Here now, or seen before (pinned, or earlier in this run): a message to it can be queued."""
@@ -277,7 +241,10 @@ class LanCore:
 
     # -- output --------------------------------------------------------------------
 
-    def poll(self, now: float) -> tuple[list[Send], list[LanEvent]]:
+    # -- the core verbs (p2pim.sansio) -------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Announce, expire peers that went quiet, ask IP Messenger peers that did."""
         if now >= self._next_announce:
             self._announce(announce.ALIVE, None)
             self._next_announce = now + self.interval
@@ -291,37 +258,35 @@ class LanCore:
                 peer.probes += 1
                 peer.next_probe = now + IPMSG_PROBE_GAP
                 self._ipmsg(peer.addr, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
-        for item in list(self._out.values()):
-            to = self.peers.get(item.peer)
-            if to is None or to.kind != "p2pim" or now < item.due:
-                continue
-            self._sends.append(Send("discovery", to.addr, DATA_MAGIC + item.envelope))
-            item.tries += 1
-            if item.receipt:  # receipts go once: a lost one is answered again on the resend
-                del self._out[item.msg_id]
-                self.store.outbox_done(item.msg_id, None)
-                continue
-            item.due = now + min(RTO_MAX, RTO_FIRST * 2 ** (item.tries - 1))
-        for out in list(self._ipmsg_out.values()):
-            if now < out.due:
-                continue
-            if out.tries >= IPMSG_TRIES:
-                del self._ipmsg_out[out.packetno]
-                self._events.append(LanFailed(out.peer, str(out.packetno), "no answer (RECVMSG)"))
-                continue
-            out.tries += 1
-            out.due = now + IPMSG_RTO
-            self._sends.append(Send("ipmsg", out.addr, out.data))
-        sends, events = self._sends, self._events
-        self._sends, self._events = [], []
-        return sends, events
 
-    def next_timer(self) -> float:
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        """What to send now: "discovery" goes from the data socket to the discovery port
+        (``addr`` None: broadcast), "ipmsg" from and to IP Messenger's port."""
+        for t in self.messenger.datagrams_to_send(now):
+            to = self.peers.get(t.item.peer)
+            dest = to.addr if to is not None and to.kind == "p2pim" else t.item.reply_to
+            if isinstance(dest, tuple):
+                self._sends.append(Datagram("discovery", DATA_MAGIC + t.item.envelope, dest))
+        for action in self._ipmsg_out.poll(now):
+            if isinstance(action, Transmit):
+                self._sends.append(Datagram("ipmsg", action.item.envelope, action.item.reply_to))
+            elif isinstance(action, Failed):
+                self._events.append(
+                    Outcome(action.item.peer, action.item.msg_id, "failed", "no answer (RECVMSG)")
+                )
+        sends, self._sends = self._sends, []
+        return sends
+
+    def next_event(self) -> LanEvent | None:
+        if self._events:
+            return self._events.popleft()
+        return self.messenger.next_event()
+
+    def get_timer(self) -> float:
         dues = [self._next_announce]
         dues += [p.expires for p in self.peers.values() if p.expires is not None]
         dues += [self._probe_due(p) for p in self.peers.values() if p.kind == "ipmsg"]
-        dues += [o.due for o in self._out.values() if o.peer in self.peers]
-        dues += [o.due for o in self._ipmsg_out.values()]
+        dues += [d for d in (self.messenger.get_timer(), self._ipmsg_out.next_timer()) if d is not None]
         return min(dues)
 
     @staticmethod
@@ -344,6 +309,7 @@ class LanCore:
         """``peer`` left the table; an unpinned p2pim peer's key is remembered (bounded) for
         this run, so a message typed to it is still queued until it is back."""
         del self.peers[peer.name]
+        self.messenger.presence(peer.name, False)
         self._events.append(PeerGone(peer, reason))
         if peer.kind == "p2pim" and not peer.pinned and not peer.key_changed:
             _keep(self._recent, peer.name, peer.key, MAX_PEERS)
@@ -351,20 +317,20 @@ class LanCore:
     def _pin(self, peer: LanPeer) -> None:
         """Keep ``peer``'s key in the profile: from now on another key for its name is a warning."""
         if not peer.pinned and peer.kind == "p2pim":
-            self.store.see_key(PREFIX + peer.name, peer.key, int(time.time() * 1000))
+            self.store.see_key(PREFIX + peer.name, peer.key, self.clock_ms())
             peer.pinned = True
 
     def pending(self) -> int:
         """Messages (not receipts) still waiting for their receipt."""
-        return sum(1 for o in self._out.values() if not o.receipt) + len(self._ipmsg_out)
+        return self.messenger.pending() + len(self._ipmsg_out.items)
 
     # -- p2pim peers ---------------------------------------------------------------
 
     def _announce(self, kind: lpb.Announce.Kind.ValueType, dest: Addr | None) -> None:
-        at_ms = max(int(time.time() * 1000), self._last_ms + 1)
+        at_ms = max(self.clock_ms(), self._last_ms + 1)
         self._last_ms = at_ms
         packet = announce.make(self.identity, kind, self.name, self.data_port, at_ms, int(self.interval))
-        self._sends.append(Send("discovery", dest, packet))
+        self._sends.append(Datagram("discovery", packet, dest))
 
     def _on_announce(self, data: bytes, src: Addr, now: float) -> None:
         try:
@@ -377,10 +343,10 @@ class LanCore:
         old = self.peers.get(heard.name)
         contact = self.store.contact(PREFIX + heard.name)
         if contact is not None and contact.identity_key != heard.key:
-            seen = self.store.see_key(PREFIX + heard.name, heard.key, int(time.time() * 1000))
+            seen = self.store.see_key(PREFIX + heard.name, heard.key, self.clock_ms())
             if seen == "changed" and (old is None or not old.key_changed):
                 self._events.append(
-                    LanWarning(
+                    Problem(
                         f"{heard.name} now announces a different key ({fingerprint(heard.key)}; pinned "
                         f"{fingerprint(contact.identity_key)}): not trusted. If they "
                         f"really changed it: p2pim lan trust {heard.name}"
@@ -394,7 +360,7 @@ class LanCore:
             self.counters["name_conflicts"] += 1
             if not _seen(self._conflicts, heard.key):
                 self._events.append(
-                    LanWarning(
+                    Problem(
                         f"another key ({fingerprint(heard.key)}) also announces itself as {heard.name}: "
                         f"ignored while the first ({fingerprint(old.key)}) is here"
                     )
@@ -424,68 +390,29 @@ class LanCore:
         self.peers[heard.name] = peer
         if old is None or old.addr != addr:
             self._events.append(PeerUp(peer, _seen(self._ever, heard.name)))
-            for item in self._out.values():  # it is (back) here: send now
-                if item.peer == heard.name:
-                    item.due = now
+            self.messenger.presence(heard.name, True)
+            self.messenger.resend_now(heard.name)  # it is (back) here: send now
         if heard.kind == announce.ENTRY:
             self._announce(announce.ANSWER, addr)
 
+    def _keys(self, name: str, via: Via) -> Keys | None:
+        """A pinned key, else the key the peer announced (the message pins it)."""
+        contact = self.store.contact(PREFIX + name)
+        if contact is not None:
+            return Keys(contact.identity_key)
+        peer = self.peers.get(name)
+        return Keys(peer.key) if peer is not None and peer.kind == "p2pim" else None
+
     def _on_data(self, data: bytes, src: Addr, now: float) -> None:
-        try:
-            env = parse_envelope(data)
-            contact = self.store.contact(PREFIX + env.sender)
-            peer = self.peers.get(env.sender)
-            if contact is not None:
-                key = contact.identity_key
-            elif peer is not None and peer.kind == "p2pim":
-                key = peer.key  # announced, not pinned yet: this message pins it
-            else:
-                self.counters["unknown_sender"] += 1
-                return
-            opened = open_envelope(self.identity, self.name, env, key)
-        except EnvelopeError:
-            self.counters["bad_envelopes"] += 1
+        got = self.messenger.receive(data, Via.LAN, now, reply_to=src)
+        if got.verdict is not Verdict.TAKEN:
             return
-        sender = env.sender
+        peer = self.peers.get(got.sender)
         if peer is not None:
             self._pin(peer)
             peer.heard = now
             if peer.addr != src:
                 peer.addr = src  # authenticated by the envelope: it moved (a restart)
-        body = opened.body
-        kind = body.WhichOneof("kind")
-        if kind == "text":
-            fresh = self.store.add_incoming(
-                env.msg_id, PREFIX + sender, body.text.text, env.sent_at_ms, int(time.time() * 1000)
-            )
-            if fresh:
-                self._events.append(LanMessage(sender, body.text.text, True, env.msg_id.hex()))
-            else:
-                self.counters["duplicates"] += 1
-            receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
-            rid = self._queue(sender, key, receipt, None, now)
-            if peer is None:  # not announced yet (we just started): answer where it came from
-                item = self._out.pop(rid)
-                self.store.outbox_done(rid, None)
-                self._sends.append(Send("discovery", src, DATA_MAGIC + item.envelope))
-        elif kind == "receipt":
-            for m in body.receipt.msg_ids:
-                if self.store.outgoing_peer(m) != PREFIX + sender:
-                    continue
-                self.store.advance(m, "delivered")
-                done = self._out.pop(m, None)
-                if done is not None:
-                    self.store.outbox_done(m, "delivered")
-                    self._events.append(LanDelivered(sender, m.hex()))
-
-    def _queue(self, peer: str, key: bytes, body: epb.Body, text: str | None, now: float) -> bytes:
-        env = seal(self.identity, self.name, peer, key, body)
-        data = env.SerializeToString()
-        self.store.queue_outgoing(
-            env.msg_id, PREFIX + peer, text, data, env.sent_at_ms, int(time.time() * 1000)
-        )
-        self._out[env.msg_id] = _Out(env.msg_id, peer, data, text is None, due=now)
-        return env.msg_id
 
     # -- IP Messenger peers ---------------------------------------------------------------
 
@@ -495,17 +422,18 @@ class LanCore:
     def _ipmsg(self, dest: Addr | None, command: int, extra: bytes) -> int:
         self._packetno += 1
         data = ipmsg.encode(self._packetno, self.name, self.host, command, extra)
-        self._sends.append(Send("ipmsg", dest, data))
+        self._sends.append(Datagram("ipmsg", data, dest))
         return self._packetno
 
-    def _send_ipmsg(self, peer: LanPeer, text: str, now: float) -> str:
+    def _send_ipmsg(self, peer: LanPeer, text: str, now: float) -> bytes:
         self._packetno += 1
         command = ipmsg.SENDMSG | ipmsg.SENDCHECKOPT | ipmsg.UTF8OPT
         data = ipmsg.encode(self._packetno, self.name, self.host, command, text.encode() + b"\0")
         if len(data) > ipmsg.MAX_PACKET:
             raise LanError("message too long for IP Messenger")
-        self._ipmsg_out[self._packetno] = _IpmsgOut(self._packetno, peer.name, peer.addr, data, due=now)
-        return str(self._packetno)
+        msg_id = ipmsg_id(peer.addr[0], self._packetno)
+        self._ipmsg_out.add(msg_id, peer.name, data, receipt=False, reply_to=peer.addr, now=now)
+        return msg_id
 
     def _on_ipmsg(self, data: bytes, src: Addr, now: float) -> None:
         if not self.ipmsg_enabled:
@@ -561,17 +489,26 @@ class LanCore:
             if len(self._ipmsg_seen) > 1024:
                 self._ipmsg_seen.popitem(last=False)
             text = pkt.text()
-            self._events.append(LanMessage(sender, text, False, f"ipmsg:{src[0]}:{pkt.packetno}"))
+            sent_ms = self.clock_ms()
+            self._events.append(
+                Message(sender, text, ipmsg_id(src[0], pkt.packetno), sent_ms, "ipmsg", False)
+            )
         elif mode == ipmsg.RECVMSG:
             try:
                 acked = int(pkt.extra.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 self.counters["ipmsg_malformed"] += 1
                 return
-            out = self._ipmsg_out.get(acked)
-            if out is not None and out.addr[0] == src[0]:
-                del self._ipmsg_out[acked]
-                self._events.append(LanDelivered(out.peer, str(acked)))
+            msg_id = ipmsg_id(src[0], acked)
+            out = self._ipmsg_out.items.get(msg_id)
+            if out is not None:
+                self._ipmsg_out.delivered([msg_id])
+                self._events.append(Outcome(out.peer, msg_id, "delivered"))
+
+
+def ipmsg_id(ip: str, packetno: int) -> bytes:
+    """The message id of an IP Messenger packet: its sender's address and packet number."""
+    return f"ipmsg:{ip}:{packetno}".encode()
 
 
 K = TypeVar("K")

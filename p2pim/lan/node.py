@@ -18,7 +18,10 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .core import LanCore, LanEvent, LanWarning, Send
+from ..driver import Driver
+from ..messaging.events import Problem
+from ..sansio import Datagram
+from .core import LanCore, LanEvent
 
 SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8919
 IFF_UP, IFF_BROADCAST = 0x1, 0x2
@@ -60,10 +63,8 @@ class LanNode:
         self.discovery_port = discovery_port
         self.ipmsg_port = ipmsg_port
         self.events: asyncio.Queue[LanEvent] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._socks: dict[str, socket.socket] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._driver = Driver(core, self._send, self.events.put_nowait)
+        self._started = False
         ifaces = interfaces()
         if interface is not None:
             ifaces = [i for i in ifaces if i.name == interface]
@@ -83,6 +84,7 @@ class LanNode:
         try:
             self._open("discovery", self.discovery_port, reuse=True)
         except OSError as exc:
+            self._driver.close_sockets()
             raise LanNodeError(
                 f"cannot listen on the discovery port {self.discovery_port}: {exc.strerror}"
             ) from None
@@ -92,13 +94,11 @@ class LanNode:
             except OSError as exc:
                 self.core.ipmsg_enabled = False
                 self.events.put_nowait(
-                    LanWarning(
-                        f"IP Messenger port {self.ipmsg_port} is taken ({exc.strerror}): no IPMsg peers"
-                    )
+                    Problem(f"IP Messenger port {self.ipmsg_port} is taken ({exc.strerror}): no IPMsg peers")
                 )
-        self.core.start(self._loop.time())
-        self._flush()  # the ENTRY goes out now, not at the first timer
-        self._task = asyncio.create_task(self._ticker())
+        self.core.start(asyncio.get_running_loop().time())
+        self._driver.start()  # the ENTRY goes out now, not at the first timer
+        self._started = True
         return self.core.data_port
 
     def _open(self, channel: str, port: int, reuse: bool) -> socket.socket:
@@ -113,75 +113,32 @@ class LanNode:
         except OSError:
             sock.close()
             raise
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._readable, channel, sock)
-        self._socks[channel] = sock
+        # Replies to our broadcasts come to the data socket; it is the same protocol as discovery.
+        self._driver.attach(channel, sock)
         return sock
 
     async def close(self) -> None:
         """Say goodbye (EXIT, BR_EXIT), then close."""
-        if self._task is not None:
+        if self._started:
             self.core.stop()
-            self._flush()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for sock in self._socks.values():
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
-        self._socks.clear()
+            self._driver.kick()
+        await self._driver.close()
 
-    def send(self, to: str, text: str) -> str:
-        msg_id = self.core.send(to, text, self._loop.time())
-        self._flush()
+    def send(self, to: str, text: str) -> bytes:
+        msg_id = self.core.send(to, text, asyncio.get_running_loop().time())
+        self._driver.kick()
         return msg_id
 
     def ask(self) -> None:
         self.core.ask()
-        self._flush()
+        self._driver.kick()
 
-    def _readable(self, channel: str, sock: socket.socket) -> None:
-        for _ in range(64):
-            try:
-                data, addr = sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            # Replies to our broadcasts come to the data socket; it is the same protocol.
-            self.core.datagram(
-                "ipmsg" if channel == "ipmsg" else "discovery", data, addr[:2], self._loop.time()
-            )
-        self._flush()
-
-    def _flush(self) -> None:
-        """After an input: act on it now, and let the ticker re-arm for the new next timer."""
-        self._drain()
-        self._wake.set()
-
-    def _drain(self) -> None:
-        sends, events = self.core.poll(self._loop.time())
-        for s in sends:
-            self._send(s)
-        for ev in events:
-            self.events.put_nowait(ev)
-
-    def _send(self, s: Send) -> None:
-        sock = self._socks.get("ipmsg" if s.channel == "ipmsg" else "data")
+    def _send(self, dg: Datagram) -> None:
+        sock = self._driver.sockets.get("ipmsg" if dg.sock == "ipmsg" else "data")
         if sock is None:
             return
-        port = self.ipmsg_port if s.channel == "ipmsg" else self.discovery_port
-        dests = [s.dest] if s.dest is not None else [(b, port) for b in self.broadcasts]
+        port = self.ipmsg_port if dg.sock == "ipmsg" else self.discovery_port
+        dests = [dg.addr] if dg.addr is not None else [(b, port) for b in self.broadcasts]
         for dest in dests:
             with contextlib.suppress(OSError):  # a down interface, a full buffer: ARQ and timers cope
-                sock.sendto(s.data, dest)
-
-    async def _ticker(self) -> None:
-        while True:
-            timer = self._loop.call_at(self.core.next_timer(), self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                timer.cancel()
-            self._wake.clear()
-            self._drain()
+                sock.sendto(dg.data, dest)

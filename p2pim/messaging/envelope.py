@@ -17,11 +17,11 @@ from nacl.public import Box
 
 from p2pim.identity import Identity, box_public_key
 from p2pim.wire import envelope_pb2 as pb
+from p2pim.wire.limits import ID_SIZE, MAX_ENVELOPE
 
-from .ids import ID_SIZE, new_msg_id
+from .ids import new_msg_id
 
 MAX_TEXT = 16 * 1024  # characters; longer texts belong in a future file transfer
-MAX_ENVELOPE = 64 * 1024
 
 
 class EnvelopeError(Exception):

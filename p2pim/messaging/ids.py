@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import time
 
-ID_SIZE = 16
+from ..wire.limits import ID_SIZE
+
+__all__ = ["ID_SIZE", "msg_id_time_ms", "new_msg_id", "short"]
 
 
 def new_msg_id(now_ms: int | None = None) -> bytes:

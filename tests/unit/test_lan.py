@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from p2pim.identity import Identity
 from p2pim.lan import announce, ipmsg
 from p2pim.lan import core as ipmsg_core
-from p2pim.lan.core import MAX_PEERS, LanCore, LanDelivered, LanMessage, LanWarning, PeerGone, PeerUp, Send
+from p2pim.lan.core import MAX_PEERS, LanCore, PeerGone, PeerUp
+from p2pim.messaging.events import Message, Outcome, Problem
 from p2pim.messaging.store import ClientStore
+from p2pim.sansio import Datagram
 from p2pim.wire import lan_pb2 as lpb
 from tests.mixedkey import MixedKey
 
@@ -91,6 +93,17 @@ def test_announcement_verify_never_fails_otherwise(data: bytes) -> None:
 # -- LanCore ---------------------------------------------------------------------------
 
 
+def poll(core: LanCore, now: float) -> tuple[list[Datagram], list[object]]:
+    """What the driver does at ``now``: the timer if it is due, then sends and events."""
+    if now >= core.get_timer():
+        core.handle_timer(now)
+    sends = core.datagrams_to_send(now)
+    events = []
+    while (event := core.next_event()) is not None:
+        events.append(event)
+    return sends, events
+
+
 class Net:
     """Two cores on one LAN segment: broadcasts reach the other, unicast goes by address."""
 
@@ -110,19 +123,19 @@ class Net:
         t = now
         while t <= until:
             for me, other in ((self.a, self.b), (self.b, self.a)):
-                sends, events = me.poll(t)
+                sends, events = poll(me, t)
                 self.events[me.name] += events
                 for s in sends:
                     self._deliver(me, other, s, t, duplicate)
             t = round(t + 0.05, 3)
 
-    def _deliver(self, me: LanCore, other: LanCore, s: Send, t: float, duplicate: bool) -> None:
+    def _deliver(self, me: LanCore, other: LanCore, s: Datagram, t: float, duplicate: bool) -> None:
         if other.name in self.drop_to:
             return
-        if s.dest is not None and s.dest != self.addr[id(other)]:
+        if s.addr is not None and s.addr != self.addr[id(other)]:
             return
         for _ in range(2 if duplicate else 1):
-            other.datagram("discovery", s.data, self.addr[id(me)], t)
+            other.receive_datagram("discovery", s.data, self.addr[id(me)], t)
 
 
 def test_two_cores_discover_each_other_and_deliver_exactly_once(tmp_path: Path) -> None:
@@ -133,10 +146,10 @@ def test_two_cores_discover_each_other_and_deliver_exactly_once(tmp_path: Path) 
     assert any(isinstance(e, PeerUp) and e.peer.name == "bob" for e in net.events["alice"])
     ids = [net.a.send("bob", f"m{i}", 0.5) for i in range(5)]
     net.run(0.5, 2.0, duplicate=True)  # every packet arrives twice
-    got = [e for e in net.events["bob"] if isinstance(e, LanMessage)]
+    got = [e for e in net.events["bob"] if isinstance(e, Message)]
     assert [m.text for m in got] == [f"m{i}" for i in range(5)] and all(m.encrypted for m in got)
     assert net.b.counters["duplicates"] == 5
-    delivered = {e.msg_id for e in net.events["alice"] if isinstance(e, LanDelivered)}
+    delivered = {e.msg_id for e in net.events["alice"] if isinstance(e, Outcome) and e.state == "delivered"}
     assert delivered == set(ids) and net.a.pending() == 0
 
 
@@ -152,24 +165,26 @@ def test_silence_means_gone_and_a_queued_message_waits_for_the_return(tmp_path: 
     assert net.a.pending() == 1
     net.drop_to.clear()
     net.run(5.0, 7.0)
-    assert [e.text for e in net.events["bob"] if isinstance(e, LanMessage)] == ["later"]
+    assert [e.text for e in net.events["bob"] if isinstance(e, Message)] == ["later"]
     assert net.a.pending() == 0
 
 
 def test_exit_is_left_and_a_replayed_announcement_is_ignored(tmp_path: Path) -> None:
     net = Net(tmp_path)
     net.a.start(0.0)
-    sends, _ = net.a.poll(0.0)
+    sends, _ = poll(net.a, 0.0)
     entry = sends[0].data
-    net.b.datagram("discovery", entry, ("10.0.0.1", 5001), 0.1)
-    net.b.poll(0.1)
+    net.b.receive_datagram("discovery", entry, ("10.0.0.1", 5001), 0.1)
+    poll(net.b, 0.1)
     net.a.stop()
-    exit_sends, _ = net.a.poll(0.2)
-    net.b.datagram("discovery", exit_sends[0].data, ("10.0.0.1", 5001), 0.2)
-    _, events = net.b.poll(0.2)
+    exit_sends, _ = poll(net.a, 0.2)
+    net.b.receive_datagram("discovery", exit_sends[0].data, ("10.0.0.1", 5001), 0.2)
+    _, events = poll(net.b, 0.2)
     assert any(isinstance(e, PeerGone) and e.reason == "left" for e in events)
-    net.b.datagram("discovery", entry, ("10.0.0.1", 5001), 0.3)  # an old ENTRY replayed: "alice is back"?
-    _, events = net.b.poll(0.3)
+    net.b.receive_datagram(
+        "discovery", entry, ("10.0.0.1", 5001), 0.3
+    )  # an old ENTRY replayed: "alice is back"?
+    _, events = poll(net.b, 0.3)
     assert not any(isinstance(e, PeerUp) for e in events)
     assert net.b.counters["replayed"] == 1
 
@@ -183,9 +198,9 @@ def test_a_changed_key_for_a_known_name_is_a_warning_and_sends_are_refused(tmp_p
     net.run(0.5, 1.0)
     impostor = Identity.generate()
     fake = announce.make(impostor, announce.ALIVE, "bob", 6000, 10**13, 1)
-    net.a.datagram("discovery", fake, ("10.0.0.9", 6000), 1.1)
-    _, events = net.a.poll(1.1)
-    assert any(isinstance(e, LanWarning) and "different key" in e.message for e in events)
+    net.a.receive_datagram("discovery", fake, ("10.0.0.9", 6000), 1.1)
+    _, events = poll(net.a, 1.1)
+    assert any(isinstance(e, Problem) and "different key" in e.message for e in events)
     assert net.a.peers["bob"].addr == ("10.0.0.2", 5002)  # still the real bob
     with pytest.raises(Exception, match="key changed"):
         net.a.send("bob", "to whom?", 1.2)
@@ -208,7 +223,7 @@ def test_keys_are_pinned_only_after_a_message_exchange(tmp_path: Path) -> None:
     assert net.a.store.contact("lan:bob") is not None  # we wrote to bob: pinned
     net.run(0.5, 1.0)
     assert net.b.store.contact("lan:alice") is not None  # bob opened alice's message: pinned
-    assert [e.text for e in net.events["bob"] if isinstance(e, LanMessage)] == ["hi"]
+    assert [e.text for e in net.events["bob"] if isinstance(e, Message)] == ["hi"]
 
 
 def test_two_unpinned_keys_for_one_name_the_first_keeps_it(tmp_path: Path) -> None:
@@ -219,15 +234,15 @@ def test_two_unpinned_keys_for_one_name_the_first_keeps_it(tmp_path: Path) -> No
     squatter = Identity.generate()
     for t in (0.6, 0.7):  # twice: one warning, two counts
         fake = announce.make(squatter, announce.ALIVE, "bob", 6000, int(t * 1000) + 10**13, 1)
-        net.a.datagram("discovery", fake, ("10.0.0.9", 6000), t)
-    _, events = net.a.poll(0.7)
-    warnings = [e for e in events if isinstance(e, LanWarning)]
+        net.a.receive_datagram("discovery", fake, ("10.0.0.9", 6000), t)
+    _, events = poll(net.a, 0.7)
+    warnings = [e for e in events if isinstance(e, Problem)]
     assert len(warnings) == 1 and "also announces itself as bob" in warnings[0].message
     assert net.a.counters["name_conflicts"] == 2
     assert net.a.peers["bob"].key == net.b.identity.public_key
     net.a.send("bob", "to the first bob", 0.8)
     net.run(0.8, 1.5)
-    assert [e.text for e in net.events["bob"] if isinstance(e, LanMessage)] == ["to the first bob"]
+    assert [e.text for e in net.events["bob"] if isinstance(e, Message)] == ["to the first bob"]
 
 
 def test_a_flood_of_forged_announcements_is_bounded_in_memory_disk_and_time(tmp_path: Path) -> None:
@@ -241,13 +256,13 @@ def test_a_flood_of_forged_announcements_is_bounded_in_memory_disk_and_time(tmp_
     forged = [Identity.generate() for _ in range(600)]
     for i, ident in enumerate(forged):  # each claims to announce once a year
         data = announce.make(ident, announce.ALIVE, f"f{i}", 7000, 10**13 + i, 365 * 86400)
-        net.a.datagram("discovery", data, (f"10.0.{i // 250}.{i % 250 + 1}", 7000), 1.0)
+        net.a.receive_datagram("discovery", data, (f"10.0.{i // 250}.{i % 250 + 1}", 7000), 1.0)
     assert len(net.a.peers) <= MAX_PEERS
     assert "bob" in net.a.peers  # pinned peers are never pushed out by strangers
     assert net.a.counters["evicted"] >= 600 - MAX_PEERS
     assert _lan_rows(net.a) == 1  # only bob, with whom a message was exchanged
     # The interval is capped: 3.5 x 300 s later, every forged peer has expired.
-    net.a.poll(1.0 + 3.5 * announce.MAX_INTERVAL_S + 1)
+    poll(net.a, 1.0 + 3.5 * announce.MAX_INTERVAL_S + 1)
     assert not any(name.startswith("f") for name in net.a.peers)
 
 
@@ -271,27 +286,27 @@ def _ipmsg_core(tmp: Path) -> LanCore:
 def test_an_ip_messenger_peer_that_stops_answering_is_asked_then_gone(tmp_path: Path) -> None:
     core = _ipmsg_core(tmp_path)
     core.start(0.0)
-    core.poll(0.0)
+    poll(core, 0.0)
     iptux = ("10.0.0.7", 2425)
     quiet = ("10.0.0.8", 2425)
     for n, addr in enumerate((iptux, quiet), start=1):
-        core.datagram(
+        core.receive_datagram(
             "ipmsg", ipmsg.encode(n, "u", "h", ipmsg.BR_ENTRY, ipmsg.entry_extra(f"p{n}")), addr, 1.0
         )
-    core.poll(1.0)
+    poll(core, 1.0)
     assert {p.name for p in core.peers.values() if p.kind == "ipmsg"} == {"p1@10.0.0.7", "p2@10.0.0.8"}
     asked: dict[tuple[str, int], int] = {}
     gone: list[str] = []
     t = 1.0
     while t < 1.0 + ipmsg_core.IPMSG_IDLE + 30:
-        t = core.next_timer()
-        sends, events = core.poll(t)
+        t = core.get_timer()
+        sends, events = poll(core, t)
         for s in sends:
-            if s.channel == "ipmsg" and s.dest is not None and ipmsg.parse(s.data).mode == ipmsg.BR_ENTRY:
-                asked[s.dest] = asked.get(s.dest, 0) + 1
-                if s.dest == iptux:  # this one answers, as real clients do
+            if s.sock == "ipmsg" and s.addr is not None and ipmsg.parse(s.data).mode == ipmsg.BR_ENTRY:
+                asked[s.addr] = asked.get(s.addr, 0) + 1
+                if s.addr == iptux:  # this one answers, as real clients do
                     answer = ipmsg.encode(9, "u", "h", ipmsg.ANSENTRY, ipmsg.entry_extra("p1"))
-                    core.datagram("ipmsg", answer, iptux, t)
+                    core.receive_datagram("ipmsg", answer, iptux, t)
         gone += [e.peer.name for e in events if isinstance(e, PeerGone) and e.reason == "timeout"]
     assert gone == ["p2@10.0.0.8"]
     assert asked[quiet] == ipmsg_core.IPMSG_PROBES

@@ -1,0 +1,114 @@
+"""How every event looks, in one place: a JSON object for ``--json`` and a line for people.
+
+Used by ``chat``, ``listen``, ``login`` and ``lan`` alike, so a message, a
+receipt or an outcome reads the same whichever road it took.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+GONE = {
+    "left": "left",
+    "timeout": "is gone (no longer heard)",
+    "evicted": "is no longer listed (too many peers on this LAN; pinned peers stay)",
+}
+BUDDY_TEXTS = {
+    "requested": "{peer} asks to be your buddy: p2pim buddy accept {peer}",
+    "accepted": "{peer} is now your buddy",
+    "declined": "{peer} declined your request",
+    "removed": "{peer} removed you",
+}
+
+
+def show_id(msg_id: bytes) -> str:
+    """A message id as text: hex, or an IP Messenger client's own "ipmsg:address:number"."""
+    return msg_id.decode() if msg_id.startswith(b"ipmsg:") else msg_id.hex()
+
+
+def event_line(ev: Any) -> tuple[dict[str, Any], str]:
+    from p2pim.client import events as ce
+    from p2pim.lan import core as lc
+    from p2pim.messaging import events as me
+
+    stamp = time.strftime("%H:%M:%S")
+    if isinstance(ev, me.Message):
+        sent = time.strftime("%H:%M:%S", time.localtime(ev.sent_at_ms / 1000))
+        tag = " (while you were offline)" if ev.offline else ""
+        tag += "" if ev.encrypted else " [unencrypted]"
+        return (
+            {
+                "event": "message",
+                "from": ev.peer,
+                "text": ev.text,
+                "msg_id": show_id(ev.msg_id),
+                "sent_at_ms": ev.sent_at_ms,
+                "route": ev.route,
+                "encrypted": ev.encrypted,
+            },
+            f"[{sent}] {ev.peer}: {ev.text}{tag}",
+        )
+    if isinstance(ev, me.Receipt):
+        return (
+            {
+                "event": "receipt",
+                "from": ev.peer,
+                "kind": ev.kind,
+                "msg_ids": [show_id(m) for m in ev.msg_ids],
+            },
+            f"[{stamp}] ({ev.kind} by {ev.peer}: {len(ev.msg_ids)} message(s))",
+        )
+    if isinstance(ev, me.Outcome):
+        return (
+            {
+                "event": "outcome",
+                "to": ev.peer,
+                "msg_id": show_id(ev.msg_id),
+                "state": ev.state,
+                "detail": ev.detail,
+            },
+            f"[{stamp}] (message to {ev.peer} {ev.state}{': ' + ev.detail if ev.detail else ''})",
+        )
+    if isinstance(ev, me.Problem):
+        return {"event": "problem", "message": ev.message}, f"[{stamp}] ! {ev.message}"
+    if isinstance(ev, ce.PresenceChange):
+        return (
+            {"event": "presence", "user": ev.peer, "status": ev.status, "last_seen_ms": ev.last_seen_ms},
+            f"[{stamp}] * {ev.peer} is {ev.status}",
+        )
+    if isinstance(ev, ce.BuddyChange):
+        text = BUDDY_TEXTS.get(ev.kind, "{peer} " + ev.kind).format(peer=ev.peer)
+        return {"event": "buddy", "user": ev.peer, "kind": ev.kind}, f"[{stamp}] * {text}"
+    if isinstance(ev, ce.KeyChanged):
+        return (
+            {"event": "key_changed", "user": ev.peer, "pinned": ev.pinned, "offered": ev.offered},
+            f"[{stamp}] WARNING: {ev.peer}'s key changed: pinned {ev.pinned}, offered {ev.offered}. "
+            f"Messages stay with the pinned key until you check and run p2pim buddy trust {ev.peer}",
+        )
+    if isinstance(ev, ce.PathUpdate):
+        where = f"direct {ev.addr}" + (f" ({ev.rtt_ms:.1f} ms)" if ev.rtt_ms is not None else "")
+        return (
+            {
+                "event": "path",
+                "user": ev.peer,
+                "via": ev.via,
+                "addr": ev.addr,
+                "rtt_ms": ev.rtt_ms,
+                "reason": ev.reason,
+            },
+            f"[{stamp}] * path to {ev.peer}: {where if ev.via == 'direct' else 'relay'} ({ev.reason})",
+        )
+    if isinstance(ev, ce.ConnectionState):
+        return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
+    if isinstance(ev, lc.PeerUp):
+        tag = "" if ev.peer.encrypted else " [IP Messenger: unencrypted]"
+        again = " again" if ev.again else ""
+        return {"event": "peer", "up": True, "again": ev.again, **ev.peer.as_dict()}, (
+            f"[{stamp}] * {ev.peer.name} is here{again} ({ev.peer.addr[0]}){tag}"
+        )
+    if isinstance(ev, lc.PeerGone):
+        return {"event": "peer", "up": False, "reason": ev.reason, **ev.peer.as_dict()}, (
+            f"[{stamp}] * {ev.peer.name} {GONE.get(ev.reason, 'is gone')}"
+        )
+    return {"event": "unknown", "repr": repr(ev)}, f"[{stamp}] ? {ev!r}"

@@ -1,0 +1,83 @@
+"""What the client tells its user: the messaging core's events plus the server's and the paths'."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..messaging.events import Message, Outcome, Problem, Receipt
+
+
+@dataclass(frozen=True)
+class PresenceChange:
+    peer: str
+    status: str  # online, away, offline
+    last_seen_ms: int
+
+
+@dataclass(frozen=True)
+class BuddyChange:
+    peer: str
+    kind: str  # requested, accepted, declined, removed
+
+
+@dataclass(frozen=True)
+class KeyChanged:
+    """The server offers a different key for ``peer`` than the one pinned: never used silently."""
+
+    peer: str
+    pinned: str  # fingerprints
+    offered: str
+
+
+@dataclass(frozen=True)
+class ConnectionState:
+    up: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class PathUpdate:
+    """Traffic to ``peer`` now goes ``via`` "direct" (to ``addr``) or "relay"."""
+
+    peer: str
+    via: str
+    addr: str
+    rtt_ms: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class BuddyInfo:
+    username: str
+    state: str  # buddy, request sent, asks to be your buddy
+    presence: str
+    last_seen_ms: int
+    fingerprint: str
+    key_warning: bool  # the server's key differs from the pinned one
+
+
+Event = (
+    Message
+    | Receipt
+    | PresenceChange
+    | BuddyChange
+    | KeyChanged
+    | Outcome
+    | Problem
+    | ConnectionState
+    | PathUpdate
+)
+
+__all__ = [
+    "BuddyChange",
+    "BuddyInfo",
+    "ConnectionState",
+    "Event",
+    "KeyChanged",
+    "Message",
+    "Outcome",
+    "PathUpdate",
+    "PresenceChange",
+    "Problem",
+    "Receipt",
+]
