@@ -46,6 +46,9 @@ class Driver:
         self._task: asyncio.Task[None] | None = None
         self._until: Callable[[], bool] | None = None
         self._failed: set[str] = set()
+        # Demultiplexing (RFC 9443 style): a datagram for which this returns True was taken
+        # by the shell (another core's traffic on the same socket) and is not fed to ``core``.
+        self.divert: Callable[[Hashable, bytes, Any], bool] | None = None
 
     # -- sockets -----------------------------------------------------------------------
 
@@ -82,7 +85,10 @@ class Driver:
             except OSError:  # an ICMP error queued on the socket
                 self._socket_error(label)
                 break
-            self._guard(core.receive_datagram, label, data, (addr[0], addr[1]), loop.time())
+            source = (addr[0], addr[1])
+            if self.divert is not None and self._guard(self.divert, label, data, source):
+                continue
+            self._guard(core.receive_datagram, label, data, source, loop.time())
         self.kick()
 
     def _socket_error(self, label: Hashable) -> None:
@@ -110,6 +116,11 @@ class Driver:
         """The core was fed outside the driver: send what it has now, then re-arm the timer."""
         self._flush()
         self._wake.set()
+
+    def stop(self) -> None:
+        """Stop the loop now (from synchronous code); :meth:`close` also waits for it."""
+        if self._task is not None:
+            self._task.cancel()
 
     async def close(self, sockets: bool = True) -> None:
         """Stop the loop and close the attached sockets (``sockets=False``: only stop reading

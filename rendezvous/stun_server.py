@@ -1,8 +1,11 @@
 """Sans-IO STUN server core: RFC 8489 Binding, RFC 5780 behaviour discovery, RFC 3489.
 
-Feed it ``handle(data, local, remote, now)`` for every datagram that reached one
-of our sockets; it returns at most one :class:`Datagram` to send, naming which
-of our sockets must send it. It never touches a socket or a clock.
+It speaks the common core verbs (:mod:`p2pim.sansio`): feed it
+``receive_datagram(local, data, remote, now)`` for every datagram that reached
+one of our sockets (``local`` names the socket); ``datagrams_to_send`` gives at
+most one answer per request, as a :class:`~p2pim.sansio.Datagram` whose
+``sock`` is the socket that must send it. :meth:`StunServerCore.handle` is the
+same decision for one datagram. It never touches a socket or a clock.
 
 Sockets: the primary and alternate IP, each on the primary and alternate port
 (RFC 5780 §3). CHANGE-REQUEST is resolved relative to the socket the request
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p2pim.sansio import Datagram
 from p2pim.stun import codec
 from p2pim.stun.codec import CHANGE_IP, CHANGE_PORT, Addr, Class, Message, Method
 
@@ -51,17 +55,6 @@ SOFTWARE = "p2pim rendezvous"
 _SHEDDABLE = ("SOFTWARE", "MAPPED-ADDRESS", "FINGERPRINT", "RESPONSE-ORIGIN")
 # Comprehension-required attributes we recognise but refuse with 420 (see above).
 _REFUSED = {0x0002: "RESPONSE-ADDRESS", 0x0026: "PADDING"}
-
-
-@dataclass(frozen=True)
-class Datagram:
-    """One datagram the shell must send."""
-
-    data: bytes
-    #: Which of our (ip, port) sockets sends it.
-    source: Addr
-    #: Where it goes.
-    destination: Addr
 
 
 @dataclass
@@ -93,8 +86,30 @@ class StunServerCore:
     software: str = SOFTWARE
     counters: StunCounters = field(default_factory=StunCounters)
 
+    _out: list[Datagram] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         self._limiter = RateLimiter(self.rate, self.burst)
+
+    # -- the core verbs ---------------------------------------------------------------
+
+    def receive_datagram(self, sock: Addr, data: bytes, addr: Addr, now: float) -> None:
+        answer = self.handle(data, sock, addr, now)
+        if answer is not None:
+            self._out.append(answer)
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> None:
+        return None  # it only ever answers
+
+    def handle_timer(self, now: float) -> None:
+        """No timers."""
+
+    def next_event(self) -> None:
+        return None
 
     def local_addresses(self) -> list[Addr]:
         """Every (ip, port) the shell must bind."""
@@ -194,7 +209,7 @@ class StunServerCore:
             if len(out) <= limit:
                 if reply.message_class == Class.RESPONSE:
                     self.counters.answered += 1
-                return Datagram(out, source, dest)
+                return Datagram(source, out, dest)
             present = [a for a in shed if a in reply.attributes or (a == "FINGERPRINT" and fingerprint)]
             if not present:
                 self.counters.too_large_to_answer += 1

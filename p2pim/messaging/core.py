@@ -123,11 +123,12 @@ class Messenger:
 
         ``text``: what the history shows (None for receipts, which are sent once).
         """
+        now_ms = self._clock_ms()
+        if not body.sent_at_ms:
+            body.sent_at_ms = now_ms
         env = seal(self.identity, self.name, peer, key, body)
         data = env.SerializeToString()
-        self.store.queue_outgoing(
-            env.msg_id, self.prefix + peer, text, data, env.sent_at_ms, self._clock_ms()
-        )
+        self.store.queue_outgoing(env.msg_id, self.prefix + peer, text, data, env.sent_at_ms, now_ms)
         self.delivery.add(env.msg_id, peer, data, text is None, relay_only, reply_to, now)
         return env.msg_id
 

@@ -86,6 +86,10 @@ class ProbeSet:
         return probe
 
     @property
+    def probes(self) -> list[Probe]:
+        return list(self._by_tid.values())
+
+    @property
     def all_done(self) -> bool:
         return all(p.done for p in self._by_tid.values())
 

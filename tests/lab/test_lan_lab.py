@@ -148,7 +148,14 @@ def test_ip_messenger_peer_entries_messages_and_exit(lan: tuple[Topology, str]) 
         # alice writes to it by nickname; it answers RECVMSG, alice marks it delivered.
         alice.type("ipmsguser: hi there")
         assert peer.wait(lambda e: e.get("event") == "message" and e.get("text") == "hi there", 5) is not None
-        assert alice.wait(lambda e: e.get("event") == "delivered" and e.get("to") == "ipmsguser@10.0.1.4", 5)
+        assert alice.wait(
+            lambda e: (
+                e.get("event") == "outcome"
+                and e.get("state") == "delivered"
+                and e.get("to") == "ipmsguser@10.0.1.4"
+            ),
+            5,
+        )
         # BR_EXIT: gone.
         peer.proc.stdin.close()  # type: ignore[union-attr]
         gone = alice.wait(
@@ -236,7 +243,9 @@ def test_thousands_of_forged_peers_are_bounded_and_real_peers_still_chat(lan: tu
         assert alice.wait(_up("bob"), 5) is not None
         alice.type("bob: through the noise")
         assert bob.wait(lambda e: e.get("event") == "message" and e.get("text") == "through the noise", 5)
-        assert alice.wait(lambda e: e.get("event") == "delivered", 5) is not None
+        assert (
+            alice.wait(lambda e: e.get("event") == "outcome" and e.get("state") == "delivered", 5) is not None
+        )
         listed, most = 0, 0
         for _, e in alice.log:
             if e.get("event") == "peer":

@@ -120,17 +120,17 @@ class World:
         out = self.server.handle(data, dst, mapped, now + self.one_way)
         if out is None or self._lost():
             return
-        source = (self.server.ip, self.server.port) if self.wrong_source else out.source
+        source = (self.server.ip, self.server.port) if self.wrong_source else out.sock
         arrive = now + 2 * self.one_way
         if self.nat:
-            if out.destination[0] != self.nat.public_ip:
+            if out.addr[0] != self.nat.public_ip:
                 return
-            internal = self.nat.inbound(source, out.destination[1], arrive)
+            internal = self.nat.inbound(source, out.addr[1], arrive)
             if internal is None or internal not in self._by_addr:
                 return
             self._deliver(arrive, self._by_addr[internal], out.data, source)
-        elif out.destination in self._by_addr:
-            self._deliver(arrive, self._by_addr[out.destination], out.data, source)
+        elif out.addr in self._by_addr:
+            self._deliver(arrive, self._by_addr[out.addr], out.data, source)
 
     def _deliver(self, at: float, label: str, data: bytes, source: Addr) -> None:
         heapq.heappush(self._queue, (at, next(self._seq), label, data, source))

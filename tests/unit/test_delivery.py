@@ -1,8 +1,22 @@
-"""The delivery core on a fake clock: relay first, store as fallback, nothing lost or repeated."""
+"""The outbox and its route policy on a fake clock: which road, when again, nothing lost or repeated."""
 
 from __future__ import annotations
 
-from p2pim.messaging.delivery import RELAY_RTO, RELAY_TRIES, Delivery, Failed, Finished, Transmit, Via
+import itertools
+
+from p2pim.messaging.delivery import (
+    INTERNET,
+    IPMSG,
+    LAN,
+    MAX_DIRECT,
+    RELAY_RTO,
+    RELAY_TRIES,
+    Delivery,
+    Failed,
+    Finished,
+    Transmit,
+    Via,
+)
 
 
 def sends(actions: list[object]) -> list[tuple[bytes, Via]]:
@@ -129,3 +143,80 @@ def test_a_server_shedding_load_delays_a_message_and_never_fails_it() -> None:
     d.stored(b"1")
     [fin] = d.poll(0.6)
     assert isinstance(fin, Finished) and fin.state == "stored"
+
+
+# -- the route policy as data -------------------------------------------------------------
+
+
+def test_internet_first_try_goes_direct_when_a_path_is_up_retries_take_the_relay() -> None:
+    d = Delivery(INTERNET)
+    d.connection(True)
+    d.presence("bob", True)
+    d.path("bob", True)
+    d.add(b"1", "bob", b"env", receipt=False)
+    [first] = d.poll(0.0)
+    assert isinstance(first, Transmit) and (first.via, first.suspect) == (Via.DIRECT, False)
+    now, later = 0.0, []
+    for _ in range(RELAY_TRIES):
+        now = d.next_timer() or now
+        later += [a for a in d.poll(now) if isinstance(a, Transmit)]
+    # no receipt: the relay (which cannot lose it), asking for the path to be checked; then the store
+    assert [(t.via, t.suspect) for t in later] == [(Via.RELAY, True), (Via.RELAY, True), (Via.STORE, False)]
+
+
+def test_internet_without_a_path_big_envelopes_and_relay_only_items_take_the_relay() -> None:
+    d = Delivery(INTERNET)
+    d.connection(True)
+    d.presence("bob", True)
+    d.add(b"1", "bob", b"env", receipt=False)  # no direct path
+    d.path("bob", True)
+    d.add(b"2", "bob", b"x" * (MAX_DIRECT + 1), receipt=False)  # would fragment
+    d.add(b"3", "bob", b"receipt", receipt=True, relay_only=True)  # answers a relayed message
+    d.path("carol", True)
+    d.add(b"4", "bob", b"env", receipt=False)
+    vias = dict(sends(d.poll(0.0)))
+    assert vias == {b"1": Via.DIRECT, b"2": Via.RELAY, b"3": Via.RELAY, b"4": Via.DIRECT}
+    d.presence("bob", False)  # gone: its direct path with it
+    assert "bob" not in d.direct
+
+
+def test_lan_policy_waits_while_the_peer_is_away_and_retries_forever_while_it_is_here() -> None:
+    d = Delivery(LAN, connected=True)
+    d.add(b"1", "bob", b"env", receipt=False)
+    assert d.poll(0.0) == [] and d.next_timer() is None  # bob is not here: nothing, no timer
+    d.presence("bob", True)
+    d.resend_now("bob")
+    now, times = 0.0, []
+    for _ in range(8):
+        sent = sends(d.poll(now))
+        if sent:
+            assert sent == [(b"1", Via.LAN)]
+            times.append(now)
+        now = d.next_timer() or now
+    assert [b - a for a, b in itertools.pairwise(times)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    d.presence("bob", False)
+    assert d.poll(now + 100) == [] and d.next_timer() is None  # away: it waits, never stored
+    d.presence("bob", True)
+    d.resend_now("bob")  # back: at once
+    assert sends(d.poll(now + 100)) == [(b"1", Via.LAN)]
+
+
+def test_lan_receipt_goes_once_back_where_its_message_came_from() -> None:
+    d = Delivery(LAN, connected=True)
+    d.add(b"r", "bob", b"receipt", receipt=True, reply_to=("10.0.0.2", 5002))  # bob not announced yet
+    actions = d.poll(0.0)
+    [t] = [a for a in actions if isinstance(a, Transmit)]
+    assert t.via is Via.LAN and t.item.reply_to == ("10.0.0.2", 5002)
+    assert d.items == {}
+
+
+def test_ipmsg_policy_gives_up_after_six_tries() -> None:
+    d = Delivery(IPMSG, connected=True)
+    d.add(b"ipmsg:10.0.0.3:7", "carol@10.0.0.3", b"packet", receipt=False, reply_to=("10.0.0.3", 2425))
+    now, tries, failed = 0.0, 0, []
+    while d.items:
+        actions = d.poll(now)
+        tries += len(sends(actions))
+        failed += [(now, a.reason) for a in actions if isinstance(a, Failed)]
+        now = d.next_timer() or now + 1
+    assert tries == 6 and failed == [(6.0, "no answer")]  # sent at 0..5 s, one second each

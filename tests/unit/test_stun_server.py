@@ -28,7 +28,7 @@ def ask(srv: StunServerCore, msg: codec.Message, local: tuple[str, int] = (P, 34
 def test_binding_response_has_rfc5780_attributes() -> None:
     srv = core()
     out, reply = ask(srv, codec.binding_request())
-    assert out.source == (P, 3478) and out.destination == CLIENT
+    assert out.sock == (P, 3478) and out.addr == CLIENT
     assert reply.message_class == Class.RESPONSE
     assert reply.attributes["XOR-MAPPED-ADDRESS"] == CLIENT
     assert reply.attributes["RESPONSE-ORIGIN"] == (P, 3478)
@@ -47,7 +47,7 @@ def test_change_request_is_relative_to_the_receiving_socket() -> None:
     }
     for (local, change), expected in cases.items():
         out, reply = ask(srv, codec.binding_request(change=change), local)
-        assert out.source == expected
+        assert out.sock == expected
         assert reply.attributes["RESPONSE-ORIGIN"] == expected
     # OTHER-ADDRESS is relative to the socket too.
     _, reply = ask(srv, codec.binding_request(), (A, 3479))
@@ -57,7 +57,7 @@ def test_change_request_is_relative_to_the_receiving_socket() -> None:
 def test_single_address_refuses_to_change_ip_instead_of_lying() -> None:
     srv = core(alt_ip=None)
     out, reply = ask(srv, codec.binding_request(change=CHANGE_IP | CHANGE_PORT))
-    assert out.source == (P, 3478)
+    assert out.sock == (P, 3478)
     assert reply.message_class == Class.ERROR and reply.error_code == 420
     assert reply.attributes["UNKNOWN-ATTRIBUTES"] == [0x0003]
     # Plain bindings still work, without OTHER-ADDRESS.
@@ -65,7 +65,7 @@ def test_single_address_refuses_to_change_ip_instead_of_lying() -> None:
     assert reply.message_class == Class.RESPONSE and "OTHER-ADDRESS" not in reply.attributes
     # It can still change port.
     out, _ = ask(srv, codec.binding_request(change=CHANGE_PORT))
-    assert out.source == (P, 3479)
+    assert out.sock == (P, 3479)
 
 
 def test_classic_client_gets_classic_answer() -> None:
@@ -73,7 +73,7 @@ def test_classic_client_gets_classic_answer() -> None:
     tid16 = bytes(range(100, 116))
     data = bytes.fromhex("00010008") + tid16 + bytes.fromhex("0003000400000004")  # change IP
     out = srv.handle(data, (P, 3478), CLIENT, 0.0)
-    assert out is not None and out.source == (A, 3478)
+    assert out is not None and out.sock == (A, 3478)
     assert out.data[4:20] == tid16
     reply = codec.decode(out.data).message
     assert set(reply.attributes) == {"MAPPED-ADDRESS", "SOURCE-ADDRESS", "CHANGED-ADDRESS"}
@@ -83,7 +83,7 @@ def test_classic_client_gets_classic_answer() -> None:
 
 def test_response_port_sends_to_source_ip_at_that_port() -> None:
     out, _ = ask(core(), codec.binding_request(response_port=5555))
-    assert out.destination == (CLIENT[0], 5555)
+    assert out.addr == (CLIENT[0], 5555)
 
 
 def test_reflection_attributes_are_refused() -> None:
@@ -92,7 +92,7 @@ def test_reflection_attributes_are_refused() -> None:
         msg = codec.binding_request()
         msg.attributes[name] = value
         out, reply = ask(srv, msg)
-        assert out.destination == CLIENT
+        assert out.addr == CLIENT
         assert reply.error_code == 420
 
 
