@@ -3,10 +3,11 @@
 It reads the sockets attached to it and feeds each datagram to the core,
 hands what the core wants sent to the shell's ``send`` (or, by default,
 to the attached socket the datagram names), passes events to ``on_event``,
-and sleeps until the core's next timer or the next input. A shell that feeds
+and keeps one timer armed at the core's next deadline. A shell that feeds
 the core through a method of its own (a message typed, a frame from the
 server) calls :meth:`Driver.kick` afterwards, so the core's answer goes out
-at once and the timer is armed anew.
+at once and the timer is armed anew. There is no task: reads, kicks and the
+timer are plain callbacks, so an input costs no task switch.
 
 One loop serves every input, so nothing a single datagram does may end it:
 an exception from the core is logged once per kind and the loop goes on.
@@ -15,7 +16,6 @@ an exception from the core is logged once per kind and the loop goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Callable, Hashable
@@ -35,20 +35,30 @@ class Driver:
         send: Callable[[Any], None] | None = None,
         on_event: Callable[[Any], None] | None = None,
         bufsize: int = 65535,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock``: the time the core reckons in (default: the event loop's monotonic
+        clock; the rendezvous hub keeps wall-clock time, for its database)."""
         self.core = core
         self._send = send or self.send_to_socket
         self._on_event = on_event or (lambda event: None)
         self.bufsize = bufsize
+        self.clock = clock
         self.sockets: dict[Hashable, socket.socket] = {}
         self.done = asyncio.Event()  # set when ``until`` (see start) holds
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._until: Callable[[], bool] | None = None
-        self._failed: set[str] = set()
         # Demultiplexing (RFC 9443 style): a datagram for which this returns True was taken
         # by the shell (another core's traffic on the same socket) and is not fed to ``core``.
         self.divert: Callable[[Hashable, bytes, Any], bool] | None = None
+        self._until: Callable[[], bool] | None = None
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None
+        self._flushing = False
+        self._again = False
+        self._failed: set[str] = set()
+
+    def now(self) -> float:
+        return self.clock() if self.clock is not None else asyncio.get_running_loop().time()
 
     # -- sockets -----------------------------------------------------------------------
 
@@ -64,6 +74,12 @@ class Driver:
             asyncio.get_running_loop().remove_reader(sock.fileno())
         return sock
 
+    def close_sockets(self) -> None:
+        for label in list(self.sockets):
+            sock = self.detach(label)
+            if sock is not None:
+                sock.close()
+
     def send_to_socket(self, dg: Any) -> None:
         """The default ``send``: ``dg.data`` to ``dg.addr`` from the attached socket ``dg.sock``."""
         sock = self.sockets.get(dg.sock)
@@ -76,7 +92,6 @@ class Driver:
 
     def _readable(self, label: Hashable, sock: socket.socket) -> None:
         core = self.core
-        loop = asyncio.get_running_loop()
         for _ in range(READS_PER_WAKE):
             try:
                 data, addr = sock.recvfrom(self.bufsize)
@@ -88,21 +103,21 @@ class Driver:
             source = (addr[0], addr[1])
             if self.divert is not None and self._guard(self.divert, label, data, source):
                 continue
-            self._guard(core.receive_datagram, label, data, source, loop.time())
+            self._guard(core.receive_datagram, label, data, source, self.now())
         self.kick()
 
     def _socket_error(self, label: Hashable) -> None:
         handler = getattr(self.core, "socket_error", None)
         if handler is not None:
-            self._guard(handler, label, asyncio.get_running_loop().time())
+            self._guard(handler, label, self.now())
 
     # -- running -----------------------------------------------------------------------
 
     def start(self, until: Callable[[], bool] | None = None) -> None:
         """Run the core; with ``until``, stop (and set :attr:`done`) once it holds."""
         self._until = until
+        self._running = True
         self.kick()
-        self._task = asyncio.create_task(self._run())
 
     async def run(self, until: Callable[[], bool]) -> None:
         """Run the core until ``until()`` holds (the sockets stay open)."""
@@ -113,64 +128,68 @@ class Driver:
             await self.close(sockets=False)
 
     def kick(self) -> None:
-        """The core was fed outside the driver: send what it has now, then re-arm the timer."""
+        """The core was fed: send what it has now, then arm the timer for its next deadline."""
         self._flush()
-        self._wake.set()
+        self._arm()
 
     def stop(self) -> None:
-        """Stop the loop now (from synchronous code); :meth:`close` also waits for it."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop (timers and reading; the sockets stay open)."""
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._due = None, None
 
     async def close(self, sockets: bool = True) -> None:
-        """Stop the loop and close the attached sockets (``sockets=False``: only stop reading
-        them, for a shell that runs another core on them next)."""
-        task, self._task = self._task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        """Stop, and close the attached sockets (``sockets=False``: only stop reading them,
+        for a shell that runs another core on them next)."""
+        self.stop()
         if sockets:
             self.close_sockets()
         else:
             for label in list(self.sockets):
                 self.detach(label)
 
-    def close_sockets(self) -> None:
-        for label in list(self.sockets):
-            sock = self.detach(label)
-            if sock is not None:
-                sock.close()
+    def _arm(self) -> None:
+        if not self._running:
+            return
+        if self._until is not None and self._until():
+            self.stop()
+            self.done.set()
+            return
+        due = self._guard(self.core.get_timer)
+        if due == self._due and (due is None or self._timer is not None):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due = due
+        if due is not None:
+            # Not wait_for on an Event: on Python 3.11 it can swallow a cancel that races
+            # with the event. A plain timer handle has no such race.
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, due - self.now()), self._fire)
 
-    async def _run(self) -> None:
-        # A timer handle and an Event rather than wait_for: on Python 3.11, wait_for
-        # can swallow a cancel that races with the event, and close() would hang.
-        core = self.core
-        loop = asyncio.get_running_loop()
-        while True:
-            if self._until is not None and self._until():
-                self.done.set()
-                return
-            due = core.get_timer()
-            timer = None if due is None else loop.call_at(due, self._wake.set)
-            try:
-                await self._wake.wait()
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            self._wake.clear()
-            now = loop.time()
-            if due is not None and now >= due:
-                self._guard(core.handle_timer, now)
-            self._flush()
+    def _fire(self) -> None:
+        self._timer, self._due = None, None
+        self._guard(self.core.handle_timer, self.now())
+        self.kick()
 
     def _flush(self) -> None:
-        core = self.core
-        now = asyncio.get_running_loop().time()
-        for dg in self._guard(core.datagrams_to_send, now) or ():
-            self._guard(self._send, dg)
-        while (event := self._guard(core.next_event)) is not None:
-            self._guard(self._on_event, event)
+        if self._flushing:  # fed again from inside a send or an event: one more round after this
+            self._again = True
+            return
+        self._flushing = True
+        try:
+            while True:
+                self._again = False
+                core = self.core
+                for dg in self._guard(core.datagrams_to_send, self.now()) or ():
+                    self._guard(self._send, dg)
+                while (event := self._guard(core.next_event)) is not None:
+                    self._guard(self._on_event, event)
+                if not self._again:
+                    return
+        finally:
+            self._flushing = False
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -67,17 +67,3 @@ Event = (
     | ConnectionState
     | PathUpdate
 )
-
-__all__ = [
-    "BuddyChange",
-    "BuddyInfo",
-    "ConnectionState",
-    "Event",
-    "KeyChanged",
-    "Message",
-    "Outcome",
-    "PathUpdate",
-    "PresenceChange",
-    "Problem",
-    "Receipt",
-]
