@@ -19,7 +19,7 @@ Cores that care about ICMP errors (NAT discovery) also take
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,11 +30,12 @@ Addr = tuple[str, int]
 class Datagram:
     """``data`` to ``addr`` from the socket (or road) the core calls ``sock``.
 
-    ``addr`` None means "broadcast" where the shell knows how (the LAN).
+    ``addr`` None means "broadcast" where the shell knows how (the LAN). ``data``
+    is bytes, or an instruction its shell knows (the hub's ``Close``).
     """
 
-    sock: Hashable
-    data: bytes
+    sock: Any
+    data: Any
     addr: Any
 
 

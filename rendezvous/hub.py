@@ -42,6 +42,8 @@ are enforced by the shell, from the same :class:`Limits`.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from p2pim.identity import valid_public_key, verify_login
+from p2pim.sansio import Datagram
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
 from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FRAME
@@ -60,6 +63,7 @@ from .passwords import MAX_PASSWORD, MIN_PASSWORD
 from .ratelimit import RateLimiter
 
 MAX_RELAY = 64 * 1024  # one relayed datagram
+EXPIRE_EVERY_S = 3600.0  # how often old offline envelopes and tokens are deleted
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
 TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
@@ -150,6 +154,9 @@ class Session:
     endpoints: pb.PublishEndpoints | None = None
     closed: bool = False
     transport: object = None  # the shell's handle (the WebSocket); the hub never touches it
+    # A register or login that needs a password hash: (frame, work) for the shell's thread
+    # pool, which hands the result to finish_register / finish_login.
+    work: tuple[pb.Frame, HashWork | VerifyWork] | None = None
 
 
 @dataclass
@@ -170,6 +177,7 @@ class Counters:
     offline_delivered: int = 0
     offline_acked: int = 0
     offline_dropped: int = 0  # with a buddy removal
+    offline_expired: int = 0  # older than offline_max_age_s
     # counted by the shell
     connections_refused: int = 0
     login_timeouts: int = 0
@@ -252,6 +260,9 @@ class Hub:
         self._register_limiter = RateLimiter(lim.register_ip_rate, lim.register_ip_burst)
         self._request_budget = RateLimiter(lim.request_rate, lim.request_burst)
         self._relay_budget = RateLimiter(lim.relay_rate, lim.relay_burst)
+        self._deadlines: list[tuple[float, int, Session]] = []  # login deadlines, a heap
+        self._deadline_seq = itertools.count()
+        self._next_expire = 0.0  # housekeeping: the offline store and tokens (see handle_timer)
         self._hashing: dict[str, int] = {}  # source IP -> jobs waiting or running
         self._hashing_total = 0
         self._handlers: dict[str, Callable[[Session, pb.Frame, float], pb.Frame | None]] = {
@@ -269,6 +280,49 @@ class Hub:
             "offline_ack": self._offline_ack,
         }
 
+    # -- the core verbs (p2pim.sansio) ---------------------------------------------
+
+    def receive_datagram(self, sock: Session, data: bytes | str, addr: object, now: float) -> None:
+        """One frame from ``sock``'s connection. A register or login that needs a password
+        hash leaves its work on the session (:attr:`Session.work`) for the shell."""
+        frame = self.parse(sock, data)
+        if frame is None:
+            return
+        kind = frame.WhichOneof("body")
+        work: HashWork | VerifyWork | None
+        if kind == "register":
+            work = self.begin_register(sock, frame, now)
+        elif kind == "login":
+            work = self.begin_login(sock, frame, now)
+        else:
+            self.receive(sock, frame, now)
+            return
+        if work is not None:
+            sock.work = (frame, work)
+
+    def datagrams_to_send(self, now: float) -> list[Datagram]:
+        """Frames (bytes) and closes (:class:`Close`) for each session, in order."""
+        return [Datagram(session, item, session.remote) for session, item in self.take_output()]
+
+    def get_timer(self) -> float | None:
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][2].username or deadlines[0][2].closed):
+            heapq.heappop(deadlines)  # logged in or gone: no deadline any more
+        return min(deadlines[0][0], self._next_expire) if deadlines else self._next_expire
+
+    def handle_timer(self, now: float) -> None:
+        """Close connections that did not log in in time; hourly, expire the offline store."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, session = heapq.heappop(self._deadlines)
+            self.login_deadline(session, now)
+        if now >= self._next_expire:
+            self.counters.offline_expired += self.expire(now)
+            self._next_expire = now + EXPIRE_EVERY_S
+
+    def next_event(self) -> None:
+        """The hub tells its sessions (frames), not its shell."""
+        return None
+
     # -- plumbing -------------------------------------------------------------
 
     def take_output(self) -> list[tuple[Session, bytes | Close]]:
@@ -285,9 +339,13 @@ class Hub:
             self._out.append((session, Close(code, reason)))
             session.closed = True
 
-    def connect(self, remote: tuple[str, int]) -> Session:
+    def connect(self, remote: tuple[str, int], now: float | None = None) -> Session:
+        """A new connection; with ``now``, it must log in by ``now + login_deadline_s``."""
         session = Session(remote=remote)
         self.counters.connections += 1
+        if now is not None:
+            deadline = now + self.limits.login_deadline_s
+            heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), session))
         self._send(
             session, pb.Frame(challenge=pb.Challenge(nonce=session.nonce, server="p2pim-rendezvous/0.1"))
         )

@@ -1,9 +1,12 @@
 """asyncio shell around :class:`rendezvous.hub.Hub`: WebSockets in, frames out.
 
 Where a frame enters: :meth:`RendezvousServer._connection` reads one binary
-message at a time and gives it to the hub. Whatever the hub queued for any
-connection goes, in :meth:`_deliver`, into that connection's
-:class:`Outgoing` queue, which only its own writer task drains. So the
+message at a time and gives it to the hub (its ``receive_datagram``). The hub
+runs on the shared :class:`p2pim.driver.Driver`, like every protocol core:
+whatever it queued for any connection goes, in :meth:`_send`, into that
+connection's :class:`Outgoing` queue, which only its own writer task drains,
+and its one timer closes connections that did not log in in time and expires
+the offline store. So the
 handler of a sender never waits on a recipient's socket: a peer that stops
 reading fills its own queue and is dropped ("not reading"), and everyone
 writing to it carries on (their messages are retransmitted and then stored).
@@ -35,15 +38,16 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from p2pim.driver import Driver
+from p2pim.sansio import Datagram
 from p2pim.wire import control_pb2 as pb
 
 from .admission import Admission, Verdict, default_max_connections
-from .hub import MAX_FRAME, Close, Counters, Hub, Session, error_frame
+from .hub import MAX_FRAME, Close, Counters, HashWork, Hub, Session, error_frame
 from .passwords import PasswordHasher
 
 log = logging.getLogger(__name__)
 
-EXPIRE_EVERY_S = 3600.0
 WATCHDOG_EVERY_S = 1.0
 SOCKET_BUFFER = 256 * 1024  # websockets' write limit: what the kernel may not have taken yet
 CLOSE_GRACE_S = 2.0  # a close frame's chance to leave before the socket is cut
@@ -62,7 +66,7 @@ class Outgoing:
     writer exist only while there is something to write.
     """
 
-    __slots__ = ("deadline", "dropped", "frames", "limit", "session", "size", "writer", "ws")
+    __slots__ = ("dropped", "frames", "limit", "session", "size", "writer", "ws")
 
     def __init__(self, ws: ServerConnection, session: Session, limit: int) -> None:
         self.ws = ws
@@ -72,7 +76,6 @@ class Outgoing:
         self.size = 0  # bytes in ``frames``
         self.writer: asyncio.Task[None] | None = None  # running while ``frames`` is not empty
         self.dropped = False  # cut for not reading: queue nothing more
-        self.deadline: asyncio.TimerHandle | None = None  # to log in
 
     def put(self, item: bytes | Close) -> bool:
         """Queue a frame; False if that would pass the bound (the peer is not reading)."""
@@ -192,6 +195,7 @@ class RendezvousServer:
             max_workers=HASHING_THREADS, thread_name_prefix="argon2", initializer=_lower_priority
         )
         self._server: Server | None = None
+        self._driver = Driver(hub, self._send, clock=time.time)  # the hub keeps wall-clock time
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: dict[Outgoing, float] = {}  # connections whose writer is blocked, since when
         self._accept_errors = _LogOnce("cannot accept connections")
@@ -219,7 +223,8 @@ class RendezvousServer:
             ping_timeout=hb,
             close_timeout=CLOSE_GRACE_S,  # a peer that does not answer our close must not hold up shutdown
         )
-        self._tasks = [asyncio.create_task(self._expire_loop()), asyncio.create_task(self._watchdog())]
+        self._driver.start()
+        self._tasks = [asyncio.create_task(self._watchdog())]
 
     @property
     def port(self) -> int:
@@ -227,6 +232,7 @@ class RendezvousServer:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     async def close(self) -> None:
+        self._driver.stop()
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
@@ -243,13 +249,6 @@ class RendezvousServer:
 
     # -- housekeeping ------------------------------------------------------------------
 
-    async def _expire_loop(self) -> None:
-        while True:
-            dropped = self.hub.expire(time.time())
-            if dropped:
-                log.info("expired %d offline envelopes", dropped)
-            await asyncio.sleep(EXPIRE_EVERY_S)
-
     async def _watchdog(self) -> None:
         """Drop connections whose writes have been blocked for a heartbeat: they stopped reading."""
         stall = float(self.hub.limits.heartbeat_s)
@@ -259,7 +258,7 @@ class RendezvousServer:
             now = loop.time()
             for out in [o for o, since in self._busy.items() if now - since > stall]:
                 self._drop(out, "not reading")
-            self._deliver()
+            self._driver.kick()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # asyncio logs a traceback for every failed accept (EMFILE: out of descriptors) and
@@ -273,35 +272,27 @@ class RendezvousServer:
 
     async def _connection(self, ws: ServerConnection) -> None:
         remote = ws.remote_address
-        session = self.hub.connect((str(remote[0]), int(remote[1])))
+        session = self.hub.connect((str(remote[0]), int(remote[1])), time.time())
         out = Outgoing(ws, session, self.hub.limits.send_queue_bytes)
         session.transport = out
-        loop = asyncio.get_running_loop()
-        out.deadline = loop.call_later(self.hub.limits.login_deadline_s, self._login_deadline, out)
-        self._deliver()
+        self._driver.kick()
         try:
             async for data in ws:
                 if session.closed:  # dropped meanwhile (not reading): nothing more it sends counts
                     break
-                frame = self.hub.parse(session, data)
-                if frame is not None:
-                    try:
-                        kind = frame.WhichOneof("body")
-                        if kind == "register":
-                            await self._register(session, frame)
-                        elif kind == "login":
-                            await self._login(out, frame)
-                        else:
-                            self.hub.receive(session, frame, time.time())
-                    except Exception as exc:  # a bug: this connection ends, everyone else carries on
-                        self.hub.counters.internal_errors += 1
-                        self._bugs(f"{type(exc).__name__}: {exc}", exc)
-                        self._put(
-                            out, error_frame(frame.id, pb.INTERNAL, "internal error").SerializeToString()
-                        )
-                        self._put(out, Close(1011, "internal error"))
-                        session.closed = True
-                self._deliver()
+                try:
+                    self.hub.receive_datagram(session, data, remote, time.time())
+                    if session.work is not None:
+                        await self._hash(out)
+                    if session.username and isinstance(ws, _Admitted):
+                        ws.count_login()  # no longer counts against "not logged in" per address
+                except Exception as exc:  # a bug: this connection ends, everyone else carries on
+                    self.hub.counters.internal_errors += 1
+                    self._bugs(f"{type(exc).__name__}: {exc}", exc)
+                    self._put(out, error_frame(0, pb.INTERNAL, "internal error").SerializeToString())
+                    self._put(out, Close(1011, "internal error"))
+                    session.closed = True
+                self._driver.kick()
                 if session.closed:
                     break
                 if session.pause_s:  # refused for going too fast: read nothing more for a moment
@@ -310,10 +301,8 @@ class RendezvousServer:
         except ConnectionClosed:
             pass
         finally:
-            if out.deadline is not None:
-                out.deadline.cancel()
             self.hub.disconnect(session, time.time())
-            self._deliver()
+            self._driver.kick()
             # Let the writer finish what is queued (a goodbye, a close) unless it is stuck
             # (wait_for cancels it then), or the connection is gone already.
             if ws.state is State.CLOSED:
@@ -326,47 +315,33 @@ class RendezvousServer:
                         await asyncio.wait_for(out.writer, CLOSE_GRACE_S)
             self._busy.pop(out, None)
 
-    async def _register(self, session: Session, frame: pb.Frame) -> None:
-        work = self.hub.begin_register(session, frame, time.time())
-        if work is not None:
-            loop = asyncio.get_running_loop()
+    async def _hash(self, out: Outgoing) -> None:
+        """A register or login waits for its password hash, in the thread pool (nice 10)."""
+        session = out.session
+        assert session.work is not None
+        (frame, work), session.work = session.work, None
+        loop = asyncio.get_running_loop()
+        if isinstance(work, HashWork):
             try:
                 pw_hash = await loop.run_in_executor(self._pool, self.hasher.hash, work.password)
             finally:
                 self.hub.hash_done(session)
             self.hub.finish_register(session, frame, pw_hash, time.time())
-
-    async def _login(self, out: Outgoing, frame: pb.Frame) -> None:
-        session = out.session
-        work = self.hub.begin_login(session, frame, time.time())
-        if work is not None:
-            stored = work.user.pw_hash if work.user is not None else None
-            loop = asyncio.get_running_loop()
-            try:
-                ok = await loop.run_in_executor(self._pool, self.hasher.verify, stored, work.password)
-            finally:
-                self.hub.hash_done(session)
-            self.hub.finish_login(session, frame, work, ok, time.time())
-        if session.username:
-            if out.deadline is not None:
-                out.deadline.cancel()
-                out.deadline = None
-            if isinstance(out.ws, _Admitted):
-                out.ws.count_login()
-
-    def _login_deadline(self, out: Outgoing) -> None:
-        if self.hub.login_deadline(out.session, time.time()):
-            self._deliver()
+            return
+        stored = work.user.pw_hash if work.user is not None else None
+        try:
+            ok = await loop.run_in_executor(self._pool, self.hasher.verify, stored, work.password)
+        finally:
+            self.hub.hash_done(session)
+        self.hub.finish_login(session, frame, work, ok, time.time())
 
     # -- frames out ------------------------------------------------------------------------
 
-    def _deliver(self) -> None:
-        """Move what the hub queued into each connection's own queue; never waits."""
-        while batch := self.hub.take_output():
-            for session, item in batch:
-                out = session.transport
-                assert isinstance(out, Outgoing)
-                self._put(out, item)
+    def _send(self, dg: Datagram) -> None:
+        """Move what the hub queued into that connection's own queue; never waits."""
+        out = dg.sock.transport
+        assert isinstance(out, Outgoing)
+        self._put(out, dg.data)
 
     def _put(self, out: Outgoing, item: bytes | Close) -> None:
         """Queue ``item`` for ``out`` and make sure a writer runs; drop a peer that is not reading."""

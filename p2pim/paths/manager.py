@@ -173,7 +173,7 @@ class PathManager:
         if dg.sock == RELAY:
             self._relay(str(dg.addr), dg.data)
         else:
-            self._sendto(dg.sock, dg.data, dg.addr)  # type: ignore[arg-type]
+            self._sendto(dg.sock, dg.data, dg.addr)
 
     def _sendto(self, label: Label, data: bytes, addr: Addr) -> bool:
         sock = self._driver.sockets.get(label)

@@ -206,3 +206,59 @@ def test_limits_refuse_nonsense() -> None:
         Limits(hashing_per_ip=0)
     with pytest.raises(ValueError):
         Limits(login_deadline_s=0)
+
+
+# -- the common core verbs: one driver runs the hub like any other core ----------------------
+
+
+def test_the_hub_timer_closes_connections_that_do_not_log_in_and_only_those() -> None:
+    w = World(login_deadline_s=5)
+    w.account("alice")
+    idle = w.hub.connect(("10.0.0.9", 1), w.now)
+    w.hub.connect(("10.0.0.9", 2), w.now + 1)
+    fine = w.hub.connect(("10.0.0.1", 3), w.now + 2)
+    w.hub.datagrams_to_send(w.now)
+    sig = w.keys["alice"].sign_login(fine.nonce, "alice")
+    login = pb.Login(username="alice", resume_token=b"alice", signature=sig)
+    w.hub.receive_datagram(fine, pb.Frame(id=1, login=login).SerializeToString(), fine.remote, w.now)
+    assert fine.username == "alice" and fine.work is None  # a token login needs no hashing
+    w.hub.datagrams_to_send(w.now)
+    assert w.hub.get_timer() == 0.0  # housekeeping is due at start
+    w.hub.handle_timer(w.now)
+    assert w.hub.get_timer() == w.now + 5  # then the first deadline, not the housekeeping hour
+    w.hub.handle_timer(w.now + 5)
+    closed = [dg.sock for dg in w.hub.datagrams_to_send(w.now + 5) if isinstance(dg.data, Close)]
+    assert closed == [idle]
+    assert w.hub.get_timer() == w.now + 6  # the second; the logged-in one has none
+    w.hub.handle_timer(w.now + 6)
+    assert w.hub.counters.login_timeouts == 2 and not fine.closed
+
+
+def test_a_password_login_leaves_its_hashing_to_the_shell_and_garbage_closes_only_its_sender() -> None:
+    w = World()
+    w.account("alice")
+    s = w.hub.connect(("10.0.0.1", 1), w.now)
+    sig = w.keys["alice"].sign_login(s.nonce, "alice")
+    login = pb.Frame(id=7, login=pb.Login(username="alice", password="secret pw", signature=sig))
+    w.hub.receive_datagram(s, login.SerializeToString(), s.remote, w.now)
+    assert s.work is not None and s.work[0].id == 7 and not s.username
+    bad = w.hub.connect(("10.0.0.2", 1), w.now)
+    w.hub.receive_datagram(bad, b"\xff\xfe not protobuf", bad.remote, w.now)
+    out = w.hub.datagrams_to_send(w.now)
+    assert [dg.data for dg in out if dg.sock is bad][-1] == Close()
+    assert not any(isinstance(dg.data, Close) for dg in out if dg.sock is s)
+
+
+def test_the_hub_timer_expires_old_offline_envelopes_hourly() -> None:
+    w = World(offline_max_age_s=100)
+    w.account("alice")
+    w.account("bob")
+    w.buddies("alice", "bob")
+    alice = w.login("alice")
+    assert store(w, alice, "bob").HasField("ok")
+    w.hub.handle_timer(w.now)  # the first round runs at once: nothing is old yet
+    assert w.hub.counters.offline_expired == 0
+    due = w.hub.get_timer()
+    assert due is not None and due > w.now + 3000
+    w.hub.handle_timer(due)
+    assert w.hub.counters.offline_expired == 1
