@@ -28,7 +28,7 @@ from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2
 from tests.conftest import RendezvousProcess, tool
 
-from .chatutil import PASSWORD, Raw, befriend, collect, new_user, relogin, wait_for
+from .chatutil import PASSWORD, Raw, befriend, collect, new_user, relogin, until, wait_for
 
 
 def run(coro: object) -> None:
@@ -117,8 +117,7 @@ def test_offline_store_in_order_and_deleted_after_ack(rendezvous: RendezvousProc
         got = await collect(b, Message, 5)
         assert [m.text for m in got] == [f"note {i}" for i in range(5)]
         assert all(m.offline for m in got)
-        await asyncio.sleep(0.3)
-        assert _offline_rows(rendezvous.db) == 0  # acknowledged, then deleted
+        await until(lambda: _offline_rows(rendezvous.db) == 0, what="acknowledged, then deleted")
         delivered = await collect(a, Receipt, 5)
         assert sorted(m for r in delivered for m in r.msg_ids) == sorted(ids)
         await a.close()

@@ -18,7 +18,7 @@ from p2pim.identity import Identity
 from p2pim.paths.disco import DATA_MAGIC, DiscoBoxes, new_tx, ping, pong
 from tests.conftest import RendezvousProcess, free_udp_ports, tool
 
-from .chatutil import befriend, collect, new_user, wait_for
+from .chatutil import befriend, collect, new_user, until, wait_for
 
 
 @pytest.fixture
@@ -96,8 +96,11 @@ async def _bad_disco(server: RendezvousProcess, tmp_path: Path) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             for p in packets:
                 s.sendto(p, target)
-        await asyncio.sleep(0.5)
         c = bob.paths.counters
+        await until(
+            lambda: c["forged"] > before["forged"] and bob.counters["bad_envelopes"] >= 1,
+            what="all 7 handled",
+        )
         assert c["bad_packets"] >= before["bad_packets"] + 3
         assert c["unknown_sender"] == before["unknown_sender"] + 1
         assert c["forged"] == before["forged"] + 1
