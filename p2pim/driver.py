@@ -178,12 +178,15 @@ class Driver:
             self._again = True
             return
         self._flushing = True
+        core, send = self.core, self._send
         try:
             while True:
                 self._again = False
-                core = self.core
                 for dg in self._guard(core.datagrams_to_send, self.now()) or ():
-                    self._guard(self._send, dg)
+                    try:  # inline, not _guard: the relay passes every frame through here
+                        send(dg)
+                    except Exception:
+                        self._failure(send)
                 while (event := self._guard(core.next_event)) is not None:
                     self._guard(self._on_event, event)
                 if not self._again:
@@ -195,8 +198,11 @@ class Driver:
         try:
             return fn(*args)
         except Exception:  # a bug or input nobody foresaw: one log line per kind, and on
-            kind = f"{getattr(fn, '__qualname__', fn)}"
-            if kind not in self._failed:
-                self._failed.add(kind)
-                log.exception("%s failed (further failures of it are not logged)", kind)
+            self._failure(fn)
             return None
+
+    def _failure(self, fn: Callable[..., Any]) -> None:
+        kind = f"{getattr(fn, '__qualname__', fn)}"
+        if kind not in self._failed:
+            self._failed.add(kind)
+            log.exception("%s failed (further failures of it are not logged)", kind)

@@ -20,18 +20,17 @@ Cores that care about ICMP errors (NAT discovery) also take
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 Addr = tuple[str, int]
 
 
-@dataclass(frozen=True)
-class Datagram:
+class Datagram(NamedTuple):
     """``data`` to ``addr`` from the socket (or road) the core calls ``sock``.
 
     ``addr`` None means "broadcast" where the shell knows how (the LAN). ``data``
-    is bytes, or an instruction its shell knows (the hub's ``Close``).
+    is bytes, or an instruction its shell knows (the hub's ``Close``). A tuple:
+    the relay makes one per frame, and a tuple is the cheapest object to make.
     """
 
     sock: Any

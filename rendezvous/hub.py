@@ -253,7 +253,7 @@ class Hub:
         self.online: dict[str, list[Session]] = {}
         self._shown: dict[str, pb.Presence.ValueType] = {}  # presence buddies were last told
         self.buddies: dict[str, set[str]] = {}  # mutual buddies of each online user
-        self._out: list[tuple[Session, bytes | Close]] = []
+        self._out: list[Datagram] = []
         lim = self.limits
         self._user_limiter = RateLimiter(lim.login_user_rate, lim.login_user_burst)
         self._ip_limiter = RateLimiter(lim.login_ip_rate, lim.login_ip_burst)
@@ -301,8 +301,9 @@ class Hub:
             sock.work = (frame, work)
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
-        """Frames (bytes) and closes (:class:`Close`) for each session, in order."""
-        return [Datagram(session, item, session.remote) for session, item in self.take_output()]
+        """Frames (bytes) and closes (:class:`Close`, after what came before) per session, in order."""
+        out, self._out = self._out, []
+        return out
 
     def get_timer(self) -> float | None:
         deadlines = self._deadlines
@@ -326,17 +327,16 @@ class Hub:
     # -- plumbing -------------------------------------------------------------
 
     def take_output(self) -> list[tuple[Session, bytes | Close]]:
-        """Frames to send, in order; a :class:`Close` closes that session after what came before."""
-        out, self._out = self._out, []
-        return out
+        """(session, frame or :class:`Close`) pairs, in order: :meth:`datagrams_to_send` for tests."""
+        return [(dg.sock, dg.data) for dg in self.datagrams_to_send(0.0)]
 
     def _send(self, session: Session, frame: pb.Frame) -> None:
         if not session.closed:
-            self._out.append((session, frame.SerializeToString()))
+            self._out.append(Datagram(session, frame.SerializeToString(), session.remote))
 
     def _close(self, session: Session, code: int = 1000, reason: str = "") -> None:
         if not session.closed:
-            self._out.append((session, Close(code, reason)))
+            self._out.append(Datagram(session, Close(code, reason), session.remote))
             session.closed = True
 
     def connect(self, remote: tuple[str, int], now: float | None = None) -> Session:

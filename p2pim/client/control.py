@@ -25,6 +25,7 @@ from ..wire.limits import DEFAULT_HEARTBEAT_S, MAX_FRAME
 
 CONNECT_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
+READ_SIZE = 64 * 1024  # bytes per socket read
 KEY_CHANGED = 100  # local error code (not from the server): a buddy's key differs from the pinned one
 
 
@@ -105,6 +106,12 @@ class Control:
         if first.WhichOneof("body") != "challenge":
             await ws.close()
             raise Unreachable(f"{self.server} did not greet us like a p2pim rendezvous")
+        transport = ws.transport
+        if hasattr(transport, "max_size"):
+            # asyncio reads with recv(256 KiB), above glibc's mmap threshold: each read can
+            # be an mmap and a munmap (see rendezvous.server.READ_SIZE). Reads this size stay
+            # on the heap.
+            transport.max_size = READ_SIZE
         self.ws, self.nonce = ws, first.challenge.nonce
         self._queue.clear()
         self._reader = asyncio.create_task(self._read(ws))
