@@ -1,22 +1,53 @@
-"""The async client library: :class:`Client` and what it says (see :mod:`.facade`)."""
+"""The async client library: :class:`Client` and what it says (see :mod:`.facade`).
+
+Imported lazily, name by name, so that what needs only the event types (the LAN
+command's rendering) does not load the WebSocket client and the paths.
+"""
 
 from __future__ import annotations
 
-from .control import KEY_CHANGED, ClientError, Unreachable
-from .events import (
-    BuddyChange,
-    BuddyInfo,
-    ConnectionState,
-    Event,
-    KeyChanged,
-    Message,
-    Outcome,
-    PathUpdate,
-    PresenceChange,
-    Problem,
-    Receipt,
-)
-from .facade import Client
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .control import KEY_CHANGED, ClientError, Unreachable
+    from .events import (
+        BuddyChange,
+        BuddyInfo,
+        ConnectionState,
+        Event,
+        KeyChanged,
+        Message,
+        Outcome,
+        PathUpdate,
+        PresenceChange,
+        Problem,
+        Receipt,
+    )
+    from .facade import Client
+
+_WHERE = {
+    "KEY_CHANGED": "control",
+    "ClientError": "control",
+    "Unreachable": "control",
+    "Client": "facade",
+    **{
+        name: "events"
+        for name in (
+            "BuddyChange",
+            "BuddyInfo",
+            "ConnectionState",
+            "Event",
+            "KeyChanged",
+            "Message",
+            "Outcome",
+            "PathUpdate",
+            "PresenceChange",
+            "Problem",
+            "Receipt",
+        )
+    },
+}
 
 __all__ = [
     "KEY_CHANGED",
@@ -35,3 +66,10 @@ __all__ = [
     "Receipt",
     "Unreachable",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(name)
+    return getattr(import_module(f".{module}", __name__), name)

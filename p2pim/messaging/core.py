@@ -22,8 +22,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from ..identity import Identity
 from ..wire import envelope_pb2 as epb
@@ -48,16 +48,14 @@ class Verdict(Enum):
     KEPT = "kept"  # not for this session, or sealed with a key not trusted yet: leave it
 
 
-@dataclass(frozen=True)
-class Keys:
+class Keys(NamedTuple):
     """A sender's pinned key, and a newer one it offers that the user has not trusted."""
 
     key: bytes
     offered: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Received:
+class Received(NamedTuple):
     verdict: Verdict
     sender: str = ""  # the authenticated sender (TAKEN only)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 # Relay retransmission: 1 s, then 2 s, then give up and store. A relay round
 # trip on a healthy server is milliseconds, so 1 s means the buddy is not
@@ -48,8 +49,7 @@ class Via(Enum):
     IPMSG = "ipmsg"  # an IP Messenger client on the LAN (plain text)
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """The route rule of a conversation, as data.
 
     ``first`` is the road of the first try (``DIRECT`` means "direct when a
@@ -105,8 +105,7 @@ class Item:
     due: float = 0.0  # when to act next (RELAYED: retransmit or store)
 
 
-@dataclass(frozen=True)
-class Transmit:
+class Transmit(NamedTuple):
     """Send ``item`` now, over ``via``; ``suspect``: also have the direct path checked."""
 
     item: Item
@@ -114,16 +113,14 @@ class Transmit:
     suspect: bool = False
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):
     """``item`` has left the outbox: ``state`` is "delivered", "stored" or "relayed" (receipts)."""
 
     item: Item
     state: str
 
 
-@dataclass(frozen=True)
-class Failed:
+class Failed(NamedTuple):
     """``item`` cannot be delivered (no longer a buddy, store full): dropped, marked failed."""
 
     item: Item
