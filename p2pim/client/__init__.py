@@ -26,28 +26,8 @@ if TYPE_CHECKING:
     )
     from .facade import Client
 
-_WHERE = {
-    "KEY_CHANGED": "control",
-    "ClientError": "control",
-    "Unreachable": "control",
-    "Client": "facade",
-    **{
-        name: "events"
-        for name in (
-            "BuddyChange",
-            "BuddyInfo",
-            "ConnectionState",
-            "Event",
-            "KeyChanged",
-            "Message",
-            "Outcome",
-            "PathUpdate",
-            "PresenceChange",
-            "Problem",
-            "Receipt",
-        )
-    },
-}
+# Where each name lives; the event types (the rest of __all__) are in .events.
+_WHERE = {"KEY_CHANGED": "control", "ClientError": "control", "Unreachable": "control", "Client": "facade"}
 
 __all__ = [
     "KEY_CHANGED",
@@ -69,7 +49,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(name)
-    return getattr(import_module(f".{module}", __name__), name)
+    return getattr(import_module(f".{_WHERE.get(name, 'events')}", __name__), name)
