@@ -151,23 +151,28 @@ class Messenger:
         """
         self.counters[f"received_{via.value}"] = self.counters.get(f"received_{via.value}", 0) + 1
         who = sender or ""
+        # Problems are throttled per sender, but only a sender the road vouches for (the
+        # relay's) is one: on a direct path anyone can write any name into an envelope,
+        # and a stranger cycling names must not get one warning per name. Until the
+        # envelope opens, the road itself is the sender.
+        blame = sender if sender is not None else via.value
         try:
             env = parse_envelope(data)
-            who = env.sender
             if sender is not None and env.sender != sender:
                 raise EnvelopeError(f"envelope claims to be from {env.sender!r} but came from {sender!r}")
+            who = env.sender
             keys = self.keys(env.sender, via)
             if keys is None:
                 self.counters["unknown_sender"] += 1
-                self.problem(who, f"dropped a message from {who!r}, whose key we do not know", now)
+                self.problem(blame, f"dropped a message from {who!r}, whose key we do not know", now)
                 return Received(Verdict.DROPPED)
             opened = self._open(env, keys)
         except EnvelopeError as exc:
             self.counters["bad_envelopes"] += 1
-            self.problem(who, f"dropped a message from {who}: {exc}", now)
+            self.problem(blame, f"dropped a message from {who}: {exc}", now)
             return Received(Verdict.DROPPED)
         except _NotYet as exc:
-            self.problem(who, str(exc), now)
+            self.problem(who, str(exc), now)  # it opened with the key offered for ``who``: vouched
             return Received(Verdict.KEPT)
         body = opened.body
         kind = body.WhichOneof("kind")

@@ -95,8 +95,10 @@ def test_forged_garbage_and_strangers_are_dropped_counted_and_shown_once(tmp_pat
         b.receive(b"\x00garbage", Via.RELAY, 2.0 + i * 0.1, sender="alice")
     b.receive(b"\x00garbage", Via.RELAY, 40.0, sender="alice")
     problems = [e for e in events(b) if isinstance(e, Problem)]
-    alice_problems = [p for p in problems if "alice" in p.message]
+    alice_problems = [p for p in problems if p.message.startswith("dropped a message from alice:")]
     assert len(alice_problems) == 2 and "more like it" in alice_problems[1].message
+    # the relay says mallory sent the one claiming to be alice: mallory's problem, not alice's
+    assert len([p for p in problems if "came from 'mallory'" in p.message]) == 1
     assert not [e for e in events(b) if isinstance(e, Message)]
 
 
@@ -131,3 +133,12 @@ def test_the_outbox_survives_a_restart_and_each_owner_takes_only_its_own(tmp_pat
     lan_again = Messenger(ALICE, a.store, lambda p, v: None, name="alice", policy=LAN, prefix="lan:")
     assert set(again.delivery.items) == {internet}
     assert set(lan_again.delivery.items) == {on_lan}
+
+
+def test_a_stranger_cycling_names_on_the_direct_path_is_one_warning_not_one_per_name(tmp_path: Path) -> None:
+    b = messenger(tmp_path, "bob", BOB)
+    for i in range(100):  # anyone can reach our UDP socket and write any sender name
+        env = seal(EVE, f"name{i}", "bob", BOB.public_key, text_body("hi")).SerializeToString()
+        assert b.receive(env, Via.DIRECT, 1.0 + i * 0.01).verdict is Verdict.DROPPED
+    problems = [e for e in events(b) if isinstance(e, Problem)]
+    assert len(problems) == 1 and b.counters["unknown_sender"] == 100
