@@ -1,11 +1,14 @@
 """The rendezvous core: sessions, accounts, buddies, presence, relay, offline store.
 
-No I/O. The asyncio shell (``rendezvous.server``) creates a :class:`Session`
-per WebSocket, hands every received frame to :meth:`Hub.receive` with the
-time, and after each call sends what :meth:`Hub.take_output` returns. Password
-hashing is the one slow step, so login and register come in two halves
-(``begin_*`` checks and returns the work, the shell runs it in a thread,
-``finish_*`` applies the result).
+No I/O, and the common core verbs (:mod:`p2pim.sansio`), so the shared driver
+runs it. The asyncio shell (``rendezvous.server``) creates a :class:`Session`
+per WebSocket, hands every received frame to :meth:`Hub.receive_datagram`
+with the (wall-clock) time, and sends what :meth:`Hub.datagrams_to_send`
+returns; the hub's one timer closes sessions that do not log in within
+``login_deadline_s`` and expires the offline store hourly. Password hashing is
+the one slow step, so login and register come in two halves: the first leaves
+the work on :attr:`Session.work`, the shell runs it in a thread, and
+``finish_*`` applies the result.
 
 Requests the hub accepts (``Frame.body``), and what answers them:
 
@@ -35,8 +38,8 @@ is limited (see :class:`Limits`): login and register attempts per address and
 user, password-hashing jobs waiting (in all and per address), each sender's
 share of a recipient's offline store, and offline envelopes in flight per
 session (the backlog is pushed a window at a time, paced by the reader's
-acks). Connection counts, the login deadline and each connection's send queue
-are enforced by the shell, from the same :class:`Limits`.
+acks), and the time to log in. Connection counts and each connection's send
+queue are enforced by the shell, from the same :class:`Limits`.
 """
 
 from __future__ import annotations
@@ -325,10 +328,6 @@ class Hub:
         return None
 
     # -- plumbing -------------------------------------------------------------
-
-    def take_output(self) -> list[tuple[Session, bytes | Close]]:
-        """(session, frame or :class:`Close`) pairs, in order: :meth:`datagrams_to_send` for tests."""
-        return [(dg.sock, dg.data) for dg in self.datagrams_to_send(0.0)]
 
     def _send(self, session: Session, frame: pb.Frame) -> None:
         if not session.closed:

@@ -1,7 +1,7 @@
 """The rendezvous core without sockets: bounds on what one peer can make it do.
 
 Sessions log in with a token (no password hashing needed in-process); frames go in
-with :meth:`Hub.receive` and come out of :meth:`Hub.take_output`.
+with :meth:`Hub.receive` and come out of :meth:`Hub.datagrams_to_send`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class World:
         return self._inbox.pop(id(s), [])
 
     def _pull(self) -> None:
-        for x, d in self.hub.take_output():
-            if isinstance(d, bytes):
-                self._inbox.setdefault(id(x), []).append(pb.Frame.FromString(d))
+        for dg in self.hub.datagrams_to_send(self.now):
+            if isinstance(dg.data, bytes):
+                self._inbox.setdefault(id(dg.sock), []).append(pb.Frame.FromString(dg.data))
 
 
 def pushed(frames: list[pb.Frame]) -> list[int]:
@@ -181,9 +181,9 @@ def test_a_connection_that_does_not_log_in_is_closed_at_the_deadline() -> None:
     w.account("alice")
     idle = w.hub.connect(("10.0.0.9", 1))
     assert w.hub.login_deadline(idle, w.now)
-    out = w.hub.take_output()
-    assert out[-1] == (idle, Close(1008, "log in within 5 s"))
-    assert pb.Frame.FromString(out[-2][1]).error.code == pb.NOT_LOGGED_IN  # type: ignore[arg-type]
+    out = w.hub.datagrams_to_send(w.now)
+    assert (out[-1].sock, out[-1].data) == (idle, Close(1008, "log in within 5 s"))
+    assert pb.Frame.FromString(out[-2].data).error.code == pb.NOT_LOGGED_IN
     alice = w.login("alice")
     assert not w.hub.login_deadline(alice, w.now)  # logged in: the deadline means nothing
 
