@@ -41,7 +41,7 @@ from websockets.asyncio.client import ClientConnection
 from ..driver import Driver
 from ..identity import fingerprint, valid_public_key
 from ..messaging.core import Messenger, Verdict
-from ..messaging.delivery import INTERNET, Transmit, Via
+from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
 from ..messaging.envelope import text_body
 from ..messaging.store import ClientStore
 from ..paths.disco import is_disco
@@ -154,7 +154,7 @@ class Client:
         await self.close()
 
     @property
-    def delivery(self) -> Any:
+    def delivery(self) -> Delivery:
         """The outbox and its route policy (for tests and diagnostics)."""
         return self.messenger.delivery
 
@@ -185,11 +185,6 @@ class Client:
     @property
     def connected(self) -> bool:
         return self.control.ws is not None and self.messenger.delivery.connected
-
-    async def _request(self, body: str, message: Any, timeout: float | None = None) -> pb.Frame:
-        if timeout is None:
-            return await self.control.request(body, message)
-        return await self.control.request(body, message, timeout)
 
     async def _lost(self, ws: ClientConnection) -> None:
         self._logged_in.clear()
@@ -232,7 +227,7 @@ class Client:
 
     async def register(self, username: str, password: str) -> None:
         """Create an account bound to this profile's identity key."""
-        await self._request(
+        await self.control.request(
             "register",
             pb.Register(username=username, password=password, identity_key=self.profile.identity.public_key),
         )
@@ -269,7 +264,7 @@ class Client:
         )
         for attempt in range(BUSY_RETRIES + 1):
             try:
-                reply = await self._request("login", req)
+                reply = await self.control.request("login", req)
                 break
             except ClientError as exc:
                 # A server shedding load says "retry in a second"; a throttled password guess
@@ -356,7 +351,7 @@ class Client:
         """Log out (buddies see us offline); ``forget`` also revokes and deletes the saved token."""
         self._closing = True
         with contextlib.suppress(Unreachable):
-            await self._request("logout", pb.Logout(revoke_token=forget))
+            await self.control.request("logout", pb.Logout(revoke_token=forget))
         if forget:
             self.store.clear_account()
             self._token = b""
@@ -364,7 +359,7 @@ class Client:
     async def set_status(self, status: str) -> None:
         presence = {"online": pb.ONLINE, "away": pb.AWAY}[status]
         self._presence = presence
-        await self._request("set_status", pb.SetStatus(presence=presence))
+        await self.control.request("set_status", pb.SetStatus(presence=presence))
 
     # -- buddies ------------------------------------------------------------------
 
@@ -372,7 +367,7 @@ class Client:
         return await self._refresh_buddies()
 
     async def _refresh_buddies(self) -> list[BuddyInfo]:
-        reply = await self._request("buddy_list", pb.BuddyListRequest())
+        reply = await self.control.request("buddy_list", pb.BuddyListRequest())
         out = []
         mutual = set()
         for b in reply.buddies.buddies:
@@ -412,18 +407,18 @@ class Client:
         return seen is not None
 
     async def buddy_add(self, peer: str) -> None:
-        await self._request("buddy_request", pb.BuddyRequest(username=peer))
+        await self.control.request("buddy_request", pb.BuddyRequest(username=peer))
         await self._refresh_buddies()
 
     async def buddy_accept(self, peer: str) -> None:
-        await self._request("buddy_accept", pb.BuddyAccept(username=peer))
+        await self.control.request("buddy_accept", pb.BuddyAccept(username=peer))
         await self._refresh_buddies()
 
     async def buddy_decline(self, peer: str) -> None:
-        await self._request("buddy_decline", pb.BuddyDecline(username=peer))
+        await self.control.request("buddy_decline", pb.BuddyDecline(username=peer))
 
     async def buddy_remove(self, peer: str) -> None:
-        await self._request("buddy_remove", pb.BuddyRemove(username=peer))
+        await self.control.request("buddy_remove", pb.BuddyRemove(username=peer))
         self.keys.mutual.discard(peer)
         if self.paths is not None:
             self.paths.offline(peer)
@@ -437,10 +432,10 @@ class Client:
         return trusted
 
     async def lookup_endpoints(self, peer: str) -> pb.Endpoints:
-        return (await self._request("lookup_endpoints", pb.LookupEndpoints(username=peer))).endpoints
+        return (await self.control.request("lookup_endpoints", pb.LookupEndpoints(username=peer))).endpoints
 
     async def publish_endpoints(self, endpoints: pb.PublishEndpoints) -> None:
-        await self._request("publish_endpoints", endpoints)
+        await self.control.request("publish_endpoints", endpoints)
 
     # -- messages -----------------------------------------------------------------
 
