@@ -17,7 +17,7 @@ from __future__ import annotations
 import resource
 from enum import Enum
 
-from .ratelimit import RateLimiter
+from p2pim.ratelimit import RateLimiter
 
 FD_RESERVE = 64  # descriptors kept for the database, STUN sockets, logs and accept() itself
 REFUSALS_IN_FLIGHT = 64  # polite refusals at a time (each lingers half a second); beyond, dropped

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from p2pim.identity import valid_public_key, verify_login
+from p2pim.ratelimit import RateLimiter
 from p2pim.sansio import Datagram
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
@@ -63,7 +64,6 @@ from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FR
 from .admission import bump
 from .db import Database, User
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
-from .ratelimit import RateLimiter
 
 MAX_RELAY = 64 * 1024  # one relayed datagram
 EXPIRE_EVERY_S = 3600.0  # how often old offline envelopes and tokens are deleted

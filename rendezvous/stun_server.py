@@ -37,11 +37,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from p2pim.ratelimit import RateLimiter
 from p2pim.sansio import Datagram
 from p2pim.stun import codec
 from p2pim.stun.codec import CHANGE_IP, CHANGE_PORT, Addr, Class, Message, Method
-
-from .ratelimit import RateLimiter
 
 #: An answer is never more than this many times the size of its request.
 AMPLIFICATION_FACTOR = 4

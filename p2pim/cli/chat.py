@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .render import event_line
+from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
 EXIT_AUTH = 4
@@ -400,28 +400,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     rows = store.history(args.user, args.limit)
     me = (store.account() or ("", "me", b""))[1]
     store.close()
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "msg_id": r.msg_id.hex(),
-                        "from": me if r.outgoing else r.peer,
-                        "text": r.text,
-                        "sent_at_ms": r.sent_at_ms,
-                        "state": r.state,
-                    }
-                    for r in rows
-                ]
-            )
-        )
-        return 0
-    if not rows:
-        print(f"no messages with {args.user}")
-    for r in rows:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at_ms / 1000))
-        state = f"  [{r.state}]" if r.outgoing else ""
-        print(f"[{when}] {me if r.outgoing else r.peer}: {r.text}{state}")
+    print_history(rows, me, args.user, args.json)
     return 0
 
 

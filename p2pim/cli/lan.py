@@ -2,7 +2,8 @@
 
 ``p2pim lan`` is interactive (type ``NAME: text``, or ``/to NAME`` and then
 plain lines; ``/peers``; ``/quit``); ``p2pim lan send NAME TEXT`` and ``p2pim
-lan peers`` are for scripts. Exit codes as for the other commands: 0 ok,
+lan peers`` are for scripts; ``p2pim lan history [NAME]`` reads the kept
+conversations (no network). Exit codes as for the other commands: 0 ok,
 2 usage, 3 peer not found or not answering, 8 key changed, 9 not delivered.
 """
 
@@ -18,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from .render import event_line, show_id
+from .render import event_line, print_history, show_id
 
 EXIT_NOT_FOUND = 3
 EXIT_KEY_CHANGED = 8
@@ -51,6 +52,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=1.5, help="seconds to listen for answers (1.5)")
     p = lsub.add_parser("trust", parents=[common], help="accept NAME's new key after checking it with them")
     p.add_argument("peer")
+    p = lsub.add_parser(
+        "history", parents=[common], help="conversations on the LAN, or the one with NAME (no network)"
+    )
+    p.add_argument("peer", nargs="?")
+    p.add_argument("--limit", type=int, default=50)
 
 
 class _Fail(Exception):
@@ -85,6 +91,8 @@ def cmd_lan(args: argparse.Namespace) -> int:
             print(f"trusting {args.peer}'s new key" if ok else f"no new key from {args.peer} to trust")
             return 0 if ok else EXIT_NOT_FOUND
         name = args.name or _default_name(profile)
+        if args.lan_action == "history":
+            return _history(args, store, name)
         from p2pim.lan.announce import valid_name
 
         if not valid_name(name):
@@ -102,6 +110,50 @@ def cmd_lan(args: argparse.Namespace) -> int:
             return 0
     finally:
         store.close()
+
+
+def _history(args: argparse.Namespace, store: Any, me: str) -> int:
+    """Kept LAN conversations: p2pim peers under "lan:", IP Messenger ones under "ipmsg:"."""
+    from p2pim.lan.core import PREFIX
+    from p2pim.lan.ipmsg_messages import PREFIX as IPMSG_PREFIX
+
+    talks = store.conversations((PREFIX, IPMSG_PREFIX))
+    if args.peer is None:
+        listed = [
+            {
+                "peer": peer.split(":", 1)[1],
+                "kind": "p2pim" if peer.startswith(PREFIX) else "ipmsg",
+                "messages": count,
+                "last_ms": last,
+            }
+            for peer, count, last in talks
+        ]
+        if args.json:
+            print(json.dumps(listed))
+        elif not listed:
+            print("no LAN conversations yet")
+        for t in [] if args.json else listed:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(t["last_ms"]) / 1000))
+            kind = "" if t["kind"] == "p2pim" else "  [IP Messenger]"
+            print(f"  {t['peer']:<28} {t['messages']:>5} messages, last {when}{kind}")
+        return 0
+    names = [peer for peer, _, _ in talks]
+    want = [n for n in (PREFIX + args.peer, IPMSG_PREFIX + args.peer) if n in names]
+    if not want:  # an IP Messenger peer by nickname alone
+        want = [
+            n
+            for n in names
+            if n.startswith(IPMSG_PREFIX) and n[len(IPMSG_PREFIX) :].rsplit("@", 1)[0] == args.peer
+        ]
+    if len(want) > 1:
+        print(
+            f"p2pim: {args.peer!r} is more than one peer: {', '.join(w.split(':', 1)[1] for w in want)}",
+            file=sys.stderr,
+        )
+        return 2
+    peer = want[0] if want else PREFIX + args.peer
+    print_history(store.history(peer, args.limit), me, peer.split(":", 1)[1], args.json)
+    return 0
 
 
 def _default_name(profile: Any) -> str:
@@ -152,8 +204,9 @@ async def _peers(args: argparse.Namespace, node: Any) -> int:
     if not peers:
         print("nobody else on this LAN (yet)")
     for p in peers:
-        kind = "p2pim, encrypted" if p.encrypted else "IP Messenger, unencrypted"
+        kind = "p2pim, encrypted" if p.encrypted else f"{p.client}, unencrypted"
         flag = "  KEY CHANGED" if p.key_changed else ""
+        flag += "  (away)" if p.away else ""
         print(f"  {p.name:<24} {p.addr[0]:<15} {kind}{flag}")
     return 0
 
@@ -230,7 +283,8 @@ def _command(args: argparse.Namespace, node: Any, line: str, target: str | None,
         return "/quit"
     if line == "/peers":
         for p in sorted(node.core.peers.values(), key=lambda p: p.name):
-            tag = "" if p.encrypted else " [unencrypted]"
+            tag = "" if p.encrypted else f" [{p.client}, unencrypted]"
+            tag += " (away)" if p.away else ""
             print(f"  {p.name} ({p.addr[0]}){tag}", flush=True)
         return target
     if line.startswith("/to "):

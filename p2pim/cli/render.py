@@ -6,6 +6,7 @@ receipt or an outcome reads the same whichever road it took.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -23,8 +24,8 @@ BUDDY_TEXTS = {
 
 
 def show_id(msg_id: bytes) -> str:
-    """A message id as text: hex, or an IP Messenger client's own "ipmsg:address:number"."""
-    return msg_id.decode() if msg_id.startswith(b"ipmsg:") else msg_id.hex()
+    """A message id as text."""
+    return msg_id.hex()
 
 
 def event_line(ev: Any) -> tuple[dict[str, Any], str]:
@@ -102,7 +103,8 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     if isinstance(ev, ce.ConnectionState):
         return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
     if isinstance(ev, lc.PeerUp):
-        tag = "" if ev.peer.encrypted else " [IP Messenger: unencrypted]"
+        tag = "" if ev.peer.encrypted else f" [{ev.peer.client}: unencrypted]"
+        tag += " (away)" if ev.peer.away else ""
         again = " again" if ev.again else ""
         return {"event": "peer", "up": True, "again": ev.again, **ev.peer.as_dict()}, (
             f"[{stamp}] * {ev.peer.name} is here{again} ({ev.peer.addr[0]}){tag}"
@@ -111,4 +113,40 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
         return {"event": "peer", "up": False, "reason": ev.reason, **ev.peer.as_dict()}, (
             f"[{stamp}] * {ev.peer.name} {GONE.get(ev.reason, 'is gone')}"
         )
+    if isinstance(ev, lc.PeerChanged):
+        what = []
+        if ev.renamed_from:
+            what.append(f"{ev.renamed_from} is now {ev.peer.name}")
+        if ev.away_changed:
+            what.append(f"{ev.peer.name} is {'away' if ev.peer.away else 'back'}")
+        return {"event": "peer_changed", "renamed_from": ev.renamed_from, **ev.peer.as_dict()}, (
+            f"[{stamp}] * {'; '.join(what)}"
+        )
     return {"event": "unknown", "repr": repr(ev)}, f"[{stamp}] ? {ev!r}"
+
+
+def print_history(rows: list[Any], me: str, who: str, as_json: bool) -> None:
+    """A conversation (:class:`p2pim.messaging.store.HistoryRow` s) for ``history`` and ``lan history``;
+    ``who`` names the other side where the rows' own peer names carry a road prefix."""
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "msg_id": show_id(r.msg_id),
+                        "from": me if r.outgoing else who,
+                        "text": r.text,
+                        "sent_at_ms": r.sent_at_ms,
+                        "state": r.state,
+                    }
+                    for r in rows
+                ]
+            )
+        )
+        return
+    if not rows:
+        print(f"no messages with {who}")
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at_ms / 1000))
+        state = f"  [{r.state}]" if r.outgoing else ""
+        print(f"[{when}] {me if r.outgoing else who}: {r.text}{state}")

@@ -21,7 +21,12 @@ class StdinLines:
         self._fd = sys.stdin.fileno()
         self._partial = b""
         self._open = True
-        self._loop.add_reader(self._fd, self._readable)
+        try:
+            self._loop.add_reader(self._fd, self._readable)
+        except PermissionError:  # a regular file or /dev/null: epoll refuses it, and it never blocks
+            self._open = False
+            while self._take(os.read(self._fd, 65536)):
+                pass
 
     def _readable(self) -> None:
         try:
@@ -30,16 +35,21 @@ class StdinLines:
             return
         except OSError:
             chunk = b""
-        if not chunk:
+        if not self._take(chunk):
             self.close()
+
+    def _take(self, chunk: bytes) -> bool:
+        """Queue the lines in ``chunk``; False (and the end of input queued) if it is empty."""
+        if not chunk:
             if self._partial:
                 self.queue.put_nowait(self._partial.decode("utf-8", "replace"))
                 self._partial = b""
             self.queue.put_nowait(None)
-            return
+            return False
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         for line in lines:
             self.queue.put_nowait(line.decode("utf-8", "replace").rstrip("\r"))
+        return True
 
     def close(self) -> None:
         if self._open:

@@ -17,10 +17,13 @@ and tells the messaging core who is here. Two kinds of peer share the picture:
   in SQLite, so a message typed before a crash still goes out when the peer
   is next seen, and receivers drop duplicates by message id.
 * **IP Messenger peers** (IP Messenger, iptux, FeiQ) speak Draft-9 on UDP
-  2425: plain text, shown as unencrypted. They announce only at start and
-  exit, so one silent for :data:`IPMSG_IDLE` seconds is asked (a unicast
-  BR_ENTRY, which every client answers with ANSENTRY) and is gone after
-  :data:`IPMSG_PROBES` unanswered asks.
+  2425: plain text, shown as unencrypted. They are named ``nickname@ip``;
+  one that changes its nickname or away state is the same peer (an event
+  says so). They announce only at start and exit, so one silent for
+  :data:`IPMSG_IDLE` seconds is asked (a unicast BR_ENTRY, which every client
+  answers with ANSENTRY) and is gone after :data:`IPMSG_PROBES` unanswered
+  asks. Their messages, both ways, are kept and deduplicated by
+  :mod:`p2pim.lan.ipmsg_messages`.
 
 Anyone on the LAN may send anything, so everything here is bounded: at most
 :data:`MAX_PEERS` peers (when full, the unpinned peer heard from longest ago
@@ -41,14 +44,15 @@ from typing import TypeVar
 
 from ..identity import Identity, fingerprint
 from ..messaging.core import Keys, Messenger, Verdict
-from ..messaging.delivery import IPMSG, LAN, Delivery, Failed, Transmit, Via
+from ..messaging.delivery import LAN, Via
 from ..messaging.envelope import MAX_ENVELOPE, text_body
-from ..messaging.events import Message, MessagingEvent, Outcome, Problem
+from ..messaging.events import MessagingEvent, Problem
 from ..messaging.store import ClientStore
 from ..paths.disco import DATA_MAGIC
 from ..sansio import Datagram
 from ..wire import lan_pb2 as lpb
 from . import announce, ipmsg
+from .ipmsg_messages import IpmsgMessages
 
 Addr = tuple[str, int]
 DISCOVERY_PORT = 2426
@@ -75,7 +79,8 @@ class LanPeer:
     key: bytes = b""
     host: str = ""
     group: str = ""
-    away: bool = False
+    away: bool | None = False  # None: its client does not say (iptux)
+    client: str = ""  # IP Messenger: which program ("iptux 0.8.3", "FeiQ", "IP Messenger")
     expires: float | None = None
     last_at_ms: int = 0
     key_changed: bool = False
@@ -98,6 +103,7 @@ class LanPeer:
             "key_changed": self.key_changed,
             "away": self.away,
             "host": self.host,
+            "client": self.client if self.kind == "ipmsg" else "p2pim",
         }
 
 
@@ -116,7 +122,17 @@ class PeerGone:
     reason: str  # "left" or "timeout"
 
 
-LanEvent = PeerUp | PeerGone | MessagingEvent
+@dataclass(frozen=True)
+class PeerChanged:
+    """An IP Messenger peer changed its nickname (``renamed_from`` is the old name) or its
+    away state (``away_changed``); what waited for the old name now goes to the new one."""
+
+    peer: LanPeer
+    renamed_from: str = ""
+    away_changed: bool = False
+
+
+LanEvent = PeerUp | PeerGone | PeerChanged | MessagingEvent
 
 
 @dataclass
@@ -141,6 +157,7 @@ class LanCore:
             "duplicates": 0,
             "ipmsg_malformed": 0,
             "ipmsg_duplicates": 0,
+            "ipmsg_rate_limited": 0,
             "peers_full": 0,
             "evicted": 0,
             "name_conflicts": 0,
@@ -148,13 +165,12 @@ class LanCore:
     )
     _sends: list[Datagram] = field(default_factory=list)
     _events: deque[LanEvent] = field(default_factory=deque)
-    _ipmsg_out: Delivery = field(default_factory=lambda: Delivery(IPMSG, connected=True))
-    _ipmsg_seen: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
     _ever: set[str] = field(default_factory=set)  # names seen this run (bounded)
     # newest announcement time per key, bounded (least recently heard forgotten first)
     _last_at: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
     _conflicts: set[bytes] = field(default_factory=set)  # keys warned about (bounded)
     _recent: OrderedDict[str, bytes] = field(default_factory=OrderedDict)  # gone, unpinned: name -> key
+    _ipmsg_names: OrderedDict[str, str] = field(default_factory=OrderedDict)  # IP Messenger: ip -> name
     _next_announce: float = 0.0
     _packetno: int = 0
     _last_ms: int = 0
@@ -173,6 +189,7 @@ class LanCore:
             counters=self.counters,
             clock_ms=self.clock_ms,
         )
+        self.ipmsg = IpmsgMessages(self.store, self.clock_ms, self.counters)
         self._packetno = self.clock_ms() // 1000  # IP Messenger numbers packets from the start time
 
     # -- life cycle --------------------------------------------------------------------
@@ -189,8 +206,10 @@ class LanCore:
             self._ipmsg(None, ipmsg.BR_EXIT | ipmsg.UTF8OPT, self._entry())
 
     def ask(self) -> None:
-        """Who is here? Everyone answers straight to us."""
+        """Who is here? Everyone answers straight to us (IP Messenger clients too)."""
         self._announce(announce.ENTRY, None)
+        if self.ipmsg_enabled:
+            self._ipmsg(None, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
 
     # -- input ---------------------------------------------------------------------
 
@@ -208,14 +227,16 @@ class LanCore:
     def send(self, to: str, text: str, now: float) -> bytes:
         """Queue ``text`` for the peer called ``to``; returns its message id."""
         peer: LanPeer | None = self.find(to)
-        if peer is None:
+        if peer is None:  # away: a p2pim peer we know (encrypted) first, then IP Messenger ones
             known = self.store.contact(PREFIX + to)
             key = known.identity_key if known is not None else self._recent.get(to)
+            if key is None and (ipmsg_peer := self._known_ipmsg(to)) is not None:
+                return self._send_ipmsg(ipmsg_peer, text, now)  # kept until it is back
             if key is None:
                 raise LanError(f"nobody called {to!r} on this LAN (p2pim lan peers)")
             peer = LanPeer(to, "p2pim", ("0.0.0.0", 0), key, pinned=known is not None)  # queued until seen
         if peer.kind == "ipmsg":
-            return self._send_ipmsg(peer, text, now)
+            return self._send_ipmsg(peer.name, text, now)
         if peer.key_changed:
             raise LanError(f"{peer.name}'s key changed; check it, then: p2pim lan trust {peer.name}")
         self._pin(peer)
@@ -231,7 +252,16 @@ class LanCore:
             self.find(name) is not None
             or name in self._recent
             or self.store.contact(PREFIX + name) is not None
+            or self._known_ipmsg(name) is not None
         )
+
+    def _known_ipmsg(self, name: str) -> str | None:
+        """The IP Messenger peer ``name`` (or with that nickname) we talked with before."""
+        known = self.ipmsg.known()
+        if name in known:
+            return name
+        nick = [k for k in known if k.rsplit("@", 1)[0] == name]
+        return nick[0] if len(nick) == 1 else None
 
     def find(self, name: str) -> LanPeer | None:
         if name in self.peers:
@@ -267,26 +297,23 @@ class LanCore:
             dest = to.addr if to is not None and to.kind == "p2pim" else t.item.reply_to
             if isinstance(dest, tuple):
                 self._sends.append(Datagram("discovery", DATA_MAGIC + t.item.envelope, dest))
-        for action in self._ipmsg_out.poll(now):
-            if isinstance(action, Transmit):
-                self._sends.append(Datagram("ipmsg", action.item.envelope, action.item.reply_to))
-            elif isinstance(action, Failed):
-                self._events.append(
-                    Outcome(action.item.peer, action.item.msg_id, "failed", "no answer (RECVMSG)")
-                )
+        command = ipmsg.SENDMSG | ipmsg.SENDCHECKOPT | ipmsg.UTF8OPT
+        for addr, no, text in self.ipmsg.transmits(now, self._ipmsg_addr, self._next_packetno):
+            data = ipmsg.encode(no, self.name, self.host, command, text + b"\0")
+            self._sends.append(Datagram("ipmsg", data, addr))
         sends, self._sends = self._sends, []
         return sends
 
     def next_event(self) -> LanEvent | None:
         if self._events:
             return self._events.popleft()
-        return self.messenger.next_event()
+        return self.ipmsg.next_event() or self.messenger.next_event()
 
     def get_timer(self) -> float:
         dues = [self._next_announce]
         dues += [p.expires for p in self.peers.values() if p.expires is not None]
         dues += [self._probe_due(p) for p in self.peers.values() if p.kind == "ipmsg"]
-        dues += [d for d in (self.messenger.get_timer(), self._ipmsg_out.next_timer()) if d is not None]
+        dues += [d for d in (self.messenger.get_timer(), self.ipmsg.next_timer()) if d is not None]
         return min(dues)
 
     @staticmethod
@@ -309,7 +336,10 @@ class LanCore:
         """``peer`` left the table; an unpinned p2pim peer's key is remembered (bounded) for
         this run, so a message typed to it is still queued until it is back."""
         del self.peers[peer.name]
-        self.messenger.presence(peer.name, False)
+        if peer.kind == "ipmsg":
+            self.ipmsg.presence(peer.name, False)
+        else:
+            self.messenger.presence(peer.name, False)
         self._events.append(PeerGone(peer, reason))
         if peer.kind == "p2pim" and not peer.pinned and not peer.key_changed:
             _keep(self._recent, peer.name, peer.key, MAX_PEERS)
@@ -322,7 +352,7 @@ class LanCore:
 
     def pending(self) -> int:
         """Messages (not receipts) still waiting for their receipt."""
-        return self.messenger.pending() + len(self._ipmsg_out.items)
+        return self.messenger.pending() + self.ipmsg.pending()
 
     # -- p2pim peers ---------------------------------------------------------------
 
@@ -419,21 +449,34 @@ class LanCore:
     def _entry(self) -> bytes:
         return ipmsg.entry_extra(self.name, P2PIM_GROUP)
 
-    def _ipmsg(self, dest: Addr | None, command: int, extra: bytes) -> int:
+    def _next_packetno(self) -> int:
         self._packetno += 1
-        data = ipmsg.encode(self._packetno, self.name, self.host, command, extra)
-        self._sends.append(Datagram("ipmsg", data, dest))
         return self._packetno
 
-    def _send_ipmsg(self, peer: LanPeer, text: str, now: float) -> bytes:
-        self._packetno += 1
-        command = ipmsg.SENDMSG | ipmsg.SENDCHECKOPT | ipmsg.UTF8OPT
-        data = ipmsg.encode(self._packetno, self.name, self.host, command, text.encode() + b"\0")
-        if len(data) > ipmsg.MAX_PACKET:
-            raise LanError("message too long for IP Messenger")
-        msg_id = ipmsg_id(peer.addr[0], self._packetno)
-        self._ipmsg_out.add(msg_id, peer.name, data, receipt=False, reply_to=peer.addr, now=now)
-        return msg_id
+    def _ipmsg(self, dest: Addr | None, command: int, extra: bytes) -> int:
+        no = self._next_packetno()
+        self._sends.append(Datagram("ipmsg", ipmsg.encode(no, self.name, self.host, command, extra), dest))
+        return no
+
+    def _ipmsg_addr(self, name: str) -> Addr | None:
+        peer = self.peers.get(name)
+        return peer.addr if peer is not None and peer.kind == "ipmsg" else None
+
+    def _ipmsg_at(self, src: Addr) -> LanPeer | None:
+        return next((p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src), None)
+
+    def _ipmsg_name_at(self, src: Addr, user: str) -> str:
+        """The name of an unlisted IP Messenger peer: the last one listed at its address
+        in this run, else its user name there."""
+        return self._ipmsg_names.get(src[0]) or _ipmsg_name(user, src)
+
+    def _send_ipmsg(self, name: str, text: str, now: float) -> bytes:
+        if not self.ipmsg_enabled:
+            raise LanError("IP Messenger is off (--no-ipmsg, or its port is taken)")
+        size = len(ipmsg.encode(2**32, self.name, self.host, ipmsg.SENDMSG, text.encode() + b"\0"))
+        if size > ipmsg.MAX_PACKET:
+            raise LanError(f"message too long for IP Messenger ({size} bytes; at most {ipmsg.MAX_PACKET})")
+        return self.ipmsg.send(name, text, now)
 
     def _on_ipmsg(self, data: bytes, src: Addr, now: float) -> None:
         if not self.ipmsg_enabled:
@@ -446,69 +489,67 @@ class LanCore:
         if pkt.user == self.name and pkt.host == self.host and pkt.packetno <= self._packetno:
             return  # our own broadcast
         mode = pkt.mode
-        for p in self.peers.values():  # anything from it answers our "are you there?"
-            if p.kind == "ipmsg" and p.addr == src:
-                p.heard, p.probes, p.next_probe = now, 0, 0.0
-        nick = pkt.text() or pkt.user
-        name = f"{nick.replace('@', '_')}@{src[0]}"
-        if mode in (ipmsg.BR_ENTRY, ipmsg.ANSENTRY, ipmsg.BR_ABSENCE) and pkt.group() == P2PIM_GROUP:
-            return  # another p2pim: it announces itself (signed, encrypted) on the discovery port
+        peer = self._ipmsg_at(src)
+        if peer is not None:  # anything from it answers our "are you there?"
+            peer.heard, peer.probes, peer.next_probe = now, 0, 0.0
         if mode in (ipmsg.BR_ENTRY, ipmsg.ANSENTRY, ipmsg.BR_ABSENCE):
-            old = next((p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src), None)
-            if old is not None and old.name != name:
-                del self.peers[old.name]
-            if old is None and not self._admit(name):
-                return
-            peer = LanPeer(
-                name,
-                "ipmsg",
-                src,
-                host=pkt.host,
-                group=pkt.group(),
-                away=pkt.has(ipmsg.ABSENCEOPT),
-                heard=now,
-            )
-            self.peers[name] = peer
-            if old is None:
-                self._events.append(PeerUp(peer, _seen(self._ever, name)))
+            if pkt.group() == P2PIM_GROUP:
+                return  # another p2pim: it announces itself (signed, encrypted) on the discovery port
             if mode == ipmsg.BR_ENTRY:
+                self.ipmsg.new_numbering(src[0])  # it (re)started: its packet numbers start again
                 self._ipmsg(src, ipmsg.ANSENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
+            self._ipmsg_entry(pkt, src, peer, now, restarted=mode == ipmsg.BR_ENTRY)
         elif mode == ipmsg.BR_EXIT:
-            for p in [p for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src]:
-                self._gone(p, "left")
+            self.ipmsg.new_numbering(src[0])
+            if peer is not None:
+                self._gone(peer, "left")
         elif mode == ipmsg.SENDMSG:
-            sender = next((p.name for p in self.peers.values() if p.kind == "ipmsg" and p.addr == src), None)
-            sender = sender or f"{pkt.user.replace('@', '_')}@{src[0]}"
+            if not self.ipmsg.admit(src[0], now):
+                return  # neither shown nor answered: a real client sends it again later
             if pkt.has(ipmsg.SENDCHECKOPT) and not pkt.has(ipmsg.AUTORETOPT | ipmsg.BROADCASTOPT):
                 self._ipmsg(src, ipmsg.RECVMSG, str(pkt.packetno).encode())
-            key = (src[0], pkt.packetno)
-            if key in self._ipmsg_seen:
-                self.counters["ipmsg_duplicates"] += 1
-                return
-            self._ipmsg_seen[key] = None
-            if len(self._ipmsg_seen) > 1024:
-                self._ipmsg_seen.popitem(last=False)
-            text = pkt.text()
-            sent_ms = self.clock_ms()
-            self._events.append(
-                Message(sender, text, ipmsg_id(src[0], pkt.packetno), sent_ms, "ipmsg", False)
-            )
+            if peer is None:  # here, but unlisted (its entry was lost): ask who it is
+                self._ipmsg(src, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
+            sender = peer.name if peer is not None else self._ipmsg_name_at(src, pkt.user)
+            message = self.ipmsg.incoming(pkt, data, src[0], sender)
+            if message is not None:
+                self._events.append(message)
         elif mode == ipmsg.RECVMSG:
             try:
                 acked = int(pkt.extra.decode("ascii"))
             except (UnicodeDecodeError, ValueError):
                 self.counters["ipmsg_malformed"] += 1
                 return
-            msg_id = ipmsg_id(src[0], acked)
-            out = self._ipmsg_out.items.get(msg_id)
-            if out is not None:
-                self._ipmsg_out.delivered([msg_id])
-                self._events.append(Outcome(out.peer, msg_id, "delivered"))
+            self.ipmsg.acked(src[0], acked)
+
+    def _ipmsg_entry(
+        self, pkt: ipmsg.Packet, src: Addr, old: LanPeer | None, now: float, restarted: bool
+    ) -> None:
+        """BR_ENTRY, ANSENTRY or BR_ABSENCE: it is here, with this nickname and away state.
+        ``restarted`` (BR_ENTRY): it started again, maybe without a BR_EXIT we heard."""
+        name = _ipmsg_name(pkt.text() or pkt.user, src)
+        if old is None and not self._admit(name):
+            return
+        away = ipmsg.absence(pkt)
+        peer = LanPeer(
+            name, "ipmsg", src, host=pkt.host, group=pkt.group(), away=away,
+            client=ipmsg.client_name(pkt.tag), heard=now,
+        )  # fmt: skip
+        if old is not None and old.name != name:
+            del self.peers[old.name]
+        self.peers[name] = peer
+        _keep(self._ipmsg_names, src[0], name, MAX_PEERS)
+        self.ipmsg.rename(src[0], name)  # what waits for this address goes to this name
+        if old is None or restarted:
+            self._events.append(PeerUp(peer, _seen(self._ever, name)))
+            self.ipmsg.presence(name, True)  # kept messages (and unanswered ones) go now
+        elif old.name != name or old.away != away:
+            self._events.append(PeerChanged(peer, old.name if old.name != name else "", old.away != away))
 
 
-def ipmsg_id(ip: str, packetno: int) -> bytes:
-    """The message id of an IP Messenger packet: its sender's address and packet number."""
-    return f"ipmsg:{ip}:{packetno}".encode()
+def _ipmsg_name(nick: str, src: Addr) -> str:
+    """How an IP Messenger peer is listed: its nickname (or user) and its address."""
+    return f"{nick.replace('@', '_')}@{src[0]}"
 
 
 K = TypeVar("K")

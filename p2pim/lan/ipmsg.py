@@ -6,9 +6,15 @@ IP Messenger, iptux and FeiQ all speak this. There is no encryption in it:
 p2pim shows these peers and their messages as unencrypted.
 
 Parsing is strict, because anything on the LAN can send to this port: the
-version must be "1", the packet number and command decimal, user and host
-short and free of NUL, the whole packet at most :data:`MAX_PACKET` bytes.
-Anything else raises :class:`IpmsgError` and is counted by the caller.
+version must be "1", or "1_" and a short printable tag (real clients name
+themselves there: iptux sends ``1_iptux 0.8.3``, FeiQ ``1_lbt4_0#128#MAC#...``),
+the packet number and command decimal, user and host short and free of NUL,
+the whole packet at most :data:`MAX_PACKET` bytes. Anything else raises
+:class:`IpmsgError` and is counted by the caller.
+
+Clients differ where the draft is loose, and :func:`client_name` and
+:func:`absence` say how: iptux sets ABSENCEOPT on every entry packet it sends
+(it has no away mode), so for iptux the bit means nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 PORT = 2425
 MAX_PACKET = 32 * 1024  # IP Messenger's own limit for a message packet
 MAX_NAME = 128
+MAX_TAG = 96  # the client's tag after "1_" in the version field
 
 NOOPERATION = 0x00
 BR_ENTRY = 0x01
@@ -27,7 +34,7 @@ BR_ABSENCE = 0x04
 SENDMSG = 0x20
 RECVMSG = 0x21
 
-ABSENCEOPT = 0x00000100  # with the entry commands: "away"
+ABSENCEOPT = 0x00000100  # with the entry commands: "away" (not to iptux, see absence())
 SENDCHECKOPT = 0x00000100  # with SENDMSG: please answer RECVMSG
 BROADCASTOPT = 0x00000400
 AUTORETOPT = 0x00002000  # an automatic answer: do not answer it
@@ -48,6 +55,7 @@ class Packet:
     host: str
     command: int
     extra: bytes
+    tag: str = ""  # what follows "1_" in the version field ("iptux 0.8.3"); "" for plain "1"
 
     @property
     def mode(self) -> int:
@@ -63,6 +71,22 @@ class Packet:
     def group(self) -> str:
         parts = self.extra.split(b"\0")
         return decode_text(parts[1], self.has(UTF8OPT)) if len(parts) > 1 else ""
+
+
+def client_name(tag: str) -> str:
+    """Which program sent a packet with this version tag, for people."""
+    if not tag:
+        return "IP Messenger"  # the draft's own "1": IP Messenger and most clones
+    if tag.startswith("lbt"):
+        return "FeiQ"
+    return tag
+
+
+def absence(pkt: Packet) -> bool | None:
+    """Is the sender of an entry packet away? None: its client sets the bit regardless."""
+    if pkt.tag.startswith("iptux"):
+        return None
+    return pkt.has(ABSENCEOPT)
 
 
 def decode_text(raw: bytes, utf8: bool) -> str:
@@ -85,8 +109,7 @@ def parse(data: bytes) -> Packet:
     if len(parts) != 6:
         raise IpmsgError("not six fields")
     version, packetno, user, host, command, extra = parts
-    if version != b"1":
-        raise IpmsgError("version is not 1")
+    tag = _tag(version)
     if not (packetno.isdigit() and len(packetno) <= 20):
         raise IpmsgError("bad packet number")
     if not (command.isdigit() and len(command) <= 10 and int(command) < 2**32):
@@ -100,7 +123,18 @@ def parse(data: bytes) -> Packet:
         decode_text(host, True),
         int(command),
         extra.rstrip(b"\0") if int(command) & MODE_MASK == RECVMSG else extra,
+        tag,
     )
+
+
+def _tag(version: bytes) -> str:
+    """The client tag of a version field: "" for "1", the rest of "1_rest"; else an error."""
+    if version == b"1":
+        return ""
+    rest = version[2:]
+    if version[:2] != b"1_" or not 0 < len(rest) <= MAX_TAG or not all(0x20 <= c < 0x7F for c in rest):
+        raise IpmsgError("version is not 1")
+    return rest.decode("ascii")
 
 
 def encode(packetno: int, user: str, host: str, command: int, extra: bytes = b"") -> bytes:

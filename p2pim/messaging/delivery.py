@@ -16,8 +16,9 @@ client and the LAN node run the same code with different rules:
   their next login. To an offline buddy it goes to the store at once.
 * :data:`LAN`: straight to the peer while it is here, again and again (0.5 s
   doubling to 8 s) until its receipt; while it is away it waits.
-* :data:`IPMSG`: an IP Messenger packet, every second until its RECVMSG, six
-  times, then "no answer".
+* :data:`IPMSG`: a text to an IP Messenger client, one at a time per peer and
+  in order (see :attr:`Policy.ordered`), every second and then less often
+  until its RECVMSG; while the peer is away it waits.
 
 Either way a message leaves the outbox only when the peer or the server has
 it. Receipts are not acknowledged: they go once (over the road their message
@@ -58,6 +59,10 @@ class Policy(NamedTuple):
     After ``tries`` sends (None: never) or while the peer is away, the
     envelope goes to ``away`` (None: it waits until the peer is back).
     ``suspect``: a retransmission asks the path layer to check the direct path.
+    ``ordered``: one message in flight per peer, the oldest first. For receivers
+    that drop anything numbered below what they last showed (IP Messenger
+    clients do): a later message overtaking an earlier one's resend would make
+    them drop the earlier one while acknowledging it.
     """
 
     first: Via
@@ -66,6 +71,7 @@ class Policy(NamedTuple):
     tries: int | None
     away: Via | None
     suspect: bool
+    ordered: bool = False
 
     def rto(self, tries: int) -> float:
         return self.schedule[min(tries, len(self.schedule)) - 1]
@@ -80,7 +86,7 @@ INTERNET = Policy(
     True,
 )
 LAN = Policy(Via.LAN, Via.LAN, (0.5, 1.0, 2.0, 4.0, 8.0), None, None, False)
-IPMSG = Policy(Via.IPMSG, Via.IPMSG, (1.0,), 6, None, False)  # then "no answer"
+IPMSG = Policy(Via.IPMSG, Via.IPMSG, (1.0, 1.0, 1.0, 2.0, 4.0, 8.0), None, None, False, ordered=True)
 
 
 class Phase(Enum):
@@ -185,6 +191,16 @@ class Delivery:
             if item.peer == peer and item.phase is Phase.RELAYED:
                 item.phase = Phase.WAITING
 
+    def rename(self, old: str, new: str) -> None:
+        """The peer ``old`` is now called ``new`` (an IP Messenger nickname changed)."""
+        for item in self.items.values():
+            if item.peer == old:
+                item.peer = new
+        for names in (self.online, self.direct):
+            if old in names:
+                names.discard(old)
+                names.add(new)
+
     def delivered(self, msg_ids: list[bytes]) -> None:
         """A delivered (or read) receipt from the peer."""
         for msg_id in msg_ids:
@@ -226,11 +242,14 @@ class Delivery:
         if not self.connected:
             return actions
         policy = self.policy
+        busy = {i.peer for i in self.items.values() if i.phase is Phase.RELAYED} if policy.ordered else set()
         for item in list(self.items.values()):
             if item.phase is Phase.STORING:
                 continue
             if item.phase in (Phase.RELAYED, Phase.BACKOFF) and now < item.due:
                 continue
+            if item.phase is not Phase.RELAYED and item.peer in busy:
+                continue  # ordered: an older message to this peer is in flight
             # An item with an address of its own (a LAN receipt: where its message came from;
             # an IP Messenger packet) goes there whether or not the peer is known to be here.
             here = item.peer in self.online or item.reply_to is not None
@@ -238,6 +257,8 @@ class Delivery:
                 item.tries += 1
                 item.phase, item.due = Phase.RELAYED, now + policy.rto(item.tries)
                 actions.append(Transmit(item, self._road(item), policy.suspect and item.tries > 1))
+                if policy.ordered:
+                    busy.add(item.peer)
                 if item.receipt:
                     del self.items[item.msg_id]
                     actions.append(Finished(item, "relayed"))

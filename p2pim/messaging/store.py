@@ -56,7 +56,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE ipmsg_numbering (      -- LAN: which packet numbering an IP Messenger peer is on
+        ip TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL,         -- changes when the peer starts numbering again (BR_ENTRY/EXIT)
+        updated_ms INTEGER NOT NULL
+    );
+    """,
 ]
+MAX_NUMBERINGS = 4096  # rows kept in ipmsg_numbering (anyone on the LAN can claim an address)
 
 STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
 
@@ -226,8 +234,9 @@ class ClientStore:
     # -- outbox -----------------------------------------------------------------
 
     def outbox(self) -> list[OutboxRow]:
+        """Oldest first: after a restart, messages go out in the order they were typed."""
         rows = self.conn.execute(
-            "SELECT msg_id, peer, receipt, envelope FROM outbox ORDER BY msg_id"
+            "SELECT msg_id, peer, receipt, envelope FROM outbox ORDER BY created_ms, rowid"
         ).fetchall()
         return [OutboxRow(bytes(r[0]), r[1], bool(r[2]), bytes(r[3])) for r in rows]
 
@@ -238,6 +247,40 @@ class ClientStore:
             self.conn.execute("DELETE FROM outbox WHERE msg_id = ?", (msg_id,))
             if state is not None:
                 self.advance(msg_id, state)
+
+    def rename_outgoing(self, old: str, new: str) -> None:
+        """Messages waiting for ``old`` are now for ``new`` (history rows follow)."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "UPDATE messages SET peer = ? WHERE peer = ? AND msg_id IN "
+                "(SELECT msg_id FROM outbox WHERE peer = ?)",
+                (new, old, old),
+            )
+            self.conn.execute("UPDATE outbox SET peer = ? WHERE peer = ?", (new, old))
+
+    def conversations(self, prefixes: tuple[str, ...]) -> list[tuple[str, int, int]]:
+        """(peer, messages, newest sent_at_ms) for peers named with one of ``prefixes``, newest first."""
+        rows = self.conn.execute(
+            "SELECT peer, COUNT(*), MAX(sent_at_ms) FROM messages GROUP BY peer ORDER BY MAX(sent_at_ms) DESC"
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows if r[0].startswith(prefixes)]
+
+    # -- IP Messenger numberings ------------------------------------------------------
+
+    def numbering(self, ip: str) -> int | None:
+        row = self.conn.execute("SELECT epoch FROM ipmsg_numbering WHERE ip = ?", (ip,)).fetchone()
+        return int(row[0]) if row else None
+
+    def set_numbering(self, ip: str, epoch: int, now_ms: int) -> None:
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("INSERT OR REPLACE INTO ipmsg_numbering VALUES (?, ?, ?)", (ip, epoch, now_ms))
+            self.conn.execute(
+                "DELETE FROM ipmsg_numbering WHERE ip NOT IN "
+                "(SELECT ip FROM ipmsg_numbering ORDER BY updated_ms DESC LIMIT ?)",
+                (MAX_NUMBERINGS,),
+            )
 
     # -- paths and settings -------------------------------------------------------
 

@@ -148,8 +148,8 @@ def test_ip_messenger_peer_entries_messages_and_exit(lan: tuple[Topology, str]) 
         )
         # alice answers the resend too (it was lost, as far as the peer knows), and shows nothing new
         assert peer.wait(lambda e: _recvmsgs(peer, 4242) == 2, 5) is not None
-        msgs = [e for _, e in alice.log if e.get("event") == "message"]
-        assert [(m["text"], m["encrypted"]) for m in msgs] == [("héllo from IPMsg ✓", False)]
+        # (alice prints the message just after its RECVMSG leaves: wait for it, count at the end)
+        assert alice.wait(lambda e: e.get("event") == "message", 5) is not None
         # alice writes to it by nickname; it answers RECVMSG, alice marks it delivered.
         alice.type("ipmsguser: hi there")
         assert peer.wait(lambda e: e.get("event") == "message" and e.get("text") == "hi there", 5) is not None
@@ -167,6 +167,8 @@ def test_ip_messenger_peer_entries_messages_and_exit(lan: tuple[Topology, str]) 
             lambda e: e.get("event") == "peer" and e.get("up") is False and e.get("kind") == "ipmsg", 5
         )
         assert gone is not None
+        msgs = [e for _, e in alice.log if e.get("event") == "message"]
+        assert [(m["text"], m["encrypted"]) for m in msgs] == [("héllo from IPMsg ✓", False)]
     finally:
         for p in (alice, peer):
             if p.proc.poll() is None:

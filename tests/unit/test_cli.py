@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
 from p2pim.cli.main import UsageError, main, parse_server
@@ -35,3 +40,27 @@ def test_lan_usage_errors_exit_2_before_any_packet(
     assert main(["lan", "--name", "a:b", "--interface", "no-such-if0"]) == 2
     assert "cannot be a LAN name" in capsys.readouterr().err
     assert main(["lan", "--interval", "0.01"]) == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"alice: hi\n/quit\nno newline at the end"])
+def test_stdin_from_a_file_or_dev_null_is_read_not_an_error(
+    content: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """epoll refuses regular files and /dev/null (EPERM): `p2pim lan < script` must still work."""
+    from p2pim.cli.stdin import StdinLines
+
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    for source in (str(path), os.devnull) if content else (os.devnull,):
+        with open(source) as f:
+            monkeypatch.setattr(sys, "stdin", f)
+
+            async def lines() -> list[str | None]:
+                reader = StdinLines()
+                got = []
+                while (line := await reader.queue.get()) is not None:
+                    got.append(line)
+                return got
+
+            expected = content.decode().split("\n") if source == str(path) else []
+            assert asyncio.run(lines()) == expected

@@ -210,13 +210,30 @@ def test_lan_receipt_goes_once_back_where_its_message_came_from() -> None:
     assert d.items == {}
 
 
-def test_ipmsg_policy_gives_up_after_six_tries() -> None:
+def test_ipmsg_policy_one_in_flight_per_peer_oldest_first_and_waits_while_away() -> None:
     d = Delivery(IPMSG, connected=True)
-    d.add(b"ipmsg:10.0.0.3:7", "carol@10.0.0.3", b"packet", receipt=False, reply_to=("10.0.0.3", 2425))
-    now, tries, failed = 0.0, 0, []
-    while d.items:
-        actions = d.poll(now)
-        tries += len(sends(actions))
-        failed += [(now, a.reason) for a in actions if isinstance(a, Failed)]
-        now = d.next_timer() or now + 1
-    assert tries == 6 and failed == [(6.0, "no answer")]  # sent at 0..5 s, one second each
+    for msg_id, peer in ((b"1", "carol"), (b"2", "carol"), (b"3", "dave")):
+        d.add(msg_id, peer, b"text " + msg_id, receipt=False)
+    d.presence("carol", True)
+    d.presence("dave", True)
+    # one per peer: carol's oldest, and dave's
+    assert sorted(t.item.msg_id for t in sends_of(d.poll(0.0))) == [b"1", b"3"]
+    times = []
+    now = 0.0
+    while len(times) < 8:  # carol never answers: 1 s, 1, 1, 2, 4, 8, 8 ... and never gives up
+        now = d.next_timer() or now
+        sent = [t.item.msg_id for t in sends_of(d.poll(now)) if t.item.peer == "carol"]
+        assert sent in ([], [b"1"])  # never b"2" while b"1" waits for its RECVMSG
+        times += [now] * len(sent)
+    assert [b - a for a, b in itertools.pairwise(times)] == [1.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    d.delivered([b"1", b"3"])
+    assert [t.item.msg_id for t in sends_of(d.poll(now))] == [b"2"]  # now the next one
+    d.presence("carol", False)
+    assert sends_of(d.poll(now + 100)) == [] and b"2" in d.items  # away: kept, not failed
+    d.rename("carol", "caroline")  # a new nickname at the same address
+    d.presence("caroline", True)
+    assert [(t.item.msg_id, t.item.peer) for t in sends_of(d.poll(now + 100))] == [(b"2", "caroline")]
+
+
+def sends_of(actions: list[object]) -> list[Transmit]:
+    return [a for a in actions if isinstance(a, Transmit)]

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pim.identity import Identity
-from p2pim.lan import announce, ipmsg
+from p2pim.lan import announce, ipmsg, ipmsg_messages
 from p2pim.lan import core as ipmsg_core
-from p2pim.lan.core import MAX_PEERS, LanCore, PeerGone, PeerUp
+from p2pim.lan.core import MAX_PEERS, LanCore, PeerChanged, PeerGone, PeerUp
 from p2pim.messaging.events import Message, Outcome, Problem
 from p2pim.messaging.store import ClientStore
 from p2pim.sansio import Datagram
@@ -31,6 +31,22 @@ def test_ipmsg_parse_and_encode_round_trip() -> None:
     assert pkt.has(ipmsg.SENDCHECKOPT) and pkt.text() == "a:b ✓"  # ':' in the text survives
 
 
+def test_ipmsg_versions_of_real_clients_are_accepted_and_named() -> None:
+    iptux = ipmsg.parse(b"1_iptux 0.8.3:4:root:host:257:alice\0lab\0icon-tux.png\0utf-8\0")
+    assert (iptux.tag, iptux.mode, iptux.text(), iptux.group()) == (
+        "iptux 0.8.3",
+        ipmsg.BR_ENTRY,
+        "alice",
+        "lab",
+    )
+    assert ipmsg.client_name(iptux.tag) == "iptux 0.8.3"
+    assert ipmsg.absence(iptux) is None  # iptux sets ABSENCEOPT on every entry: it means nothing
+    feiq = ipmsg.parse(b"1_lbt4_0#128#000C29D68D8F#0#0#0#4001#9:1433478504:Admin:PC:6291457:bob\0\0")
+    assert ipmsg.client_name(feiq.tag) == "FeiQ" and ipmsg.absence(feiq) is False
+    away = ipmsg.parse(b"1:7:u:h:257:carol[away]\0g\0")
+    assert ipmsg.client_name(away.tag) == "IP Messenger" and ipmsg.absence(away) is True
+
+
 def test_ipmsg_legacy_encodings_are_decoded() -> None:
     gbk = ipmsg.parse(b"1:1:u:h:32:" + "你好".encode("gbk"))
     assert gbk.text() == "你好"
@@ -44,6 +60,12 @@ def test_ipmsg_legacy_encodings_are_decoded() -> None:
         b"",
         b"1:2:3",
         b"2:1:u:h:32:x",
+        b"1_:1:u:h:32:x",
+        b"2_iptux:1:u:h:32:x",
+        b"11:1:u:h:32:x",
+        b"1_\xe4\xbd\xa0:1:u:h:32:x",
+        b"1_tab\there:1:u:h:32:x",
+        b"1_" + b"x" * 97 + b":1:u:h:32:x",
         b"1:-1:u:h:32:x",
         b"1:1:u:h:0x20:x",
         b"1:1:u:h:4294967296:x",
@@ -311,3 +333,166 @@ def test_an_ip_messenger_peer_that_stops_answering_is_asked_then_gone(tmp_path: 
     assert gone == ["p2@10.0.0.8"]
     assert asked[quiet] == ipmsg_core.IPMSG_PROBES
     assert asked[iptux] >= 1 and "p1@10.0.0.7" in core.peers
+
+
+# -- IP Messenger peers: real clients' habits ----------------------------------------------
+
+TUX = ("10.0.0.7", 2425)
+
+
+def tux(no: int, command: int, extra: bytes) -> bytes:
+    """A packet as iptux 0.8.3 sends it: its version tag, no UTF8OPT, entries with ABSENCEOPT."""
+    return b"1_iptux 0.8.3:%d:root:vm:%d:%s" % (no, command, extra)
+
+
+def tux_entry(no: int, nick: str = "tux", mode: int = ipmsg.BR_ENTRY) -> bytes:
+    return tux(no, ipmsg.ABSENCEOPT | mode, nick.encode() + b"\0lab\0icon-tux.png\0utf-8\0")
+
+
+def tux_msg(no: int, text: str) -> bytes:
+    return tux(no, ipmsg.SENDCHECKOPT | ipmsg.SENDMSG, text.encode() + b"\0")
+
+
+def ipmsg_out(sends: list[Datagram], mode: int) -> list[ipmsg.Packet]:
+    return [ipmsg.parse(s.data) for s in sends if s.sock == "ipmsg" and ipmsg.parse(s.data).mode == mode]
+
+
+def texts(events: list[object]) -> list[str]:
+    return [e.text for e in events if isinstance(e, Message)]
+
+
+def test_iptux_is_listed_answered_and_its_restart_starts_a_new_numbering(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.start(0.0)
+    poll(core, 0.0)
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 0.1)
+    sends, events = poll(core, 0.1)
+    [up] = [e for e in events if isinstance(e, PeerUp)]
+    assert (up.peer.name, up.peer.client, up.peer.away) == ("tux@10.0.0.7", "iptux 0.8.3", None)
+    assert [p.mode for p in ipmsg_out(sends, ipmsg.ANSENTRY)] == [ipmsg.ANSENTRY]
+    # a message, then iptux's resend of the same packet: shown once, answered twice
+    shown = []
+    for t in (0.2, 1.2):
+        core.receive_datagram("ipmsg", tux_msg(5, "你好 héllo"), TUX, t)
+        sends, events = poll(core, t)
+        shown += texts(events)
+        assert [p.extra for p in ipmsg_out(sends, ipmsg.RECVMSG)] == [b"5"]
+    assert shown == ["你好 héllo"]
+    # iptux restarts (numbers from 1 again): packet 5 is a new message, even with the same text
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 2.0)
+    core.receive_datagram("ipmsg", tux_msg(5, "你好 héllo"), TUX, 2.1)
+    core.receive_datagram("ipmsg", tux_msg(6, "second run"), TUX, 2.2)
+    sends, events = poll(core, 2.2)
+    assert texts(events) == ["你好 héllo", "second run"]
+    assert [e.again for e in events if isinstance(e, PeerUp)] == [True]
+    # and it leaves: gone, and its next run numbers afresh too
+    core.receive_datagram("ipmsg", tux(99, ipmsg.BR_EXIT, b""), TUX, 3.0)
+    _, events = poll(core, 3.0)
+    assert [(e.peer.name, e.reason) for e in events if isinstance(e, PeerGone)] == [("tux@10.0.0.7", "left")]
+    core.receive_datagram("ipmsg", tux_msg(6, "second run"), TUX, 3.1)
+    _, events = poll(core, 3.1)
+    assert texts(events) == ["second run"]  # not a duplicate of the last run's packet 6
+    history = core.store.history("ipmsg:tux@10.0.0.7")
+    assert [r.text for r in history] == ["你好 héllo", "你好 héllo", "second run", "second run"]
+    assert core.counters["ipmsg_duplicates"] == 1
+
+
+def test_a_resend_after_p2pim_was_killed_is_still_a_duplicate(tmp_path: Path) -> None:
+    first = _ipmsg_core(tmp_path)
+    first.receive_datagram("ipmsg", tux_entry(1), TUX, 0.0)
+    first.receive_datagram("ipmsg", tux_msg(3, "once"), TUX, 0.1)
+    assert texts(poll(first, 0.1)[1]) == ["once"]
+    # killed before its RECVMSG left; iptux resends to the restarted p2pim
+    second = _ipmsg_core(tmp_path)
+    second.receive_datagram("ipmsg", tux_msg(3, "once"), TUX, 1.0)
+    sends, events = poll(second, 1.0)
+    assert texts(events) == [] and [p.extra for p in ipmsg_out(sends, ipmsg.RECVMSG)] == [b"3"]
+
+
+def test_a_message_to_an_ip_messenger_peer_that_left_waits_for_it_and_goes_once(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 0.0)
+    poll(core, 0.0)
+    first = core.send("tux", "one", 0.1)
+    second = core.send("tux", "two", 0.1)
+    sends, _ = poll(core, 0.1)
+    [m1] = ipmsg_out(sends, ipmsg.SENDMSG)  # one at a time: "two" waits for "one"'s RECVMSG
+    assert m1.text() == "one" and m1.has(ipmsg.SENDCHECKOPT)
+    core.receive_datagram("ipmsg", tux(2, ipmsg.BR_EXIT, b""), TUX, 0.5)  # gone before answering
+    poll(core, 0.5)
+    assert core.get_timer() > 1000 or all(p.kind != "ipmsg" for p in core.peers.values())
+    assert ipmsg_out(poll(core, 30.0)[0], ipmsg.SENDMSG) == []  # nothing goes while it is away
+    # p2pim restarts; iptux comes back
+    core = _ipmsg_core(tmp_path)
+    assert core.pending() == 2 and core.known("tux")
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 40.0)
+    sends, _ = poll(core, 40.0)
+    [m1] = ipmsg_out(sends, ipmsg.SENDMSG)
+    assert m1.text() == "one"
+    core.receive_datagram(
+        "ipmsg", tux(2, ipmsg.RECVMSG | ipmsg.SENDCHECKOPT, str(m1.packetno).encode()), TUX, 40.1
+    )
+    sends, events = poll(core, 40.1)
+    [m2] = ipmsg_out(sends, ipmsg.SENDMSG)
+    assert m2.text() == "two" and m2.packetno > m1.packetno
+    assert [(e.msg_id, e.state) for e in events if isinstance(e, Outcome)] == [(first, "delivered")]
+    core.receive_datagram("ipmsg", tux(3, ipmsg.RECVMSG, str(m2.packetno).encode()), TUX, 40.2)
+    _, events = poll(core, 40.2)
+    assert [(e.msg_id, e.state) for e in events if isinstance(e, Outcome)] == [(second, "delivered")]
+    assert core.pending() == 0 and core.store.outbox() == []
+    assert [(r.text, r.state) for r in core.store.history("ipmsg:tux@10.0.0.7")] == [
+        ("one", "delivered"), ("two", "delivered"),
+    ]  # fmt: skip
+
+
+def test_nickname_and_away_changes_are_events_and_queued_messages_follow(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    carol = ("10.0.0.9", 2425)
+    core.receive_datagram("ipmsg", b"1:1:c:h:%d:carol\0g\0" % ipmsg.BR_ENTRY, carol, 0.0)
+    poll(core, 0.0)
+    core.send("carol", "hi", 0.1)
+    poll(core, 0.1)
+    core.receive_datagram("ipmsg", b"1:2:c:h:%d:caroline\0g\0" % ipmsg.BR_ABSENCE, carol, 0.2)
+    core.receive_datagram(
+        "ipmsg", b"1:3:c:h:%d:caroline\0g\0" % (ipmsg.BR_ABSENCE | ipmsg.ABSENCEOPT), carol, 0.3
+    )
+    sends, events = poll(core, 1.5)
+    changes = [
+        (e.peer.name, e.renamed_from, e.away_changed, e.peer.away)
+        for e in events
+        if isinstance(e, PeerChanged)
+    ]
+    assert changes == [
+        ("caroline@10.0.0.9", "carol@10.0.0.9", False, False),
+        ("caroline@10.0.0.9", "", True, True),
+    ]
+    assert list(core.peers) == ["caroline@10.0.0.9"]
+    [resent] = ipmsg_out(sends, ipmsg.SENDMSG)
+    core.receive_datagram("ipmsg", b"1:4:c:h:%d:%d" % (ipmsg.RECVMSG, resent.packetno), carol, 1.6)
+    _, events = poll(core, 1.6)
+    assert [(e.peer, e.state) for e in events if isinstance(e, Outcome)] == [
+        ("caroline@10.0.0.9", "delivered")
+    ]
+    assert [r.text for r in core.store.history("ipmsg:caroline@10.0.0.9")] == ["hi"]
+
+
+def test_who_asks_ip_messenger_clients_too(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.ask()
+    sends = core.datagrams_to_send(0.0)
+    assert [s.addr for s in sends if s.sock == "ipmsg" and ipmsg.parse(s.data).mode == ipmsg.BR_ENTRY] == [
+        None
+    ]
+
+
+def test_a_flood_of_messages_from_one_address_is_limited_and_others_still_get_through(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    answered = shown = 0
+    for n in range(1, 501):
+        core.receive_datagram("ipmsg", tux_msg(n, f"spam {n}"), ("10.0.0.66", 2425), 1.0)
+    core.receive_datagram("ipmsg", tux_msg(1, "real"), TUX, 1.0)
+    sends, events = poll(core, 1.0)
+    answered = len(ipmsg_out(sends, ipmsg.RECVMSG))
+    shown = len(texts(events))
+    assert shown == answered == ipmsg_messages.BURST + 1  # the burst, and the other address
+    assert "real" in texts(events) and core.counters["ipmsg_rate_limited"] == 500 - ipmsg_messages.BURST

@@ -1,7 +1,8 @@
 """Per-key token buckets with a bounded table.
 
-Used for the STUN service (per source IP) and, later, logins (per user and per
-address). Time is passed in, so tests drive it with a fake clock.
+Used by the rendezvous (STUN per source IP, logins, relaying, ...) and by the
+LAN node (IP Messenger messages per source address). Time is passed in, so
+tests drive it with a fake clock.
 
 The table is bounded: an attacker spraying source addresses must not grow our
 memory without limit. When full, the least recently seen key is forgotten,

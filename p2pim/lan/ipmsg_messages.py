@@ -1,0 +1,178 @@
+"""Texts with IP Messenger clients: kept, in order, shown exactly once each way (sans-IO).
+
+Draft-9 has no message ids, only packet numbers, and clients number their
+packets from 1 again each time they start (iptux does). Remembering "this
+address sent packet 7" for longer than the client's run therefore drops a new
+message as a duplicate after the client restarts, while acknowledging it:
+silent loss. So a *numbering* (an epoch per address) starts again whenever
+the peer says it (re)started or left (BR_ENTRY, BR_EXIT), and:
+
+* **In**: a SENDMSG is a duplicate only if the same address sent the same
+  packet (number and bytes) in the same numbering. Its message id in the
+  history is a hash of (address, numbering, packet), and the numbering is kept
+  in SQLite once a message came in it, so a resend that arrives after p2pim
+  was killed and restarted is still known (the history's primary key
+  deduplicates). Each address may send :data:`RATE` messages per second
+  (bursts of :data:`BURST`); past that they are neither shown nor answered,
+  so a real client resends them later.
+* **Out**: the text is kept in the outbox (SQLite, under ``ipmsg:NAME``) with a
+  history row, and goes by the :data:`~p2pim.messaging.delivery.IPMSG` policy:
+  one at a time per peer, oldest first (iptux drops a packet numbered below
+  the last it showed, so an overtaken resend would be lost), resent until the
+  peer's RECVMSG, and while the peer is away it waits for its return. The
+  packet number is chosen at the first send in this run and kept for resends,
+  so the receiver recognises them.
+
+The LAN core (:mod:`p2pim.lan.core`) owns the peers and the socket; this
+module owns the conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from ..messaging.delivery import IPMSG, Delivery, Failed, Finished, Transmit
+from ..messaging.events import Message, MessagingEvent, Outcome
+from ..messaging.ids import new_msg_id
+from ..messaging.store import ClientStore
+from ..ratelimit import RateLimiter
+from . import ipmsg
+
+Addr = tuple[str, int]
+PREFIX = "ipmsg:"  # history and outbox names of IP Messenger peers: "ipmsg:nick@ip"
+RATE, BURST = 20.0, 40  # SENDMSGs per second per address that are shown and answered
+MAX_ADDRESSES = 1024  # numberings and rate buckets kept in memory
+
+
+class IpmsgMessages:
+    def __init__(self, store: ClientStore, clock_ms: Callable[[], int], counters: dict[str, int]) -> None:
+        self.store = store
+        self.clock_ms = clock_ms
+        self.counters = counters
+        for key in ("ipmsg_duplicates", "ipmsg_rate_limited"):
+            counters.setdefault(key, 0)
+        self.delivery = Delivery(IPMSG, connected=True)
+        self._limiter = RateLimiter(RATE, BURST, MAX_ADDRESSES)
+        self._numbers: dict[bytes, int] = {}  # msg_id -> its packet number in this run
+        self._by_number: dict[tuple[str, int], bytes] = {}  # (ip, packet number) -> msg_id
+        # ip -> (numbering, written to the store yet); least recently used first
+        self._numberings: OrderedDict[str, tuple[int, bool]] = OrderedDict()
+        self._events: deque[MessagingEvent] = deque()
+        for row in store.outbox():  # typed before a crash, or while the peer was away
+            if row.peer.startswith(PREFIX):
+                self.delivery.add(row.msg_id, row.peer.removeprefix(PREFIX), row.envelope, receipt=False)
+
+    # -- out -----------------------------------------------------------------------
+
+    def send(self, peer: str, text: str, now: float) -> bytes:
+        """Keep ``text`` for ``peer`` ("nick@ip"); it goes while the peer is here."""
+        now_ms = self.clock_ms()
+        msg_id = new_msg_id(now_ms)
+        data = text.encode()
+        self.store.queue_outgoing(msg_id, PREFIX + peer, text, data, now_ms, now_ms)
+        self.delivery.add(msg_id, peer, data, receipt=False, now=now)
+        return msg_id
+
+    def transmits(
+        self, now: float, where: Callable[[str], Addr | None], number: Callable[[], int]
+    ) -> list[tuple[Addr, int, bytes]]:
+        """(address, packet number, text) to send as SENDMSG now; ``where(peer)`` is the
+        peer's address, ``number()`` a fresh packet number."""
+        out = []
+        for action in self.delivery.poll(now):
+            item = action.item
+            if isinstance(action, Transmit):
+                addr = where(item.peer)
+                if addr is None:
+                    continue
+                no = self._numbers.get(item.msg_id)
+                if no is None:
+                    no = self._numbers[item.msg_id] = number()
+                    self.store.advance(item.msg_id, "relayed")
+                self._by_number[(addr[0], no)] = item.msg_id
+                out.append((addr, no, item.envelope))
+            elif isinstance(action, Finished | Failed):
+                state = action.state if isinstance(action, Finished) else "failed"
+                self.store.outbox_done(item.msg_id, state)
+                self._forget(item.msg_id)
+                self._events.append(Outcome(item.peer, item.msg_id, state))
+        return out
+
+    def acked(self, ip: str, packetno: int) -> None:
+        """A RECVMSG for ``packetno`` from ``ip``."""
+        msg_id = self._by_number.get((ip, packetno))
+        if msg_id is not None:
+            self.delivery.delivered([msg_id])  # the next transmits() finishes it
+
+    def rename(self, ip: str, new: str) -> None:
+        """The peer at ``ip`` is now called ``new``: what waits for any name there is for it."""
+        old_names = {i.peer for i in self.delivery.items.values() if i.peer.endswith("@" + ip)}
+        for old in old_names - {new}:
+            self.delivery.rename(old, new)
+            self.store.rename_outgoing(PREFIX + old, PREFIX + new)
+
+    def presence(self, peer: str, here: bool) -> None:
+        self.delivery.presence(peer, here)
+        if here:
+            self.delivery.resend_now(peer)
+
+    def pending(self) -> int:
+        return len(self.delivery.items)
+
+    def next_timer(self) -> float | None:
+        return self.delivery.next_timer()
+
+    def next_event(self) -> MessagingEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def known(self) -> list[str]:
+        """Names of IP Messenger peers there is a conversation with (newest first)."""
+        return [p.removeprefix(PREFIX) for p, _, _ in self.store.conversations((PREFIX,))]
+
+    # -- in ------------------------------------------------------------------------
+
+    def admit(self, ip: str, now: float) -> bool:
+        """May ``ip`` have another message shown and answered now?"""
+        if self._limiter.allow(ip, now):
+            return True
+        self.counters["ipmsg_rate_limited"] += 1
+        return False
+
+    def new_numbering(self, ip: str) -> None:
+        """``ip`` (re)started or left: its packet numbers start again."""
+        old = self._numbering(ip)
+        self._remember(ip, max(self.clock_ms(), old + 1), False)
+
+    def incoming(self, pkt: ipmsg.Packet, data: bytes, ip: str, sender: str) -> Message | None:
+        """A SENDMSG (answered by the caller): the message to show, or None for a duplicate."""
+        numbering = self._numbering(ip)
+        if not self._numberings[ip][1]:
+            self.store.set_numbering(ip, numbering, self.clock_ms())
+            self._remember(ip, numbering, True)
+        digest = hashlib.blake2b(f"{ip}\0{numbering}\0".encode() + data, digest_size=16).digest()
+        text, now_ms = pkt.text(), self.clock_ms()
+        if not self.store.add_incoming(digest, PREFIX + sender, text, now_ms, now_ms):
+            self.counters["ipmsg_duplicates"] += 1
+            return None
+        return Message(sender, text, digest, now_ms, "ipmsg", False)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _numbering(self, ip: str) -> int:
+        if ip not in self._numberings:
+            stored = self.store.numbering(ip)
+            self._remember(ip, 0 if stored is None else stored, stored is not None)
+        return self._numberings[ip][0]
+
+    def _remember(self, ip: str, numbering: int, written: bool) -> None:
+        self._numberings[ip] = (numbering, written)
+        self._numberings.move_to_end(ip)
+        if len(self._numberings) > MAX_ADDRESSES:
+            self._numberings.popitem(last=False)
+
+    def _forget(self, msg_id: bytes) -> None:
+        self._numbers.pop(msg_id, None)
+        for key in [k for k, v in self._by_number.items() if v == msg_id]:
+            del self._by_number[key]
