@@ -226,7 +226,7 @@ class ClientStore:
     def history(self, peer: str, limit: int = 50) -> list[HistoryRow]:
         rows = self.conn.execute(
             "SELECT msg_id, peer, outgoing, text, sent_at_ms, state FROM messages WHERE peer = ? "
-            "ORDER BY sent_at_ms DESC, msg_id DESC LIMIT ?",
+            "ORDER BY sent_at_ms DESC, rowid DESC LIMIT ?",  # same millisecond: the order written
             (peer, limit),
         ).fetchall()
         return [HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5]) for r in reversed(rows)]
