@@ -256,6 +256,10 @@ def test_iptux_and_p2pim_chat_both_ways_exactly_once_across_an_iptux_restart(
         alice.finish(15)
         assert _messages(alice) == [reply, reply]
         assert tux.shown() == [("alice", hello), ("alice", kept)]
+        # iptux sent each reply once: it took p2pim's RECVMSG the first time (else it resends,
+        # then tells its user "Your pal didn't receive the packet")
+        assert tux.sent_numbers(ALICE_IP) == first_run_numbers + second_run_numbers
+        assert len(first_run_numbers) == len(second_run_numbers) == 1
         tux.quit()
         history = topo.run(
             "h1",
