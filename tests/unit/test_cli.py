@@ -64,3 +64,34 @@ def test_stdin_from_a_file_or_dev_null_is_read_not_an_error(
 
             expected = content.decode().split("\n") if source == str(path) else []
             assert asyncio.run(lines()) == expected
+
+
+def test_lan_history_lists_conversations_and_finds_a_peer_by_nickname(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    store = ClientStore(Profile("default").path / "lan.db")
+    store.add_incoming(b"1" * 16, "ipmsg:tux@10.0.0.7", "from iptux", 1000, 1000)
+    store.queue_outgoing(b"2" * 16, "ipmsg:tux@10.0.0.7", "to iptux", b"to iptux", 2000, 2000)
+    store.add_incoming(b"3" * 16, "lan:bob", "from bob", 3000, 3000)
+    store.add_incoming(b"4" * 16, "ipmsg:tux@10.0.0.9", "another tux", 4000, 4000)
+    store.close()
+    assert main(["lan", "history", "--json", "--name", "alice"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["peer"], t["kind"], t["messages"]) for t in listed] == [
+        ("tux@10.0.0.9", "ipmsg", 1), ("bob", "p2pim", 1), ("tux@10.0.0.7", "ipmsg", 2),
+    ]  # fmt: skip
+    assert main(["lan", "history", "tux@10.0.0.7", "--json", "--name", "alice"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["from"], r["text"], r["state"]) for r in rows] == [
+        ("tux@10.0.0.7", "from iptux", "received"), ("alice", "to iptux", "queued"),
+    ]  # fmt: skip
+    assert main(["lan", "history", "bob", "--name", "alice"]) == 0
+    assert "bob: from bob" in capsys.readouterr().out
+    assert main(["lan", "history", "tux", "--name", "alice"]) == 2  # two peers called tux
+    assert "more than one peer" in capsys.readouterr().err
