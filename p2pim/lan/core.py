@@ -256,8 +256,9 @@ class LanCore:
         )
 
     def _known_ipmsg(self, name: str) -> str | None:
-        """The IP Messenger peer ``name`` (or with that nickname) we talked with before."""
-        known = self.ipmsg.known()
+        """The IP Messenger peer ``name`` (or with that nickname) listed in this run, or
+        talked with before."""
+        known = list(dict.fromkeys([*self._ipmsg_names.values(), *self.ipmsg.known()]))
         if name in known:
             return name
         nick = [k for k in known if k.rsplit("@", 1)[0] == name]
@@ -535,6 +536,7 @@ class LanCore:
             name, "ipmsg", src, host=pkt.host, group=pkt.group(), away=away,
             client=ipmsg.client_name(pkt.tag), heard=now,
         )  # fmt: skip
+        before = old.name if old is not None else self._ipmsg_names.get(src[0])  # also one that left
         if old is not None and old.name != name:
             del self.peers[old.name]
         self.peers[name] = peer
@@ -543,8 +545,10 @@ class LanCore:
         if old is None or restarted:
             self._events.append(PeerUp(peer, _seen(self._ever, name)))
             self.ipmsg.presence(name, True)  # kept messages (and unanswered ones) go now
-        elif old.name != name or old.away != away:
-            self._events.append(PeerChanged(peer, old.name if old.name != name else "", old.away != away))
+        renamed = before if before is not None and before != name else ""
+        away_changed = old is not None and old.away != away
+        if renamed or away_changed:
+            self._events.append(PeerChanged(peer, renamed, away_changed))
 
 
 def _ipmsg_name(nick: str, src: Addr) -> str:

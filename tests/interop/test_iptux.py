@@ -13,7 +13,9 @@ default), so both directions are checked on the real program's terms:
   it starts again;
 * iptux numbers its packets from 1 again after the restart, so its reply
   reuses a packet number of its first run: p2pim must show it, not drop it
-  as a duplicate.
+  as a duplicate;
+* iptux back under a new nickname: p2pim says who it was, and the message
+  kept for the old name goes to it.
 """
 
 from __future__ import annotations
@@ -314,5 +316,48 @@ def test_p2pim_started_after_iptux_lists_it_and_is_listed(lan: tuple[Topology, P
         assert isinstance(heard, float) and heard >= started - 1, "iptux did not hear p2pim's BR_ENTRY"
     finally:
         tux.kill()
+        xvfb.kill()
+        xvfb.wait(5)
+
+
+def test_iptux_back_under_a_new_nickname_gets_the_message_kept_for_the_old_one(
+    lan: tuple[Topology, Path],
+) -> None:
+    topo, tmp = lan
+    home = tmp / "tux"
+    (home / ".iptux").mkdir(parents=True)
+    (home / ".config" / "iptux" / "log").mkdir(parents=True)
+    (home / ".iptux" / "config.json").write_text(json.dumps({"nick_name": "tux"}))
+    xvfb, display = _xvfb(topo, "h2")
+    tux = Iptux(topo, "h2", home, display)
+    alice = _alice(topo, tmp)
+    try:
+        tux.start()
+        assert alice.wait(_tux_up(False), 10) is not None
+        tux.quit()
+        assert alice.wait(lambda e: e.get("event") == "peer" and e.get("up") is False, 10) is not None
+        kept = "typed while you were away"
+        alice.type(f"tux: {kept}")
+        # its user renames it (iptux rewrites this file itself when they do), then it starts
+        (home / ".iptux" / "config.json").write_text(json.dumps({"nick_name": "tuxie"}))
+        tux.start()
+        changed = alice.wait(lambda e: e.get("event") == "peer_changed", 10)
+        assert changed is not None
+        event = next(e for _, e in alice.log if e.get("event") == "peer_changed")
+        assert (event["name"], event["renamed_from"]) == (f"tuxie@{TUX_IP}", TUX)
+        assert alice.wait(
+            lambda e: (
+                e.get("event") == "outcome"
+                and e.get("to") == f"tuxie@{TUX_IP}"
+                and e.get("state") == "delivered"
+            ),
+            10,
+        )
+        assert wait_for(lambda: tux.shown() == [("alice", kept)], 5), tux.shown()
+    finally:
+        tux.kill()
+        if alice.proc.poll() is None:
+            alice.proc.kill()
+            alice.proc.wait(5)
         xvfb.kill()
         xvfb.wait(5)

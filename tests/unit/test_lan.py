@@ -514,3 +514,21 @@ def test_feiq_as_it_is_documented_to_send_is_listed_and_heard(tmp_path: Path) ->
     assert texts(events) == ["你好 世界"]
     assert [p.extra for p in ipmsg_out(sends, ipmsg.RECVMSG)] == [b"1767153480"]
     assert [e.peer for e in events if isinstance(e, Message)] == ["陈俞辛@10.0.0.11"]
+
+
+def test_a_peer_back_under_another_nickname_is_said_and_gets_what_waited(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.receive_datagram("ipmsg", tux_entry(1, "tux"), TUX, 0.0)
+    core.receive_datagram("ipmsg", tux(2, ipmsg.BR_EXIT, b""), TUX, 0.1)
+    poll(core, 0.1)
+    kept = core.send("tux", "while you were away", 0.2)
+    core.receive_datagram("ipmsg", tux_entry(1, "tuxie"), TUX, 5.0)
+    sends, events = poll(core, 5.0)
+    assert [type(e).__name__ for e in events] == ["PeerUp", "PeerChanged"]
+    assert [(e.peer.name, e.renamed_from) for e in events if isinstance(e, PeerChanged)] == [
+        ("tuxie@10.0.0.7", "tux@10.0.0.7")
+    ]
+    [m] = ipmsg_out(sends, ipmsg.SENDMSG)
+    core.receive_datagram("ipmsg", tux(2, ipmsg.RECVMSG, str(m.packetno).encode()), TUX, 5.1)
+    _, events = poll(core, 5.1)
+    assert [(e.peer, e.msg_id) for e in events if isinstance(e, Outcome)] == [("tuxie@10.0.0.7", kept)]
