@@ -13,8 +13,10 @@ the peer says it (re)started or left (BR_ENTRY, BR_EXIT), and:
   in SQLite once a message came in it, so a resend that arrives after p2pim
   was killed and restarted is still known (the history's primary key
   deduplicates). Each address may send :data:`RATE` messages per second
-  (bursts of :data:`BURST`); past that they are neither shown nor answered,
-  so a real client resends them later.
+  (bursts of :data:`BURST`), and all addresses together :data:`TOTAL_RATE`
+  (bursts of :data:`TOTAL_BURST`: source addresses are easy to forge, and
+  every message shown is a row on disk); past that they are neither shown nor
+  answered, so a real client resends them later.
 * **Out**: the text is kept in the outbox (SQLite, under ``ipmsg:NAME``) with a
   history row, and goes by the :data:`~p2pim.messaging.delivery.IPMSG` policy:
   one at a time per peer, oldest first (iptux drops a packet numbered below
@@ -43,6 +45,7 @@ from . import ipmsg
 Addr = tuple[str, int]
 PREFIX = "ipmsg:"  # history and outbox names of IP Messenger peers: "ipmsg:nick@ip"
 RATE, BURST = 20.0, 40  # SENDMSGs per second per address that are shown and answered
+TOTAL_RATE, TOTAL_BURST = 100.0, 200  # ... and from all addresses together
 MAX_ADDRESSES = 1024  # numberings and rate buckets kept in memory
 
 
@@ -55,6 +58,7 @@ class IpmsgMessages:
             counters.setdefault(key, 0)
         self.delivery = Delivery(IPMSG, connected=True)
         self._limiter = RateLimiter(RATE, BURST, MAX_ADDRESSES)
+        self._total = RateLimiter(TOTAL_RATE, TOTAL_BURST, 1)
         self._numbers: dict[bytes, int] = {}  # msg_id -> its packet number in this run
         self._by_number: dict[tuple[str, int], bytes] = {}  # (ip, packet number) -> msg_id
         # ip -> (numbering, written to the store yet); least recently used first
@@ -135,7 +139,7 @@ class IpmsgMessages:
 
     def admit(self, ip: str, now: float) -> bool:
         """May ``ip`` have another message shown and answered now?"""
-        if self._limiter.allow(ip, now):
+        if self._limiter.allow(ip, now) and self._total.allow(None, now):
             return True
         self.counters["ipmsg_rate_limited"] += 1
         return False

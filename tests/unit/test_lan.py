@@ -532,3 +532,16 @@ def test_a_peer_back_under_another_nickname_is_said_and_gets_what_waited(tmp_pat
     core.receive_datagram("ipmsg", tux(2, ipmsg.RECVMSG, str(m.packetno).encode()), TUX, 5.1)
     _, events = poll(core, 5.1)
     assert [(e.peer, e.msg_id) for e in events if isinstance(e, Outcome)] == [("tuxie@10.0.0.7", kept)]
+
+
+def test_messages_from_many_forged_addresses_are_capped_in_total(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    for n in range(1000):  # 1000 addresses, 1 message each, in one instant
+        core.receive_datagram("ipmsg", tux_msg(1, f"spam {n}"), (f"10.1.{n // 256}.{n % 256}", 2425), 1.0)
+    sends, events = poll(core, 1.0)
+    assert len(texts(events)) == len(ipmsg_out(sends, ipmsg.RECVMSG)) == ipmsg_messages.TOTAL_BURST
+    assert core.counters["ipmsg_rate_limited"] == 1000 - ipmsg_messages.TOTAL_BURST
+    assert len(core.store.history("ipmsg:root@10.1.0.5", 10)) == 1
+    # a second later there is room again for a real client's resend
+    core.receive_datagram("ipmsg", tux_msg(7, "real"), TUX, 2.0)
+    assert texts(poll(core, 2.0)[1]) == ["real"]
