@@ -35,8 +35,9 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from ..messaging.delivery import IPMSG, Delivery, Failed, Finished, Transmit
-from ..messaging.events import Message, MessagingEvent, Outcome
+from ..messaging.core import settle
+from ..messaging.delivery import IPMSG, Delivery, Transmit
+from ..messaging.events import Message, MessagingEvent
 from ..messaging.ids import new_msg_id
 from ..messaging.store import ClientStore
 from ..ratelimit import RateLimiter
@@ -59,8 +60,9 @@ class IpmsgMessages:
         self.delivery = Delivery(IPMSG, connected=True)
         self._limiter = RateLimiter(RATE, BURST, MAX_ADDRESSES)
         self._total = RateLimiter(TOTAL_RATE, TOTAL_BURST, 1)
-        self._numbers: dict[bytes, int] = {}  # msg_id -> its packet number in this run
-        self._by_number: dict[tuple[str, int], bytes] = {}  # (ip, packet number) -> msg_id
+        # msg_id <-> (ip, packet number) of its sends in this run, for the RECVMSG
+        self._sent: dict[bytes, tuple[str, int]] = {}
+        self._by_number: dict[tuple[str, int], bytes] = {}
         # ip -> (numbering, written to the store yet); least recently used first
         self._numberings: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         self._events: deque[MessagingEvent] = deque()
@@ -91,17 +93,19 @@ class IpmsgMessages:
                 addr = where(item.peer)
                 if addr is None:
                     continue
-                no = self._numbers.get(item.msg_id)
-                if no is None:
-                    no = self._numbers[item.msg_id] = number()
+                sent = self._sent.get(item.msg_id)
+                if sent is None:
                     self.store.advance(item.msg_id, "relayed")
-                self._by_number[(addr[0], no)] = item.msg_id
-                out.append((addr, no, item.envelope))
-            elif isinstance(action, Finished | Failed):
-                state = action.state if isinstance(action, Finished) else "failed"
-                self.store.outbox_done(item.msg_id, state)
-                self._forget(item.msg_id)
-                self._events.append(Outcome(item.peer, item.msg_id, state))
+                else:
+                    del self._by_number[sent]
+                key = (addr[0], number() if sent is None else sent[1])
+                self._sent[item.msg_id], self._by_number[key] = key, item.msg_id
+                out.append((addr, key[1], item.envelope))
+            else:  # delivered (its RECVMSG came)
+                if (done := self._sent.pop(item.msg_id, None)) is not None:
+                    del self._by_number[done]
+                if (outcome := settle(self.store, action)) is not None:
+                    self._events.append(outcome)
         return out
 
     def acked(self, ip: str, packetno: int) -> None:
@@ -175,8 +179,3 @@ class IpmsgMessages:
         self._numberings.move_to_end(ip)
         if len(self._numberings) > MAX_ADDRESSES:
             self._numberings.popitem(last=False)
-
-    def _forget(self, msg_id: bytes) -> None:
-        self._numbers.pop(msg_id, None)
-        for key in [k for k, v in self._by_number.items() if v == msg_id]:
-            del self._by_number[key]

@@ -259,12 +259,8 @@ class Messenger:
                 if action.via is not Via.STORE and not action.item.receipt:
                     self.store.advance(action.item.msg_id, "relayed")
                 out.append(action)
-            elif isinstance(action, Finished):
-                self._finish(action.item.msg_id, action.item.peer, action.item.receipt, action.state, "")
-            elif isinstance(action, Failed):
-                self._finish(
-                    action.item.msg_id, action.item.peer, action.item.receipt, "failed", action.reason
-                )
+            elif (outcome := settle(self.store, action)) is not None:
+                self._emit(outcome)
         return out
 
     def get_timer(self) -> float | None:
@@ -277,11 +273,6 @@ class Messenger:
         return self._events.popleft() if self._events else None
 
     # -- helpers ------------------------------------------------------------------------
-
-    def _finish(self, msg_id: bytes, peer: str, receipt: bool, state: str, detail: str) -> None:
-        self.store.outbox_done(msg_id, None if receipt else state)
-        if not receipt:
-            self._emit(Outcome(peer, msg_id, state, detail))
 
     def _emit(self, event: MessagingEvent) -> None:
         if len(self._events) >= MAX_EVENTS:
@@ -302,6 +293,16 @@ class Messenger:
         self._problems[sender] = (now, 0)
         more = f" ({dropped} more like it since the last warning)" if dropped else ""
         self._emit(Problem(message + more))
+
+
+def settle(store: ClientStore, action: Finished | Failed) -> Outcome | None:
+    """An item left the outbox: its row goes and, for a text, its history row says how far
+    it got (one transaction); returns the :class:`Outcome` to show (None for a receipt).
+    Shared by every outbox over a :class:`Delivery` (this core's, IP Messenger's)."""
+    item = action.item
+    state, detail = (action.state, "") if isinstance(action, Finished) else ("failed", action.reason)
+    store.outbox_done(item.msg_id, None if item.receipt else state)
+    return None if item.receipt else Outcome(item.peer, item.msg_id, state, detail)
 
 
 class _NotYet(Exception):
