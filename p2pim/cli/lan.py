@@ -116,6 +116,7 @@ def _history(args: argparse.Namespace, store: Any, me: str) -> int:
     """Kept LAN conversations: p2pim peers under "lan:", IP Messenger ones under "ipmsg:"."""
     from p2pim.lan.core import PREFIX
     from p2pim.lan.ipmsg_messages import PREFIX as IPMSG_PREFIX
+    from p2pim.lan.ipmsg_messages import called
 
     talks = store.conversations((PREFIX, IPMSG_PREFIX))
     if args.peer is None:
@@ -130,21 +131,19 @@ def _history(args: argparse.Namespace, store: Any, me: str) -> int:
         ]
         if args.json:
             print(json.dumps(listed))
-        elif not listed:
+            return 0
+        if not listed:
             print("no LAN conversations yet")
-        for t in [] if args.json else listed:
+        for t in listed:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(t["last_ms"]) / 1000))
             kind = "" if t["kind"] == "p2pim" else "  [IP Messenger]"
             print(f"  {t['peer']:<28} {t['messages']:>5} messages, last {when}{kind}")
         return 0
     names = [peer for peer, _, _ in talks]
-    want = [n for n in (PREFIX + args.peer, IPMSG_PREFIX + args.peer) if n in names]
-    if not want:  # an IP Messenger peer by nickname alone
-        want = [
-            n
-            for n in names
-            if n.startswith(IPMSG_PREFIX) and n[len(IPMSG_PREFIX) :].rsplit("@", 1)[0] == args.peer
-        ]
+    lan = [PREFIX + args.peer] if PREFIX + args.peer in names else []
+    ipmsg_names = [n.removeprefix(IPMSG_PREFIX) for n in names if n.startswith(IPMSG_PREFIX)]
+    # an exact name on either road; an IP Messenger nickname alone only if no LAN name matches
+    want = lan + [IPMSG_PREFIX + n for n in called(args.peer, ipmsg_names) if not lan or n == args.peer]
     if len(want) > 1:
         print(
             f"p2pim: {args.peer!r} is more than one peer: {', '.join(w.split(':', 1)[1] for w in want)}",

@@ -52,7 +52,7 @@ from ..paths.disco import DATA_MAGIC
 from ..sansio import Datagram
 from ..wire import lan_pb2 as lpb
 from . import announce, ipmsg
-from .ipmsg_messages import IpmsgMessages
+from .ipmsg_messages import IpmsgMessages, called
 
 Addr = tuple[str, int]
 DISCOVERY_PORT = 2426
@@ -258,17 +258,14 @@ class LanCore:
     def _known_ipmsg(self, name: str) -> str | None:
         """The IP Messenger peer ``name`` (or with that nickname) listed in this run, or
         talked with before."""
-        known = list(dict.fromkeys([*self._ipmsg_names.values(), *self.ipmsg.known()]))
-        if name in known:
-            return name
-        nick = [k for k in known if k.rsplit("@", 1)[0] == name]
-        return nick[0] if len(nick) == 1 else None
+        hits = called(name, dict.fromkeys([*self._ipmsg_names.values(), *self.ipmsg.known()]))
+        return hits[0] if len(hits) == 1 else None
 
     def find(self, name: str) -> LanPeer | None:
         if name in self.peers:
             return self.peers[name]
-        nick = [p for p in self.peers.values() if p.kind == "ipmsg" and p.name.split("@", 1)[0] == name]
-        return nick[0] if len(nick) == 1 else None
+        hits = called(name, (p.name for p in self.peers.values() if p.kind == "ipmsg"))
+        return self.peers[hits[0]] if len(hits) == 1 else None
 
     # -- output --------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ..messaging.core import settle
 from ..messaging.delivery import IPMSG, Delivery, Transmit
@@ -179,3 +179,12 @@ class IpmsgMessages:
         self._numberings.move_to_end(ip)
         if len(self._numberings) > MAX_ADDRESSES:
             self._numberings.popitem(last=False)
+
+
+def called(name: str, names: Iterable[str]) -> list[str]:
+    """The IP Messenger peers (``nick@ip``) among ``names`` that ``name`` means: itself if
+    it is one, else every one with that nickname (one: found; more: ambiguous)."""
+    names = list(names)
+    if name in names:
+        return [name]
+    return [n for n in names if n.rsplit("@", 1)[0] == name]
