@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from .render import event_line, print_history, show_id
+from .render import event_line, print_history
 
 EXIT_NOT_FOUND = 3
 EXIT_KEY_CHANGED = 8
@@ -231,13 +231,13 @@ async def _send(args: argparse.Namespace, node: Any) -> int:
         except TimeoutError:
             break
         if isinstance(ev, Outcome) and ev.msg_id == msg_id and ev.state == "delivered":
-            _print(args, {"msg_id": show_id(msg_id), "state": "delivered"}, f"delivered to {args.peer}")
+            _print(args, {"msg_id": msg_id.hex(), "state": "delivered"}, f"delivered to {args.peer}")
             return 0
         if isinstance(ev, Outcome) and ev.msg_id == msg_id:
             raise _Fail(f"not delivered: {ev.detail}", EXIT_FAILED)
     _print(
         args,
-        {"msg_id": show_id(msg_id), "state": "queued"},
+        {"msg_id": msg_id.hex(), "state": "queued"},
         f"{args.peer} did not answer in time; the message stays queued for the next p2pim lan",
     )
     return EXIT_NOT_FOUND

@@ -23,11 +23,6 @@ BUDDY_TEXTS = {
 }
 
 
-def show_id(msg_id: bytes) -> str:
-    """A message id as text."""
-    return msg_id.hex()
-
-
 def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     from p2pim.client import events as ce
     from p2pim.lan import core as lc
@@ -43,7 +38,7 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
                 "event": "message",
                 "from": ev.peer,
                 "text": ev.text,
-                "msg_id": show_id(ev.msg_id),
+                "msg_id": ev.msg_id.hex(),
                 "sent_at_ms": ev.sent_at_ms,
                 "route": ev.route,
                 "encrypted": ev.encrypted,
@@ -56,7 +51,7 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
                 "event": "receipt",
                 "from": ev.peer,
                 "kind": ev.kind,
-                "msg_ids": [show_id(m) for m in ev.msg_ids],
+                "msg_ids": [m.hex() for m in ev.msg_ids],
             },
             f"[{stamp}] ({ev.kind} by {ev.peer}: {len(ev.msg_ids)} message(s))",
         )
@@ -65,7 +60,7 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
             {
                 "event": "outcome",
                 "to": ev.peer,
-                "msg_id": show_id(ev.msg_id),
+                "msg_id": ev.msg_id.hex(),
                 "state": ev.state,
                 "detail": ev.detail,
             },
@@ -133,7 +128,7 @@ def print_history(rows: list[Any], me: str, who: str, as_json: bool) -> None:
             json.dumps(
                 [
                     {
-                        "msg_id": show_id(r.msg_id),
+                        "msg_id": r.msg_id.hex(),
                         "from": me if r.outgoing else who,
                         "text": r.text,
                         "sent_at_ms": r.sent_at_ms,

@@ -261,10 +261,14 @@ class ClientStore:
 
     def conversations(self, prefixes: tuple[str, ...]) -> list[tuple[str, int, int]]:
         """(peer, messages, newest sent_at_ms) for peers named with one of ``prefixes``, newest first."""
-        rows = self.conn.execute(
-            "SELECT peer, COUNT(*), MAX(sent_at_ms) FROM messages GROUP BY peer ORDER BY MAX(sent_at_ms) DESC"
-        ).fetchall()
-        return [(r[0], r[1], r[2]) for r in rows if r[0].startswith(prefixes)]
+        rows = []
+        for prefix in prefixes:  # a range on the (peer, msg_id) index, not a scan of every message
+            rows += self.conn.execute(
+                "SELECT peer, COUNT(*), MAX(sent_at_ms) FROM messages "
+                "WHERE peer >= ? AND peer < ? GROUP BY peer",
+                (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in sorted(rows, key=lambda r: -r[2])]
 
     # -- IP Messenger numberings ------------------------------------------------------
 
