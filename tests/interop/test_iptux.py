@@ -60,6 +60,10 @@ class Iptux:
     display: str
     proc: subprocess.Popen[str] | None = None
 
+    def configure(self, **settings: object) -> None:
+        """Write iptux's own settings file (``nick_name``, ``open_chat``, ...)."""
+        (self.home / ".iptux" / "config.json").write_text(json.dumps(settings))
+
     def start(self) -> None:
         log = open(self.home / "iptux.log", "a")  # noqa: SIM115 - the process owns it
         env = {**os.environ, "HOME": str(self.home), "DISPLAY": self.display, "NO_AT_BRIDGE": "1"}
@@ -138,16 +142,55 @@ def wait_for(probe: Callable[[], object], timeout: float) -> object:
     return value
 
 
+@dataclass
+class Lan:
+    """A natlab LAN: p2pim's host h1, and iptux (with its X server) on h2."""
+
+    topo: Topology
+    tmp: Path
+    tux: Iptux
+    started: list[JsonProcess]
+
+    def alice(self) -> JsonProcess:
+        """`p2pim lan --json` as alice on h1, ready."""
+        env = {**os.environ, "XDG_DATA_HOME": str(self.tmp / "alice")}
+        argv = [tool("p2pim"), "lan", "--json", "--name", "alice", "--interval", "1", "--linger", "5"]
+        proc = JsonProcess(self.topo, "h1", argv, env)
+        self.started.append(proc)
+        assert proc.wait(lambda e: e.get("event") == "ready", 15) is not None, "p2pim lan did not start"
+        return proc
+
+    def p2pim(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A one-shot `p2pim` command as alice on h1."""
+        return self.topo.run("h1", ["env", f"XDG_DATA_HOME={self.tmp / 'alice'}", tool("p2pim"), *args])
+
+
 @pytest.fixture
-def lan() -> Iterator[tuple[Topology, Path]]:
+def lan() -> Iterator[Lan]:
     topo = Topology(new_prefix())
     tmp = Path(tempfile.mkdtemp(prefix="p2pim-iptux-"))
+    xvfb: subprocess.Popen[str] | None = None
+    lab: Lan | None = None
     try:
         topo.add_nat("nat1", NatProfile("port-restricted"))
         topo.add_host("h1", "nat1")
         topo.add_host("h2", "nat1")
-        yield topo, tmp
+        home = tmp / "tux"
+        (home / ".iptux").mkdir(parents=True)
+        (home / ".config" / "iptux" / "log").mkdir(parents=True)  # iptux opens its logs before making it
+        xvfb, display = _xvfb(topo, "h2")
+        lab = Lan(topo, tmp, Iptux(topo, "h2", home, display), [])
+        yield lab
     finally:
+        if lab is not None:
+            lab.tux.kill()
+            for proc in lab.started:
+                if proc.proc.poll() is None:
+                    proc.proc.kill()
+                    proc.proc.wait(5)
+        if xvfb is not None:
+            xvfb.kill()
+            xvfb.wait(5)
         topo.down()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -166,14 +209,6 @@ def _xvfb(topo: Topology, node: str) -> tuple[subprocess.Popen[str], str]:
     return proc, f":{number}"
 
 
-def _alice(topo: Topology, tmp: Path) -> JsonProcess:
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp / "alice")}
-    argv = [tool("p2pim"), "lan", "--json", "--name", "alice", "--interval", "1", "--linger", "5"]
-    proc = JsonProcess(topo, "h1", argv, env)
-    assert proc.wait(lambda e: e.get("event") == "ready", 15) is not None, "p2pim lan did not start"
-    return proc
-
-
 def _messages(alice: JsonProcess) -> list[str]:
     return [str(e["text"]) for _, e in alice.log if e.get("event") == "message" and e.get("from") == TUX]
 
@@ -188,176 +223,112 @@ def _tux_up(again: bool) -> Callable[[dict[str, object]], bool]:
     )
 
 
-def test_iptux_and_p2pim_chat_both_ways_exactly_once_across_an_iptux_restart(
-    lan: tuple[Topology, Path],
-) -> None:
-    topo, tmp = lan
-    home = tmp / "tux"
-    (home / ".iptux").mkdir(parents=True)
-    (home / ".config" / "iptux" / "log").mkdir(parents=True)  # iptux opens its logs before making it
+def test_iptux_and_p2pim_chat_both_ways_exactly_once_across_an_iptux_restart(lan: Lan) -> None:
+    tux = lan.tux
     # iptux's own settings: nickname, group; open the chat window when a message comes,
     # Enter sends, keep the chat log (its default, said for clarity)
-    config = {
-        "nick_name": "tux",
-        "belong_group": "lab",
-        "open_chat": True,
-        "use_enter_key": True,
-        "record_log": True,
-    }
-    (home / ".iptux" / "config.json").write_text(json.dumps(config))
-    xvfb, display = _xvfb(topo, "h2")
-    tux = Iptux(topo, "h2", home, display)
-    alice = _alice(topo, tmp)
-    try:
-        # -- each side sees the other ----------------------------------------------------
-        started, started_wall = time.monotonic(), time.time()
-        tux.start()
-        seen_at = alice.wait(_tux_up(False), 10)
-        assert seen_at is not None, "p2pim never listed iptux"
-        up = next(e for _, e in alice.log if _tux_up(False)(e))
-        assert (up["client"], up["away"], up["encrypted"]) == ("iptux 0.8.3", None, False)
-        heard = wait_for(lambda: tux.heard_entry(ALICE_IP), 5)
-        assert isinstance(heard, float), "iptux never took an entry packet from p2pim"
-        print(
-            f"after iptux was started: p2pim listed it in {seen_at - started:.2f} s, "
-            f"iptux listed p2pim in {heard - started_wall:.2f} s"
-        )
-        # -- p2pim -> iptux: delivered (RECVMSG), shown once, under alice's nickname -------
-        hello = "hello tux: UTF-8 ✓ and 中文 你好"
-        alice.type(f"tux: {hello}")
-        delivered = alice.wait(lambda e: e.get("event") == "outcome" and e.get("state") == "delivered", 10)
-        assert delivered is not None
-        assert wait_for(lambda: tux.shown() == [("alice", hello)], 5), tux.shown()
-        # -- iptux -> p2pim: typed in iptux's chat window ---------------------------------
-        reply = "reply from iptux 再见 ✓"
-        tux.type_to("Talk with alice", reply)
-        assert alice.wait(lambda e: e.get("event") == "message" and e.get("from") == TUX, 10) is not None
-        first_run_numbers = tux.sent_numbers(ALICE_IP)
-        # -- iptux quits: "left" ----------------------------------------------------------
-        tux.quit()
-        left = alice.wait(
-            lambda e: e.get("event") == "peer" and e.get("up") is False and e.get("name") == TUX, 10
-        )
-        assert left is not None
-        assert next(e for _, e in alice.log if e.get("up") is False)["reason"] == "left"
-        # -- a message while it is gone is kept, and goes once when it is back -----------
-        kept = "kept while you were away 留言"
-        alice.type(f"tux: {kept}")
-        tux.start()
-        assert alice.wait(_tux_up(True), 10) is not None, "p2pim did not see iptux come back"
-        assert wait_for(lambda: len(_delivered(alice)) == 2, 10), _delivered(alice)
-        assert wait_for(lambda: tux.shown() == [("alice", hello), ("alice", kept)], 5), tux.shown()
-        # -- iptux's second run numbers from 1 again: its reply must still be shown --------
-        tux.type_to("Talk with alice", reply)
-        assert wait_for(lambda: len(_messages(alice)) == 2, 10), _messages(alice)
-        second_run_numbers = tux.sent_numbers(ALICE_IP)[len(first_run_numbers) :]
-        print(f"iptux SENDMSG packet numbers: first run {first_run_numbers}, second run {second_run_numbers}")
-        assert set(first_run_numbers) & set(second_run_numbers), "iptux did not reuse a packet number"
-        # -- and nothing twice on either side (resends are answered, not shown again) -------
-        alice.type("/quit")
-        alice.finish(15)
-        assert _messages(alice) == [reply, reply]
-        assert tux.shown() == [("alice", hello), ("alice", kept)]
-        # iptux sent each reply once: it took p2pim's RECVMSG the first time (else it resends,
-        # then tells its user "Your pal didn't receive the packet")
-        assert tux.sent_numbers(ALICE_IP) == first_run_numbers + second_run_numbers
-        assert len(first_run_numbers) == len(second_run_numbers) == 1
-        tux.quit()
-        history = topo.run(
-            "h1",
-            [
-                "env",
-                f"XDG_DATA_HOME={tmp / 'alice'}",
-                tool("p2pim"),
-                "lan",
-                "history",
-                "tux",
-                "--json",
-                "--name",
-                "alice",
-            ],
-        )
-        rows = json.loads(history.stdout)
-        assert [(r["from"], r["text"], r["state"]) for r in rows] == [
-            ("alice", hello, "delivered"),
-            (TUX, reply, "received"),
-            ("alice", kept, "delivered"),
-            (TUX, reply, "received"),
-        ]
-    finally:
-        tux.kill()
-        if alice.proc.poll() is None:
-            alice.proc.kill()
-            alice.proc.wait(5)
-        xvfb.kill()
-        xvfb.wait(5)
+    tux.configure(nick_name="tux", belong_group="lab", open_chat=True, use_enter_key=True, record_log=True)
+    alice = lan.alice()
+    # -- each side sees the other ----------------------------------------------------
+    started, started_wall = time.monotonic(), time.time()
+    tux.start()
+    seen_at = alice.wait(_tux_up(False), 10)
+    assert seen_at is not None, "p2pim never listed iptux"
+    up = next(e for _, e in alice.log if _tux_up(False)(e))
+    assert (up["client"], up["away"], up["encrypted"]) == ("iptux 0.8.3", None, False)
+    heard = wait_for(lambda: tux.heard_entry(ALICE_IP), 5)
+    assert isinstance(heard, float), "iptux never took an entry packet from p2pim"
+    print(
+        f"after iptux was started: p2pim listed it in {seen_at - started:.2f} s, "
+        f"iptux listed p2pim in {heard - started_wall:.2f} s"
+    )
+    # -- p2pim -> iptux: delivered (RECVMSG), shown once, under alice's nickname -------
+    hello = "hello tux: UTF-8 ✓ and 中文 你好"
+    alice.type(f"tux: {hello}")
+    delivered = alice.wait(lambda e: e.get("event") == "outcome" and e.get("state") == "delivered", 10)
+    assert delivered is not None
+    assert wait_for(lambda: tux.shown() == [("alice", hello)], 5), tux.shown()
+    # -- iptux -> p2pim: typed in iptux's chat window ---------------------------------
+    reply = "reply from iptux 再见 ✓"
+    tux.type_to("Talk with alice", reply)
+    assert alice.wait(lambda e: e.get("event") == "message" and e.get("from") == TUX, 10) is not None
+    first_run_numbers = tux.sent_numbers(ALICE_IP)
+    # -- iptux quits: "left" ----------------------------------------------------------
+    tux.quit()
+    left = alice.wait(
+        lambda e: e.get("event") == "peer" and e.get("up") is False and e.get("name") == TUX, 10
+    )
+    assert left is not None
+    assert next(e for _, e in alice.log if e.get("up") is False)["reason"] == "left"
+    # -- a message while it is gone is kept, and goes once when it is back -----------
+    kept = "kept while you were away 留言"
+    alice.type(f"tux: {kept}")
+    tux.start()
+    assert alice.wait(_tux_up(True), 10) is not None, "p2pim did not see iptux come back"
+    assert wait_for(lambda: len(_delivered(alice)) == 2, 10), _delivered(alice)
+    assert wait_for(lambda: tux.shown() == [("alice", hello), ("alice", kept)], 5), tux.shown()
+    # -- iptux's second run numbers from 1 again: its reply must still be shown --------
+    tux.type_to("Talk with alice", reply)
+    assert wait_for(lambda: len(_messages(alice)) == 2, 10), _messages(alice)
+    second_run_numbers = tux.sent_numbers(ALICE_IP)[len(first_run_numbers) :]
+    print(f"iptux SENDMSG packet numbers: first run {first_run_numbers}, second run {second_run_numbers}")
+    assert set(first_run_numbers) & set(second_run_numbers), "iptux did not reuse a packet number"
+    # -- and nothing twice on either side (resends are answered, not shown again) -------
+    alice.type("/quit")
+    alice.finish(15)
+    assert _messages(alice) == [reply, reply]
+    assert tux.shown() == [("alice", hello), ("alice", kept)]
+    # iptux sent each reply once: it took p2pim's RECVMSG the first time (else it resends,
+    # then tells its user "Your pal didn't receive the packet")
+    assert tux.sent_numbers(ALICE_IP) == first_run_numbers + second_run_numbers
+    assert len(first_run_numbers) == len(second_run_numbers) == 1
+    tux.quit()
+    history = lan.p2pim("lan", "history", "tux", "--json", "--name", "alice")
+    rows = json.loads(history.stdout)
+    assert [(r["from"], r["text"], r["state"]) for r in rows] == [
+        ("alice", hello, "delivered"),
+        (TUX, reply, "received"),
+        ("alice", kept, "delivered"),
+        (TUX, reply, "received"),
+    ]
 
 
-def test_p2pim_started_after_iptux_lists_it_and_is_listed(lan: tuple[Topology, Path]) -> None:
-    topo, tmp = lan
-    home = tmp / "tux"
-    (home / ".iptux").mkdir(parents=True)
-    (home / ".iptux" / "config.json").write_text(json.dumps({"nick_name": "tux"}))
-    xvfb, display = _xvfb(topo, "h2")
-    tux = Iptux(topo, "h2", home, display)
-    try:
-        tux.start()
-        assert wait_for(lambda: "bind UDP port" in (home / "iptux.log").read_text(errors="replace"), 10)
-        env = ["env", f"XDG_DATA_HOME={tmp / 'alice'}"]
-        peers = topo.run(
-            "h1", [*env, tool("p2pim"), "lan", "peers", "--json", "--name", "alice", "--no-ipmsg"]
-        )
-        assert json.loads(peers.stdout) == []  # without IP Messenger, iptux is not there
-        started = time.time()
-        peers = topo.run("h1", [*env, tool("p2pim"), "lan", "peers", "--json", "--name", "alice"])
-        listed = [(p["name"], p["kind"], p["client"], p["away"]) for p in json.loads(peers.stdout)]
-        assert listed == [(TUX, "ipmsg", "iptux 0.8.3", None)]
-        heard = wait_for(lambda: tux.heard_entry(ALICE_IP), 5)
-        assert isinstance(heard, float) and heard >= started - 1, "iptux did not hear p2pim's BR_ENTRY"
-    finally:
-        tux.kill()
-        xvfb.kill()
-        xvfb.wait(5)
+def test_p2pim_started_after_iptux_lists_it_and_is_listed(lan: Lan) -> None:
+    tux = lan.tux
+    tux.configure(nick_name="tux")
+    tux.start()
+    assert wait_for(lambda: "bind UDP port" in (tux.home / "iptux.log").read_text(errors="replace"), 10)
+    peers = lan.p2pim("lan", "peers", "--json", "--name", "alice", "--no-ipmsg")
+    assert json.loads(peers.stdout) == []  # without IP Messenger, iptux is not there
+    started = time.time()
+    peers = lan.p2pim("lan", "peers", "--json", "--name", "alice")
+    listed = [(p["name"], p["kind"], p["client"], p["away"]) for p in json.loads(peers.stdout)]
+    assert listed == [(TUX, "ipmsg", "iptux 0.8.3", None)]
+    heard = wait_for(lambda: tux.heard_entry(ALICE_IP), 5)
+    assert isinstance(heard, float) and heard >= started - 1, "iptux did not hear p2pim's BR_ENTRY"
 
 
-def test_iptux_back_under_a_new_nickname_gets_the_message_kept_for_the_old_one(
-    lan: tuple[Topology, Path],
-) -> None:
-    topo, tmp = lan
-    home = tmp / "tux"
-    (home / ".iptux").mkdir(parents=True)
-    (home / ".config" / "iptux" / "log").mkdir(parents=True)
-    (home / ".iptux" / "config.json").write_text(json.dumps({"nick_name": "tux"}))
-    xvfb, display = _xvfb(topo, "h2")
-    tux = Iptux(topo, "h2", home, display)
-    alice = _alice(topo, tmp)
-    try:
-        tux.start()
-        assert alice.wait(_tux_up(False), 10) is not None
-        tux.quit()
-        assert alice.wait(lambda e: e.get("event") == "peer" and e.get("up") is False, 10) is not None
-        kept = "typed while you were away"
-        alice.type(f"tux: {kept}")
-        # its user renames it (iptux rewrites this file itself when they do), then it starts
-        (home / ".iptux" / "config.json").write_text(json.dumps({"nick_name": "tuxie"}))
-        tux.start()
-        changed = alice.wait(lambda e: e.get("event") == "peer_changed", 10)
-        assert changed is not None
-        event = next(e for _, e in alice.log if e.get("event") == "peer_changed")
-        assert (event["name"], event["renamed_from"]) == (f"tuxie@{TUX_IP}", TUX)
-        assert alice.wait(
-            lambda e: (
-                e.get("event") == "outcome"
-                and e.get("to") == f"tuxie@{TUX_IP}"
-                and e.get("state") == "delivered"
-            ),
-            10,
-        )
-        assert wait_for(lambda: tux.shown() == [("alice", kept)], 5), tux.shown()
-    finally:
-        tux.kill()
-        if alice.proc.poll() is None:
-            alice.proc.kill()
-            alice.proc.wait(5)
-        xvfb.kill()
-        xvfb.wait(5)
+def test_iptux_back_under_a_new_nickname_gets_the_message_kept_for_the_old_one(lan: Lan) -> None:
+    tux = lan.tux
+    tux.configure(nick_name="tux")
+    alice = lan.alice()
+    tux.start()
+    assert alice.wait(_tux_up(False), 10) is not None
+    tux.quit()
+    assert alice.wait(lambda e: e.get("event") == "peer" and e.get("up") is False, 10) is not None
+    kept = "typed while you were away"
+    alice.type(f"tux: {kept}")
+    # its user renames it (iptux rewrites this file itself when they do), then it starts
+    tux.configure(nick_name="tuxie")
+    tux.start()
+    changed = alice.wait(lambda e: e.get("event") == "peer_changed", 10)
+    assert changed is not None
+    event = next(e for _, e in alice.log if e.get("event") == "peer_changed")
+    assert (event["name"], event["renamed_from"]) == (f"tuxie@{TUX_IP}", TUX)
+    assert alice.wait(
+        lambda e: (
+            e.get("event") == "outcome" and e.get("to") == f"tuxie@{TUX_IP}" and e.get("state") == "delivered"
+        ),
+        10,
+    )
+    assert wait_for(lambda: tux.shown() == [("alice", kept)], 5), tux.shown()
