@@ -27,12 +27,20 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--udp-timeout", type=int, metavar="S", help="NAT UDP binding timeout (s)")
     p.add_argument("--loss", type=int, default=0, metavar="PCT", help="random loss on each NAT, percent")
     p.add_argument("--block-udp", action="store_true", help="NATs drop all UDP")
+    p.add_argument(
+        "--no-input-firewall",
+        dest="input_firewall",
+        action="store_false",
+        help="NATs let unsolicited UDP reach their own stack, which answers ICMP (plain masquerade)",
+    )
 
 
 def _profiles(args: argparse.Namespace) -> list[NatProfile]:
     kinds = [k.strip() for k in args.profiles.split(",") if k.strip()]
     return [
-        NatProfile(k, args.hairpin, args.udp_timeout, args.loss, args.block_udp and k != "none")
+        NatProfile(
+            k, args.hairpin, args.udp_timeout, args.loss, args.block_udp and k != "none", args.input_firewall
+        )
         for k in kinds
     ]
 
@@ -44,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="build the standard topology and leave it running")
     up.add_argument("--prefix", help="namespace prefix (default: a new nl-XXXXXX)")
     up.add_argument("--hosts", type=int, default=1, help="hosts behind each NAT (default 1)")
+    up.add_argument(
+        "--hop", action="store_true", help="a core router between the public segment and the NATs"
+    )
     _profile_args(up)
 
     ex = sub.add_parser("exec", help="run a command in a node: natlab exec PREFIX NODE -- CMD...")
@@ -74,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A/B",
         help="run only this pair, e.g. symmetric/port-restricted or same-lan (repeatable)",
     )
+    mx.add_argument(
+        "--no-input-firewall",
+        dest="input_firewall",
+        action="store_false",
+        help="routers without an input firewall (plain masquerade: their stack answers ICMP)",
+    )
+    mx.add_argument("--hop", action="store_true", help="a core router between the NATs (TTL matters)")
     return parser
 
 
@@ -94,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
-        topo = standard(args.prefix, _profiles(args), hosts_per_nat=args.hosts)
+        topo = standard(args.prefix, _profiles(args), hosts_per_nat=args.hosts, hop=args.hop)
         topo.save()
         print(json.dumps(topo.describe(), indent=2))
         print(
@@ -154,7 +172,8 @@ def _matrix(args: argparse.Namespace) -> int:
         if not args.json:
             print(matrix.render([r]).splitlines()[2], file=sys.stderr, flush=True)
 
-    results = matrix.run_matrix(only, args.messages, progress)
+    routers = matrix.Routers(input_firewall=args.input_firewall, hop=args.hop)
+    results = matrix.run_matrix(only, args.messages, progress, routers)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:

@@ -1,7 +1,10 @@
 """`natlab matrix`: two real clients behind every pair of NAT profiles.
 
 For each scenario (every unordered pair of the five profiles, plus two hosts
-on the same LAN behind one NAT) this builds a fresh topology, runs
+on the same LAN behind one NAT) this builds a fresh topology, with the router
+kind asked for (:class:`Routers`: textbook home routers that drop unsolicited
+UDP, or plain ``masquerade`` gateways without that input firewall; with or
+without a core router between the NATs), runs
 `rendezvous serve` on the public segment, registers alice and bob with the
 `p2pim` command, makes them buddies, and runs `p2pim chat --json` on both
 sides. Each side types ``messages`` lines; we read both event streams and
@@ -37,11 +40,31 @@ PASSWORD = "natlab-matrix-pw"
 CONTROL_PORT = 7788
 
 
+@dataclass(frozen=True)
+class Routers:
+    """What kind of NAT routers a matrix runs on."""
+
+    input_firewall: bool = True  # unsolicited UDP to the router is dropped (home routers)
+    hop: bool = False  # a core router between the NATs (TTL matters)
+
+    @property
+    def name(self) -> str:
+        parts = ["input firewall" if self.input_firewall else "no input firewall"]
+        if self.hop:
+            parts.append("router hop")
+        return ", ".join(parts)
+
+
+TEXTBOOK = Routers()
+OPEN = Routers(input_firewall=False, hop=True)
+
+
 @dataclass
 class Result:
     a: str
     b: str
     messages: int  # sent each way
+    routers: str = TEXTBOOK.name
     path_a: str = "relay"  # final path, as each side saw it
     path_b: str = "relay"
     addr_a: str = ""  # where alice's direct path goes (bob's address as alice sees it)
@@ -81,8 +104,16 @@ def scenarios() -> list[tuple[str, str]]:
     return [*pairs, (SAME_LAN, SAME_LAN)]
 
 
-def profile(kind: str, loss: int = 0, block_udp: bool = False, udp_timeout: int | None = None) -> NatProfile:
-    return NatProfile(kind, loss=loss, block_udp=block_udp, udp_timeout=udp_timeout)
+def profile(
+    kind: str,
+    loss: int = 0,
+    block_udp: bool = False,
+    udp_timeout: int | None = None,
+    routers: Routers = TEXTBOOK,
+) -> NatProfile:
+    return NatProfile(
+        kind, loss=loss, block_udp=block_udp, udp_timeout=udp_timeout, input_firewall=routers.input_firewall
+    )
 
 
 class JsonProcess:
@@ -161,6 +192,7 @@ def run_scenario(
     interval: float = 0.1,
     during: Callable[[Topology, int], None] | None = None,
     prefix: str | None = None,
+    routers: Routers = TEXTBOOK,
 ) -> Result:
     """alice behind ``a``, bob behind ``b`` (or both on one LAN for :data:`SAME_LAN`).
 
@@ -168,12 +200,21 @@ def run_scenario(
     state mid-chat, say). Always tears the topology down.
     """
     same_lan = a == SAME_LAN
-    pa = profile("port-restricted") if same_lan else (a if isinstance(a, NatProfile) else profile(a))
-    pb = pa if same_lan else (b if isinstance(b, NatProfile) else profile(b))
-    result = Result(SAME_LAN if same_lan else pa.kind, SAME_LAN if same_lan else pb.kind, messages)
+    pa = (
+        profile("port-restricted", routers=routers)
+        if same_lan
+        else (a if isinstance(a, NatProfile) else profile(a, routers=routers))
+    )
+    pb = pa if same_lan else (b if isinstance(b, NatProfile) else profile(b, routers=routers))
+    result = Result(
+        SAME_LAN if same_lan else pa.kind, SAME_LAN if same_lan else pb.kind, messages, routers.name
+    )
     started = time.monotonic()
     topo = standard(
-        prefix or new_prefix(), [pa] if same_lan else [pa, pb], hosts_per_nat=2 if same_lan else 1
+        prefix or new_prefix(),
+        [pa] if same_lan else [pa, pb],
+        hosts_per_nat=2 if same_lan else 1,
+        hop=routers.hop,
     )
     host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
     chats: list[JsonProcess] = []
@@ -321,10 +362,11 @@ def run_matrix(
     only: Sequence[tuple[str, str]] | None = None,
     messages: int = 100,
     progress: Callable[[Result], None] | None = None,
+    routers: Routers = TEXTBOOK,
 ) -> list[Result]:
     results = []
     for a, b in only or scenarios():
-        r = run_scenario(a, b, messages)
+        r = run_scenario(a, b, messages, routers=routers)
         results.append(r)
         if progress is not None:
             progress(r)
@@ -358,6 +400,8 @@ def render(results: Sequence[Result]) -> str:
         )
     ok = sum(1 for r in results if r.exactly_once and not r.error)
     lines.append(f"{ok}/{len(results)} scenarios delivered every message exactly once")
+    kinds = sorted({r.routers for r in results})
+    lines.append(f"routers: {'; '.join(kinds)}")
     return "\n".join(lines)
 
 
@@ -393,7 +437,9 @@ def picture(results: Sequence[Result], path: Path) -> None:
         y = margin + cell * len(kinds) + 8
         draw.rectangle((margin, y, margin + 3 * cell, y + 48), fill=_colour(same))
         draw.text((margin + 6, y + 6), "same LAN: " + _cell_text(same).replace("\n", "  "), fill="black")
+    routers = "; ".join(sorted({r.routers for r in results}))
     draw.text((6, 6), "natlab matrix: green direct, amber relay, red lost/duplicated", fill="black")
+    draw.text((6, 24), f"routers: {routers}", fill="black")
     img.save(path)
 
 

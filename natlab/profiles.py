@@ -23,7 +23,15 @@ symmetric          address-and-port-dependent, random    address-and-port-depend
 =================  ====================================  =============================
 
 Options: hairpinning, UDP binding timeout, random loss (nftables ``numgen``:
-this kernel has no ``tc netem``), and blocking all UDP.
+this kernel has no ``tc netem``), blocking all UDP, and no input firewall.
+
+Without an input firewall (``input_firewall=False``: a plain ``masquerade``
+gateway, as on VPS and cloud NAT instances, Docker hosts and many small Linux
+routers) an unsolicited packet to the WAN address reaches the router's own
+stack, which answers ICMP port unreachable, and conntrack *keeps an entry for
+it*. When a host behind the router later sends to that same remote address
+and port, SNAT finds the tuple taken and picks another port: a peer's punch
+that arrives before our own first packet spoils our mapping towards it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class NatProfile:
     #: Percentage of forwarded packets dropped at random, each direction.
     loss: int = 0
     block_udp: bool = False
+    #: Unsolicited UDP to the router is dropped (home routers); False: its stack gets it.
+    input_firewall: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in PROFILES:
@@ -151,8 +161,9 @@ def ruleset(profile: NatProfile, wan_ip: str, lan_net: str, wan: str = "wan", la
         "  }",
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
-        # Unsolicited UDP to the router itself: silence, as home routers do.
-        f'    iifname "{wan}" meta l4proto udp drop',
+        # Unsolicited UDP to the router itself: silence, as home routers do; without
+        # the firewall the stack answers ICMP port unreachable (and conntrack keeps it).
+        *([f'    iifname "{wan}" meta l4proto udp drop'] if profile.input_firewall else []),
         "  }",
         "}",
     ]

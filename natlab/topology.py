@@ -12,6 +12,11 @@
                    |        |               |
                  [h1 .2]  [h2 .3]         [h3 10.0.2.2]     hosts, default route via the router
 
+With ``hop=True`` the routers' WAN links do not share the public segment: each
+is a point-to-point link to a core router ``hop`` (203.0.113.1, proxy ARP on
+the segment), as on the Internet, where routers lie between two NATs and a
+packet's TTL decides how far it gets. Addresses stay the same.
+
 Every namespace is named ``<prefix>-<node>``, with a per-run prefix starting with
 :data:`~natlab.netns.TAG`. Nothing is routed to the host's own network: these
 addresses exist only inside the namespaces. Use a :class:`Topology` as a context
@@ -34,6 +39,7 @@ from .netns import LabError, ip, nsexec, sh
 from .profiles import NatProfile, ruleset, sysctls
 
 PUBLIC_NET = "203.0.113"  # TEST-NET-3 (RFC 5737): never routed anywhere
+HOP = 1  # the core router's address on the public segment (with ``hop=True``)
 STATE_DIR = Path("/run/natlab")
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
@@ -46,7 +52,7 @@ def new_prefix() -> str:
 class Node:
     name: str
     ns: str
-    kind: str  # "public", "router" or "host"
+    kind: str  # "public", "core" (the hop), "router" or "host"
     addresses: list[str] = field(default_factory=list)
     #: For a host: its router's name. For a router: its WAN address is addresses[0].
     router: str | None = None
@@ -62,7 +68,7 @@ class Node:
 class Topology:
     """Build with ``add_public`` / ``add_nat`` / ``add_host``; each acts at once."""
 
-    def __init__(self, prefix: str | None = None) -> None:
+    def __init__(self, prefix: str | None = None, hop: bool = False) -> None:
         reason = netns.missing_requirements()
         if reason:
             raise LabError(reason)
@@ -75,11 +81,14 @@ class Topology:
         self._next_lan = 1
         self._hosts_on: dict[str, int] = {}
         self.inet = f"{self.prefix}-inet"
+        self.hop: Node | None = None
         self._created: list[str] = []
         try:
             self._make_ns(self.inet)
             ip(self.inet, "link", "add", "br0", "type", "bridge")
             ip(self.inet, "link", "set", "br0", "up")
+            if hop:
+                self._add_hop()
         except Exception:
             self.down()
             raise
@@ -125,6 +134,31 @@ class Topology:
             raise LabError("too many public hosts")
         return n
 
+    def _add_hop(self) -> None:
+        """The core router between the public segment and every NAT's WAN link."""
+        node = self.hop = self._new_node("hop", "core")
+        node.addresses = [f"{PUBLIC_NET}.{HOP}"]
+        self._plug_public(node, "pub")
+        ip(node.ns, "addr", "add", f"{PUBLIC_NET}.{HOP}/24", "dev", "pub")
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.pub.proxy_arp=1"):
+            sh(nsexec(node.ns, ["sysctl", "-qw", key]))
+
+    def _plug_wan(self, node: Node, wan_ip: str) -> None:
+        """The router's WAN: on the public segment, or a link of its own to the hop."""
+        if self.hop is None:
+            self._plug_public(node, "wan")
+            ip(node.ns, "addr", "add", f"{wan_ip}/24", "dev", "wan")
+            return
+        gateway = self.hop.ip
+        ip(self.hop.ns, "link", "add", node.name, "type", "veth", "peer", "name", "wan", "netns", node.ns)
+        ip(self.hop.ns, "addr", "add", f"{gateway}/32", "dev", node.name)
+        ip(self.hop.ns, "link", "set", node.name, "up")
+        ip(self.hop.ns, "route", "add", f"{wan_ip}/32", "dev", node.name)
+        ip(node.ns, "link", "set", "wan", "up")
+        ip(node.ns, "addr", "add", f"{wan_ip}/32", "dev", "wan")
+        ip(node.ns, "route", "add", f"{gateway}/32", "dev", "wan")
+        ip(node.ns, "route", "add", "default", "via", gateway, "dev", "wan")
+
     def add_nat(self, name: str, profile: NatProfile) -> Node:
         """A NAT router with an empty LAN behind it."""
         if profile.kind == "none":
@@ -137,8 +171,7 @@ class Topology:
         node.addresses = [wan_ip, f"{lan_net}.1"]
         node.profile = profile
         node.lan_net = f"{lan_net}.0/24"
-        self._plug_public(node, "wan")
-        ip(node.ns, "addr", "add", f"{wan_ip}/24", "dev", "wan")
+        self._plug_wan(node, wan_ip)
         ip(node.ns, "link", "add", "lan", "type", "bridge")
         ip(node.ns, "addr", "add", f"{lan_net}.1/24", "dev", "lan")
         ip(node.ns, "link", "set", "lan", "up")
@@ -209,6 +242,7 @@ class Topology:
     def describe(self) -> dict[str, object]:
         return {
             "prefix": self.prefix,
+            "hop": self.hop is not None,
             "nodes": {
                 n.name: {
                     "ns": n.ns,
@@ -242,6 +276,7 @@ class Topology:
         for name, d in data["nodes"].items():
             prof = NatProfile(**d["profile"]) if d["profile"] else None
             topo.nodes[name] = Node(name, d["ns"], d["kind"], d["addresses"], d["router"], prof, d["lan_net"])
+        topo.hop = topo.nodes.get("hop") if data.get("hop") else None
         topo._created = [topo.inet] + [n.ns for n in topo.nodes.values()]
         return topo
 
@@ -258,13 +293,15 @@ def down_all() -> list[str]:
     return gone
 
 
-def standard(prefix: str | None, profiles: Sequence[NatProfile], hosts_per_nat: int = 1) -> Topology:
+def standard(
+    prefix: str | None, profiles: Sequence[NatProfile], hosts_per_nat: int = 1, hop: bool = False
+) -> Topology:
     """The rendezvous on two public addresses plus one NAT (or public host) per profile.
 
     Node names: ``rdv``; for profile i (1-based) a router ``nat<i>`` with hosts
     ``h<i>``, ``h<i>b``, ...; for profile "none" a public host ``h<i>``.
     """
-    topo = Topology(prefix)
+    topo = Topology(prefix, hop=hop)
     try:
         topo.add_public("rdv", [f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11"])
         for i, prof in enumerate(profiles, 1):

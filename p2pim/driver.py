@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from . import icmp
 from .sansio import Core
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Driver:
         self.bufsize = bufsize
         self.clock = clock
         self.sockets: dict[Hashable, socket.socket] = {}
+        self._icmp: set[Hashable] = set()  # sockets whose ICMP errors go to core.icmp_error
         self.done = asyncio.Event()  # set when ``until`` (see start) holds
         # Demultiplexing (RFC 9443 style): a datagram for which this returns True was taken
         # by the shell (another core's traffic on the same socket) and is not fed to ``core``.
@@ -62,14 +64,21 @@ class Driver:
 
     # -- sockets -----------------------------------------------------------------------
 
-    def attach(self, label: Hashable, sock: socket.socket) -> None:
-        """Read ``sock`` (non-blocking) for the core, which calls it ``label``."""
+    def attach(self, label: Hashable, sock: socket.socket, icmp_errors: bool = False) -> None:
+        """Read ``sock`` (non-blocking) for the core, which calls it ``label``.
+
+        ``icmp_errors``: also the ICMP errors about what it sent (the core's
+        ``icmp_error(sock, error, now)``), where the kernel can tell them.
+        """
         sock.setblocking(False)
         self.sockets[label] = sock
+        if icmp_errors and icmp.enable(sock):
+            self._icmp.add(label)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, label, sock)
 
     def detach(self, label: Hashable) -> socket.socket | None:
         sock = self.sockets.pop(label, None)
+        self._icmp.discard(label)
         if sock is not None:
             asyncio.get_running_loop().remove_reader(sock.fileno())
         return sock
@@ -81,12 +90,13 @@ class Driver:
                 sock.close()
 
     def send_to_socket(self, dg: Any) -> None:
-        """The default ``send``: ``dg.data`` to ``dg.addr`` from the attached socket ``dg.sock``."""
+        """The default ``send``: ``dg.data`` to ``dg.addr`` from the attached socket ``dg.sock``
+        (with ``dg.ttl`` as the IP TTL, for a :class:`~p2pim.sansio.ShortDatagram`)."""
         sock = self.sockets.get(dg.sock)
         if sock is None:
             return
         try:
-            sock.sendto(dg.data, dg.addr)
+            icmp.send(sock, dg.data, dg.addr, getattr(dg, "ttl", None), retry=dg.sock in self._icmp)
         except OSError:  # unreachable, a full buffer: the core's own timers cope
             self._socket_error(dg.sock)
 
@@ -104,6 +114,10 @@ class Driver:
             if self.divert is not None and self._guard(self.divert, label, data, source):
                 continue
             self._guard(core.receive_datagram, label, data, source, self.now())
+        if label in self._icmp:
+            # Drained at every wake: a queued error keeps the socket readable (EPOLLERR).
+            for err in icmp.read(sock):
+                self._guard(core.icmp_error, label, err, self.now())  # type: ignore[attr-defined]
         self.kick()
 
     def _socket_error(self, label: Hashable) -> None:

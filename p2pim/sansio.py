@@ -14,7 +14,8 @@ socket, a clock or asyncio, so it is tested on a fake clock, and one driver
 * ``next_event()``: the next thing the user should hear of, or None.
 
 Cores that care about ICMP errors (NAT discovery) also take
-``socket_error(sock, now)``.
+``socket_error(sock, now)``; the paths endpoint takes each error with its
+offender, ``icmp_error(sock, error, now)`` (:mod:`p2pim.icmp`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ class Datagram(NamedTuple):
     sock: Any
     data: Any
     addr: Any
+
+
+class ShortDatagram(NamedTuple):
+    """A :class:`Datagram` sent with IP TTL ``ttl``: it opens our NATs' mappings and dies
+    on the way (hole punching), or finds the routers on the way (a TTL ladder)."""
+
+    sock: Any
+    data: Any
+    addr: Any
+    ttl: int
 
 
 class Core(Protocol):

@@ -67,6 +67,10 @@ def ping(tx: bytes) -> dpb.Disco:
     return dpb.Disco(ping=dpb.Ping(tx_id=tx))
 
 
+def opened() -> dpb.Disco:
+    return dpb.Disco(opened=dpb.Opened())
+
+
 def pong(tx: bytes, src: Addr) -> dpb.Disco:
     return dpb.Disco(pong=dpb.Pong(tx_id=tx, src=npb.Address(ip=src[0], port=src[1])))
 

@@ -8,7 +8,9 @@ protocol, not I/O:
   the NAT maps per destination (RFC 5780's first mapping test, run with
   :mod:`p2pim.nat`'s probes on the client's own socket), plus peer-reflexive
   addresses buddies' pongs report (after a NAT rebinding they are fresher than
-  what STUN said at login);
+  what STUN said at login); then how many hops our NATs are (a short TTL
+  ladder, :mod:`p2pim.nat.hops`), for punches that must not reach the peer's
+  router (the peers' :class:`PeerPath` explains why);
 * **call-me-maybe**: one asked for before STUN has answered waits for it, so
   it carries our real candidates;
 * **keys**: which buddy a disco packet's key belongs to, re-read from the
@@ -33,10 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..icmp import IcmpError
 from ..identity import Identity
 from ..nat.discovery import binding_probe
+from ..nat.hops import HopLadder
 from ..nat.probes import Outcome, Probe, ProbeSet
-from ..sansio import Datagram
+from ..sansio import Datagram, ShortDatagram
 from ..stun import codec
 from ..wire import disco_pb2 as dpb
 from ..wire import nat_pb2 as npb
@@ -49,6 +53,7 @@ from .disco import (
     call_me_maybe,
     is_disco,
     new_tx,
+    opened,
     parse_call_me_maybe,
     ping,
     pong,
@@ -77,6 +82,10 @@ class Local:
     mapped: Addr | None
     hard: bool  # the mapping changed with the destination
     reflexive: tuple[Addr, ...] = ()  # our address as buddies' pongs reported it, newest last
+    #: The TTL that passes our NATs and dies at the first public router (None: unknown).
+    open_ttl: int | None = None
+    #: The routers between us and the Internet, as the TTL ladder found them.
+    inside: tuple[str | None, ...] = ()
 
     def candidates(self) -> Candidates:
         endpoints: list[Addr] = []
@@ -140,6 +149,7 @@ class PathEndpoint:
             "unknown_sender": 0,
             "forged": 0,
             "stun_unmatched": 0,
+            "icmp_errors": 0,
         }
         self._key_cache: dict[bytes, str] = {}
         self._keys_loaded = -1e9
@@ -147,14 +157,17 @@ class PathEndpoint:
         self._probes: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # tx -> (peer, sent at)
         self._stun = ProbeSet()
         self._stun_servers: list[Addr] = []
+        self._ladder: HopLadder | None = None
+        self._pending_local: tuple[Addr | None, bool] = (None, False)  # while the ladder runs
         self._host: Addr = NOWHERE
-        self._out: list[Datagram] = []
+        self._out: list[Datagram | ShortDatagram] = []
         self._events: deque[PathsEvent] = deque()
         self._dirty: set[str] = set()  # peers fed since their last poll, or whose timer is due
         self._dispatch: dict[str, Callable[[str, dpb.Disco, Label, Addr, float], None]] = {
             "ping": self._on_ping,
             "pong": self._on_pong,
             "call_me_maybe": self._on_call_me_maybe,
+            "opened": self._on_opened,
         }
 
     # -- our own candidates -----------------------------------------------------------
@@ -179,6 +192,10 @@ class PathEndpoint:
     def _advance_discovery(self, now: float) -> None:
         if self.local is not None or not self._stun_servers:
             return
+        if self._ladder is not None:
+            if self._ladder.done:
+                self._found(*self._pending_local, now)
+            return
         probes = {p.name: p for p in self._stun.probes}
         first = probes.get("primary")
         if first is None or not first.done:
@@ -199,20 +216,34 @@ class PathEndpoint:
             self._found(mapped, other is not None and other != mapped, now)
 
     def _found(self, mapped: Addr | None, hard: bool, now: float) -> None:
-        self.local = Local(self._host, mapped, hard)
-        self._set_local()
+        if mapped is not None and self._ladder is None:
+            # Before anyone punches: how far our NATs reach (the TTL of opening pings).
+            ours = frozenset({mapped[0], self._host[0]})
+            self._ladder = HopLadder(self._stun_servers[0], now, ours, MAIN)
+            self._pending_local = (mapped, hard)
+            return
+        ladder = self._ladder
+        self.local = Local(
+            self._host,
+            mapped,
+            hard,
+            open_ttl=ladder.open_ttl if ladder else None,
+            inside=tuple(ladder.inside) if ladder else (),
+        )
+        self._set_local(now)
         self._events.append(LocalKnown(self.local))
         waiting, self._cmm_waiting = self._cmm_waiting, {}
         for peer, reply in waiting.items():
             self._send_cmm(peer, reply, now)
 
-    def _set_local(self) -> None:
+    def _set_local(self, now: float) -> None:
         assert self.local is not None
         cands = self.local.candidates()
-        for core in self.peers.values():
-            core.local = cands
+        for peer, core in self.peers.items():
+            core.set_local(cands, self.local.open_ttl, now)
+            self._dirty.add(peer)
 
-    def _learn_reflexive(self, src: npb.Address) -> None:
+    def _learn_reflexive(self, src: npb.Address, now: float) -> None:
         if self.local is None:
             return
         ip, port = src.ip, src.port
@@ -221,7 +252,7 @@ class PathEndpoint:
         if len(ip.split(".")) != 4:
             return
         self.local = replace(self.local, reflexive=(*self.local.reflexive, (ip, port))[-MAX_REFLEXIVE:])
-        self._set_local()
+        self._set_local(now)
 
     # -- what the client tells us ---------------------------------------------------------
 
@@ -282,15 +313,26 @@ class PathEndpoint:
             except Exception:
                 self.counters["bad_packets"] += 1
                 return
-            if self._stun.receive("main", data, addr, now) is None:
+            if self._ladder is not None and self._ladder.stun_answer(data, now):
+                self._advance_discovery(now)
+            elif self._stun.receive("main", data, addr, now) is None:
                 self.counters["stun_unmatched"] += 1
             self._advance_discovery(now)
         else:
             self.counters["bad_packets"] += 1
 
-    def datagrams_to_send(self, now: float) -> list[Datagram]:
+    def icmp_error(self, sock: Label, err: IcmpError, now: float) -> None:
+        """An ICMP error about something we sent (the TTL ladder's, or a punch's)."""
+        if self._ladder is not None and sock == MAIN and self._ladder.icmp(err, now):
+            self._advance_discovery(now)
+        else:
+            self.counters["icmp_errors"] += 1
+
+    def datagrams_to_send(self, now: float) -> list[Any]:
         for dg in self._stun.datagrams_to_send(now):
             self._out.append(Datagram(MAIN, dg.data, dg.addr))
+        if self._ladder is not None and not self._ladder.done:
+            self._out.extend(self._ladder.datagrams_to_send(now))
         self._advance_discovery(now)
         dirty, self._dirty = self._dirty, set()
         for peer in dirty:
@@ -304,13 +346,15 @@ class PathEndpoint:
         if self._dirty or self._out:
             return 0.0  # fed outside the driver and not polled yet: at once
         dues = [d for d in (c.next_timer() for c in self.peers.values()) if d is not None]
-        stun = self._stun.get_timer()
-        if stun is not None:
-            dues.append(stun)
+        for timer in (self._stun.get_timer(), self._ladder.get_timer() if self._ladder else None):
+            if timer is not None:
+                dues.append(timer)
         return min(dues) if dues else None
 
     def handle_timer(self, now: float) -> None:
         self._stun.handle_timer(now)
+        if self._ladder is not None:
+            self._ladder.handle_timer(now)
         self._advance_discovery(now)
         for peer, core in self.peers.items():
             due = core.next_timer()
@@ -370,11 +414,17 @@ class PathEndpoint:
         elif sock != RELAY:
             rtt = self._core(peer).pong(now, sock[1], addr, msg.pong.tx_id)
             if rtt is not None and sock == MAIN:
-                self._learn_reflexive(msg.pong.src)
+                self._learn_reflexive(msg.pong.src, now)
 
     def _on_call_me_maybe(self, peer: str, msg: dpb.Disco, sock: Label, addr: Addr, now: float) -> None:
         cands = parse_call_me_maybe(msg.call_me_maybe)
         self._core(peer).call_me_maybe(now, cands, msg.call_me_maybe.reply)
+
+    def _on_opened(self, peer: str, msg: dpb.Disco, sock: Label, addr: Addr, now: float) -> None:
+        core = self.peers.get(peer)
+        if core is not None and sock == RELAY:
+            core.opened(now)
+            self._dirty.add(peer)
 
     # -- packets out -----------------------------------------------------------------------
 
@@ -384,7 +434,7 @@ class PathEndpoint:
         if core is None:
             core = self.peers[peer] = PeerPath(peer, self.keepalive)
             if self.local is not None:
-                core.local = self.local.candidates()
+                core.set_local(self.local.candidates(), self.local.open_ttl, None)
         return core
 
     @staticmethod
@@ -405,11 +455,16 @@ class PathEndpoint:
             packet = self.boxes.seal(key, ping(out.tx))
             label = self._label(peer, out.sock)
             for addr in out.addrs:
-                self._out.append(Datagram(label, packet, peer if label == RELAY else addr))
+                if out.ttl is not None and label != RELAY:
+                    self._out.append(ShortDatagram(label, packet, addr, out.ttl))
+                else:
+                    self._out.append(Datagram(label, packet, peer if label == RELAY else addr))
         elif isinstance(out, pp.SendPong):
             packet = self.boxes.seal(key, pong(out.tx, out.addr))
             label = self._label(peer, out.sock)
             self._out.append(Datagram(label, packet, peer if label == RELAY else out.addr))
+        elif isinstance(out, pp.SendOpened):
+            self._out.append(Datagram(RELAY, self.boxes.seal(key, opened()), peer))
         elif isinstance(out, pp.SendCallMeMaybe):
             if self.local is None:
                 # STUN has not answered yet: send it (with the candidates) when it has.

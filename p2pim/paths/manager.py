@@ -21,11 +21,12 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from .. import icmp
 from ..driver import Driver
 from ..identity import Identity
 from ..messaging.delivery import MAX_DIRECT
 from ..nat.runner import source_ip_for
-from ..sansio import Datagram
+from ..sansio import Datagram, ShortDatagram
 from .disco import DATA_MAGIC, Addr, is_data
 from .endpoint import (
     MAIN,
@@ -81,7 +82,7 @@ class PathManager:
 
     def start(self, port: int = 0) -> int:
         """Bind the UDP socket (all IPv4 addresses); returns its port."""
-        self._driver.attach(MAIN, _udp(port))
+        self._driver.attach(MAIN, _udp(port), icmp_errors=True)
         self._driver.start()
         return self.port
 
@@ -169,13 +170,13 @@ class PathManager:
         self._on_data(data[len(DATA_MAGIC) :], addr)
         return True
 
-    def _send(self, dg: Datagram) -> None:
+    def _send(self, dg: Datagram | ShortDatagram) -> None:
         if dg.sock == RELAY:
             self._relay(str(dg.addr), dg.data)
         else:
-            self._sendto(dg.sock, dg.data, dg.addr)
+            self._sendto(dg.sock, dg.data, dg.addr, getattr(dg, "ttl", None))
 
-    def _sendto(self, label: Label, data: bytes, addr: Addr) -> bool:
+    def _sendto(self, label: Label, data: bytes, addr: Addr, ttl: int | None = None) -> bool:
         sock = self._driver.sockets.get(label)
         if sock is None and label != MAIN:
             try:  # a birthday socket, opened on first use
@@ -187,7 +188,7 @@ class PathManager:
         if sock is None:
             return False
         try:
-            sock.sendto(data, addr)
+            icmp.send(sock, data, addr, ttl)
             return True
         except OSError:  # unreachable network, full buffer: the ARQ above copes
             self.counters["send_errors"] += 1

@@ -8,11 +8,26 @@ dance with this peer, which the shell opens on first use; ``RELAY`` (-1)
 means "through the rendezvous".
 
 A punching round starts when both sides have exchanged call-me-maybes (each
-carries the sender's candidates), so both ping each other at once: every
-candidate is pinged from socket 0 on a short schedule; a ping from an
-address we did not know (a peer-reflexive candidate: the peer's NAT picked a
-new port for us) is answered and pinged back. The first valid pong makes the
-path direct. If one side maps per destination (symmetric) and the other
+carries the sender's candidates): every candidate is pinged from socket 0 on
+a short schedule; a ping from an address we did not know (a peer-reflexive
+candidate: the peer's NAT picked a new port for us) is answered and pinged
+back. The first valid pong makes the path direct.
+
+Who pings first matters. A router without an input firewall answers an
+unsolicited packet itself (ICMP) and conntrack keeps an entry for it; when
+its host then sends to that address, SNAT finds the tuple taken and maps to
+another port, which the peer never hears of (natlab measures this: such
+pairs stayed on the relay). So no packet may reach the peer's router before
+the peer has sent towards us. The side that answers a call-me-maybe goes
+first: it *opens* its NAT with pings whose TTL (``open_ttl``, from the
+endpoint's TTL ladder) passes its own NATs and dies at the first public
+router, then answers; the asker, when the answer comes, opens too, says so
+through the relay (:class:`SendOpened`) and pings at full TTL at once (the
+answerer is open by then). The answerer's own full-TTL pings wait for that
+word, or :data:`FIRST_SIDE_WAIT` if it does not come (a ping from the asker
+is answered at once anyway). With ``open_ttl`` unknown, both ping at once.
+
+If one side maps per destination (symmetric) and the other
 does not, the birthday dance follows: the hard side opens
 :data:`BIRTHDAY_SOCKETS` mappings towards the easy side's mapped address,
 and the easy side probes random ports on the hard side's address until one
@@ -37,6 +52,7 @@ RELAY = -1
 MAIN = 0
 
 PUNCH_AT = (0.0, 0.25, 0.6, 1.2, 2.0, 3.0)  # seconds into a round: ping every candidate
+FIRST_SIDE_WAIT = 1.0  # the answering side's full-TTL pings start at most this far into its round
 ROUND_LENGTH = 3.5
 BIRTHDAY_AFTER = 1.5  # seconds into a round with no direct path
 BIRTHDAY_WINDOW = 6.0
@@ -69,11 +85,13 @@ class Path:
 
 @dataclass(frozen=True)
 class SendPing:
-    """The same sealed ping (``tx``) from ``sock`` to each of ``addrs``."""
+    """The same sealed ping (``tx``) from ``sock`` to each of ``addrs``; with ``ttl``, an
+    opening ping that is meant to die on the way."""
 
     sock: int
     addrs: tuple[Addr, ...]
     tx: bytes
+    ttl: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,11 @@ class SendCallMeMaybe:
 
 
 @dataclass(frozen=True)
+class SendOpened:
+    """Over the relay: our NAT is open towards the peer (our opening pings went)."""
+
+
+@dataclass(frozen=True)
 class PathChanged:
     path: Path | None  # None: back to the relay
     reason: str
@@ -103,7 +126,7 @@ class CloseSockets:
     keep: frozenset[int]
 
 
-Output = SendPing | SendPong | SendCallMeMaybe | PathChanged | CloseSockets
+Output = SendPing | SendPong | SendCallMeMaybe | SendOpened | PathChanged | CloseSockets
 
 
 @dataclass
@@ -119,6 +142,7 @@ class PeerPath:
     keepalive: float = DEFAULT_KEEPALIVE
     rng: random.Random = field(default_factory=random.Random)
     local: Candidates | None = None  # ours, set by the manager once STUN has answered
+    open_ttl: int | None = None  # passes our NATs, dies before the peer's (None: unknown)
     remote: Candidates | None = None
     path: Path | None = None
     counters: dict[str, int] = field(
@@ -128,6 +152,9 @@ class PeerPath:
     _pending: dict[bytes, _Pending] = field(default_factory=dict)
     _prflx: dict[tuple[int, Addr], float] = field(default_factory=dict)  # learned -> last ping-back
     _round: float | None = None  # start of the current punching round
+    _answer_due: bool = False  # a call-me-maybe to answer (after our opening pings)
+    _deferred: bool | None = None  # a round asked for before we knew ourselves (its ``first``)
+    _full_from: float = 0.0  # full-TTL pings of this round from then (the peer has opened)
     _punches: int = 0
     _birthday: str | None = None  # "hard" or "easy" during a birthday round
     _bday_tx: bytes = b""
@@ -148,6 +175,15 @@ class PeerPath:
         return None if self.suspected else self.path
 
     # -- inputs -------------------------------------------------------------------
+
+    def set_local(self, local: Candidates, open_ttl: int | None, now: float | None) -> None:
+        """Our candidates (STUN and the TTL ladder have answered); a round the peer asked
+        for meanwhile starts now, so that its first pings know how to open our NAT."""
+        self.local, self.open_ttl = local, open_ttl
+        if self._deferred is not None and now is not None:
+            first, self._deferred = self._deferred, None
+            if self.path is None and self._round is None:
+                self._start_round(now, first)
 
     def activate(self, now: float) -> bool:
         """We want a direct path (traffic, or the peer came online): ask the peer to punch.
@@ -173,18 +209,30 @@ class PeerPath:
         """The peer's candidates: answer (unless this is an answer) and punch."""
         self.remote = cands
         if not reply:
-            self._out.append(SendCallMeMaybe(reply=True))
+            self._answer_due = True  # sent by poll, after this round's opening pings
         if self.path is not None:
             # They lost the path (restart, NAT flush) while ours still looks fine: check it now.
             self._hb_due = now
             return
-        if self._round is None or now - self._round > 1.0:
-            self._start_round(now)
+        if self.local is None:
+            self._deferred = not reply  # our answer waits for STUN too (the endpoint holds it)
+        elif self._round is None or now - self._round > 1.0:
+            # An answer means the peer opened before sending it: ping at once. Answering,
+            # we open first, and ping at full TTL once the asker has opened too.
+            self._start_round(now, first=not reply)
+
+    def opened(self, now: float) -> None:
+        """The peer's NAT is open towards us: our full-TTL pings may go now."""
+        if self._round is not None and self._full_from > now:
+            self._full_from = now
+            # The next scheduled ping slot is the earliest full ping; do not wait for it.
+            self._send_ping(now, MAIN, tuple(self.candidates()))
 
     def offline(self) -> None:
         """The peer went offline: forget everything (its next session has new addresses)."""
         had = self.path is not None
         self.remote, self.path, self._round, self._birthday = None, None, None, None
+        self._deferred = None
         self.suspected = False
         self._pending.clear()
         self._prflx.clear()
@@ -245,6 +293,9 @@ class PeerPath:
             self._ask(now)
         if self.path is not None and self._hb_due is not None and now >= self._hb_due:
             self._heartbeat(now)
+        if self._answer_due:
+            self._answer_due = False
+            self._out.append(SendCallMeMaybe(reply=True))
         out, self._out = self._out, []
         return out
 
@@ -276,9 +327,10 @@ class PeerPath:
 
     # -- internals ----------------------------------------------------------------
 
-    def _start_round(self, now: float) -> None:
+    def _start_round(self, now: float, first: bool = False) -> None:
         self.counters["rounds"] += 1
         self._round, self._punches, self._birthday = now, 0, None
+        self._full_from = now + (FIRST_SIDE_WAIT if first and self.open_ttl is not None else 0.0)
         self._bday_probed.clear()
         self._bday_opened = 0
 
@@ -312,9 +364,16 @@ class PeerPath:
     def _punch(self, now: float) -> None:
         assert self._round is not None
         while self._punches < len(PUNCH_AT) and now >= self._round + PUNCH_AT[self._punches]:
+            at = self._round + PUNCH_AT[self._punches]
             self._punches += 1
             targets = tuple(self.candidates())
-            if targets:
+            if not targets:
+                continue
+            if self.open_ttl is not None and (self._punches == 1 or at < self._full_from):
+                self._send_ping(now, MAIN, targets, ttl=self.open_ttl)
+                if self._punches == 1 and at >= self._full_from:
+                    self._out.append(SendOpened())  # we asked: the answerer waits for this
+            if at >= self._full_from:
                 self._send_ping(now, MAIN, targets)
         if self._birthday is None and self._birthday_wanted() and now >= self._round + BIRTHDAY_AFTER:
             assert self.local is not None
@@ -338,9 +397,11 @@ class PeerPath:
         if self._birthday == "hard":
             # Each extra socket's first packet to the easy side makes a new NAT mapping
             # that lets the easy side's packets (from its one mapped address) back in.
+            # Opening pings: they must not reach the easy side's router (see above), only
+            # make the mappings its probes will find.
             for sock in range(1, BIRTHDAY_SOCKETS + 1):
                 pending.targets.add((sock, target))
-                self._out.append(SendPing(sock, (target,), self._bday_tx))
+                self._out.append(SendPing(sock, (target,), self._bday_tx, self.open_ttl))
             self._bday_opened += 1
             self._bday_next = now + BIRTHDAY_REOPEN if self._bday_opened < 2 else now + BIRTHDAY_WINDOW
             return
@@ -378,10 +439,17 @@ class PeerPath:
         self._send_ping(now, self.path.sock, (self.path.addr,), heartbeat=True)
         self._hb_due = now + HEARTBEAT_RETRY
 
-    def _send_ping(self, now: float, sock: int, addrs: tuple[Addr, ...], heartbeat: bool = False) -> None:
+    def _send_ping(
+        self,
+        now: float,
+        sock: int,
+        addrs: tuple[Addr, ...],
+        heartbeat: bool = False,
+        ttl: int | None = None,
+    ) -> None:
         tx = new_tx()
         self._pending[tx] = _Pending({(sock, a) for a in addrs}, now, heartbeat)
-        self._out.append(SendPing(sock, addrs, tx))
+        self._out.append(SendPing(sock, addrs, tx, ttl))
 
     def _expire(self, now: float) -> None:
         old = [tx for tx, p in self._pending.items() if now - p.sent_at > PENDING_LIFETIME]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from p2pim.wire import nat_pb2 as p2pim_dot_wire_dot_nat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pim/wire/disco.proto\x12\np2pim.wire\x1a\x14p2pim/wire/nat.proto\"\x15\n\x04Ping\x12\r\n\x05tx_id\x18\x01 \x01(\x0c\"7\n\x04Pong\x12\r\n\x05tx_id\x18\x01 \x01(\x0c\x12 \n\x03src\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\"w\n\x0b\x43\x61llMeMaybe\x12&\n\tendpoints\x18\x01 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\x12\x0c\n\x04hard\x18\x03 \x01(\x08\x12\r\n\x05reply\x18\x04 \x01(\x08\"\x85\x01\n\x05\x44isco\x12 \n\x04ping\x18\x01 \x01(\x0b\x32\x10.p2pim.wire.PingH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.p2pim.wire.PongH\x00\x12\x30\n\rcall_me_maybe\x18\x03 \x01(\x0b\x32\x17.p2pim.wire.CallMeMaybeH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16p2pim/wire/disco.proto\x12\np2pim.wire\x1a\x14p2pim/wire/nat.proto\"\x15\n\x04Ping\x12\r\n\x05tx_id\x18\x01 \x01(\x0c\"7\n\x04Pong\x12\r\n\x05tx_id\x18\x01 \x01(\x0c\x12 \n\x03src\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\"w\n\x0b\x43\x61llMeMaybe\x12&\n\tendpoints\x18\x01 \x03(\x0b\x32\x13.p2pim.wire.Address\x12#\n\x06mapped\x18\x02 \x01(\x0b\x32\x13.p2pim.wire.Address\x12\x0c\n\x04hard\x18\x03 \x01(\x08\x12\r\n\x05reply\x18\x04 \x01(\x08\"\x08\n\x06Opened\"\xab\x01\n\x05\x44isco\x12 \n\x04ping\x18\x01 \x01(\x0b\x32\x10.p2pim.wire.PingH\x00\x12 \n\x04pong\x18\x02 \x01(\x0b\x32\x10.p2pim.wire.PongH\x00\x12\x30\n\rcall_me_maybe\x18\x03 \x01(\x0b\x32\x17.p2pim.wire.CallMeMaybeH\x00\x12$\n\x06opened\x18\x04 \x01(\x0b\x32\x12.p2pim.wire.OpenedH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PONG']._serialized_end=138
   _globals['_CALLMEMAYBE']._serialized_start=140
   _globals['_CALLMEMAYBE']._serialized_end=259
-  _globals['_DISCO']._serialized_start=262
-  _globals['_DISCO']._serialized_end=395
+  _globals['_OPENED']._serialized_start=261
+  _globals['_OPENED']._serialized_end=269
+  _globals['_DISCO']._serialized_start=272
+  _globals['_DISCO']._serialized_end=443
 # @@protoc_insertion_point(module_scope)

@@ -108,30 +108,54 @@ class CallMeMaybe(_message.Message):
 Global___CallMeMaybe: _TypeAlias = CallMeMaybe  # noqa: Y015
 
 @_typing.final
+class Opened(_message.Message):
+    """Over the relay, from the side that received the answer to its call-me-maybe:
+    "my NAT is open towards you now" (it sent its short-TTL opening pings), so
+    the answering side may ping at full TTL without reaching our router first.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Opened: _TypeAlias = Opened  # noqa: Y015
+
+@_typing.final
 class Disco(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PING_FIELD_NUMBER: _builtins.int
     PONG_FIELD_NUMBER: _builtins.int
     CALL_ME_MAYBE_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ping(self) -> Global___Ping: ...
     @_builtins.property
     def pong(self) -> Global___Pong: ...
     @_builtins.property
     def call_me_maybe(self) -> Global___CallMeMaybe: ...
+    @_builtins.property
+    def opened(self) -> Global___Opened: ...
     def __init__(
         self,
         *,
         ping: Global___Ping | None = ...,
         pong: Global___Pong | None = ...,
         call_me_maybe: Global___CallMeMaybe | None = ...,
+        opened: Global___Opened | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call_me_maybe", b"call_me_maybe", "kind", b"kind", "ping", b"ping", "pong", b"pong"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call_me_maybe", b"call_me_maybe", "kind", b"kind", "opened", b"opened", "ping", b"ping", "pong", b"pong"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_me_maybe", b"call_me_maybe", "kind", b"kind", "ping", b"ping", "pong", b"pong"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_me_maybe", b"call_me_maybe", "kind", b"kind", "opened", b"opened", "ping", b"ping", "pong", b"pong"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ping", "pong", "call_me_maybe"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ping", "pong", "call_me_maybe", "opened"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

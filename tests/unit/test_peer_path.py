@@ -9,12 +9,14 @@ from p2pim.paths.peer import (
     BIRTHDAY_PROBES,
     BIRTHDAY_RATE,
     BIRTHDAY_SOCKETS,
+    FIRST_SIDE_WAIT,
     HEARTBEAT_TRIES,
     MAIN,
     CloseSockets,
     PathChanged,
     PeerPath,
     SendCallMeMaybe,
+    SendOpened,
     SendPing,
     SendPong,
 )
@@ -146,3 +148,89 @@ def test_our_candidates_add_reflexive_addresses_from_pongs_newest_first() -> Non
     )
     assert local.candidates().endpoints == (A, ("203.0.113.101", 4000), ("203.0.113.101", 777))
     assert Local(A, A, False).candidates().endpoints == (A,)
+
+
+# -- opening pings (routers without an input firewall) -------------------------------------
+
+
+def _opening(name: str, me: tuple[str, int], open_ttl: int | None = 2, hard: bool = False) -> PeerPath:
+    core = PeerPath(name, keepalive=25.0, rng=random.Random(7))
+    core.set_local(Candidates((me,), me, hard), open_ttl, None)
+    return core
+
+
+def _full(outs: list[object]) -> list[SendPing]:
+    return [o for o in outs if isinstance(o, SendPing) and o.ttl is None]
+
+
+def test_the_answering_side_opens_with_short_ttl_before_answering_and_waits_to_ping_in_full() -> None:
+    b = _opening("alice", B)
+    b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)
+    first = b.poll(0.0)
+    kinds = [type(o).__name__ for o in first]
+    assert kinds == ["SendPing", "SendCallMeMaybe"]  # the opening ping leaves before the answer
+    opening = first[0]
+    assert isinstance(opening, SendPing) and opening.ttl == 2 and opening.addrs == (A,)
+    outs: list[object] = []
+    now = 0.0
+    while now < FIRST_SIDE_WAIT - 0.05:
+        now = round(now + 0.05, 3)
+        outs += b.poll(now)
+    assert _full(outs) == []  # nothing may reach the asker's router before it opened
+    assert [o for o in outs if isinstance(o, SendPing)]  # but the opening is repeated (loss)
+    b.opened(now)  # the asker says it is open: ping in full at once
+    assert _full(b.poll(now))
+
+
+def test_without_word_from_the_asker_the_answerer_pings_in_full_after_the_wait() -> None:
+    b = _opening("alice", B)
+    b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)
+    outs: list[object] = []
+    now = 0.0
+    while now < 3.0:
+        outs += b.poll(now)
+        now = round(now + 0.05, 3)
+    assert _full(outs)
+    assert all(o.ttl == 2 for o in outs if isinstance(o, SendPing) and o not in _full(outs))
+
+
+def test_the_asker_opens_says_so_and_pings_in_full_at_once() -> None:
+    a = _opening("bob", A)
+    a.call_me_maybe(0.0, Candidates((B,), B, False), reply=True)
+    outs = a.poll(0.0)
+    assert [type(o).__name__ for o in outs] == ["SendPing", "SendOpened", "SendPing"]
+    assert isinstance(outs[0], SendPing) and outs[0].ttl == 2
+    assert isinstance(outs[2], SendPing) and outs[2].ttl is None
+    assert not any(isinstance(o, SendCallMeMaybe) for o in outs)  # an answer is not answered
+
+
+def test_unknown_open_ttl_pings_in_full_at_once_on_both_sides() -> None:
+    b = _opening("alice", B, open_ttl=None)
+    b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)
+    outs = b.poll(0.0)
+    assert _full(outs) and not any(isinstance(o, SendOpened) for o in outs)
+    assert all(o.ttl is None for o in outs if isinstance(o, SendPing))
+
+
+def test_a_round_asked_for_before_we_know_ourselves_starts_when_we_do() -> None:
+    b = PeerPath("alice", keepalive=25.0)
+    b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)
+    assert not [o for o in b.poll(0.0) if isinstance(o, SendPing)]  # no ping without our TTL
+    b.set_local(Candidates((B,), B, False), 2, 0.3)
+    outs = b.poll(0.3)
+    pings = [o for o in outs if isinstance(o, SendPing)]
+    assert pings and all(p.ttl == 2 for p in pings)
+
+
+def test_the_hard_sides_birthday_mappings_are_opened_with_short_ttl() -> None:
+    hard = _opening("easy", A, hard=True)
+    hard.local = Candidates((A,), ("203.0.113.101", 40000), True)
+    hard.call_me_maybe(0.0, Candidates((B,), ("203.0.113.102", 5000), False), reply=True)
+    outs: list[object] = []
+    now = 0.0
+    while now < 4.0:
+        outs += hard.poll(now)
+        now = round(now + 0.05, 3)
+    birthday = [o for o in outs if isinstance(o, SendPing) and o.sock != MAIN]
+    assert len(birthday) >= BIRTHDAY_SOCKETS
+    assert all(o.ttl == 2 for o in birthday)
