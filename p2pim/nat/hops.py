@@ -26,6 +26,7 @@ from ..stun.codec import Addr
 
 MAX_HOPS = 6
 STEP_WAIT = 0.3  # no ICMP from a hop within this: it is silent, go on
+MAX_SILENT = 3  # ... but this many silent hops in a row: ICMP is filtered, give up (0.9 s)
 
 
 @dataclass
@@ -75,7 +76,16 @@ class HopLadder:
         self._record(err.offender, now)
         return True
 
-    # -- the core verbs -----------------------------------------------------------------
+    # -- the core verbs (so the shared driver runs it alone, for `p2pim nat`) -------------
+
+    def receive_datagram(self, sock: object, data: bytes, addr: Addr, now: float) -> None:
+        self.stun_answer(data, now)
+
+    def icmp_error(self, sock: object, err: IcmpError, now: float) -> None:
+        self.icmp(err, now)
+
+    def next_event(self) -> None:
+        return None
 
     def datagrams_to_send(self, now: float) -> list[ShortDatagram]:
         self.handle_timer(now)
@@ -102,8 +112,9 @@ class HopLadder:
         self.hops.append(offender)
         self._tx = b""
         self._due = now
-        if (offender is not None and self._outside(offender)) or len(self.hops) >= MAX_HOPS:
-            self.done = True
+        silent = len(self.hops) - max((i + 1 for i, h in enumerate(self.hops) if h is not None), default=0)
+        outside = offender is not None and self._outside(offender)
+        self.done = outside or len(self.hops) >= MAX_HOPS or silent >= MAX_SILENT
 
     # -- results ------------------------------------------------------------------------
 

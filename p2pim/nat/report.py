@@ -42,6 +42,8 @@ class NatReport:
     hairpin: bool | None = None
     label: Label = Label.UNKNOWN
     lifetime: LifetimeResult | None = None
+    #: The routers before the first public one (a TTL ladder; None: silent or not run).
+    route: list[str | None] | None = None
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     #: Datagrams that arrived but were not STUN or matched no probe.
@@ -69,6 +71,9 @@ class NatReport:
             "hairpin": self.hairpin,
             "label": self.label.value,
             "lifetime": None if self.lifetime is None else dict(self.lifetime.__dict__),
+            "route": self.route,
+            "nat_layers": self.nat_layers,
+            "carrier_grade_nat": self.carrier_grade_nat,
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "ignored_datagrams": self.ignored_datagrams,
@@ -98,6 +103,7 @@ class NatReport:
             ("Port preservation", self._nat_only(self.port_preserved)),
             ("Hairpinning", self._nat_only(self.hairpin)),
             ("Binding lifetime", self._lifetime_text()),
+            ("Route out", self._route_text()),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [head, ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -106,6 +112,30 @@ class NatReport:
         took = f"{self.elapsed_s * 1000:.0f} ms" if self.elapsed_s < 1 else f"{self.elapsed_s:.1f} s"
         lines.append(f"  (tests took {took})")
         return "\n".join(lines)
+
+    @property
+    def nat_layers(self) -> int | None:
+        """Routers with private or shared addresses before the Internet: 2+ is a double NAT
+        (or a router of the LAN's own behind the NAT: the ladder cannot tell the two apart)."""
+        return None if self.route is None else len(self.route)
+
+    @property
+    def carrier_grade_nat(self) -> bool | None:
+        """A router on the way in RFC 6598's shared space (100.64.0.0/10): the ISP's NAT."""
+        if self.route is None:
+            return None
+        return any(hop is not None and hop.startswith(_SHARED_PREFIXES) for hop in self.route)
+
+    def _route_text(self) -> str:
+        if self.route is None:
+            return "unknown (the routers on the way did not answer)"
+        hops = ", ".join(h or "?" for h in self.route) or "none"
+        text = f"{len(self.route)} router(s) before the Internet ({hops})"
+        if self.carrier_grade_nat:
+            text += "; carrier-grade NAT (100.64.0.0/10): double NAT"
+        elif len(self.route) >= 2:
+            text += "; double NAT likely"
+        return text
 
     def _nat_only(self, v: bool | None) -> str:
         return "n/a (no NAT)" if self.nat_present is False else _yesno(v)
@@ -123,6 +153,9 @@ class NatReport:
         else:
             span = f"{lt.alive_for:g}-{lt.dead_after:g} s"
         return f"{span}; keepalive every {lt.keepalive:g} s"
+
+
+_SHARED_PREFIXES = tuple(f"100.{n}." for n in range(64, 128))
 
 
 def _fmt(a: Addr) -> str:

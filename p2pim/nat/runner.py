@@ -15,6 +15,7 @@ from p2pim.driver import Driver
 from p2pim.stun.codec import Addr
 
 from .discovery import NatDiscovery, Timings
+from .hops import HopLadder
 from .lifetime import LifetimeMeasurement
 from .probes import ProbePlanner
 from .report import NatReport
@@ -44,11 +45,14 @@ class _Sockets:
             name = sock.getsockname()
             self.local[label] = (name[0], name[1])
 
-    async def drive(self, core: ProbePlanner) -> None:
-        """Run ``core`` until it is done."""
+    async def drive(self, core: ProbePlanner | HopLadder, labels: tuple[str, ...] | None = None) -> None:
+        """Run ``core`` until it is done (on the sockets ``labels``, default all; the
+        TTL ladder also hears the ICMP errors about what it sent)."""
         driver = Driver(core)
+        ladder = isinstance(core, HopLadder)
         for label, sock in self.socks.items():
-            driver.attach(label, sock)
+            if labels is None or label in labels:
+                driver.attach(label, sock, icmp_errors=ladder)
         await driver.run(lambda: bool(core.done))
 
     def close(self) -> None:
@@ -66,10 +70,18 @@ async def discover(
     ip = source_ip_for(server)
     socks = _Sockets()
     try:
+        # First the routers between us and the Internet (how many NATs, a carrier-grade
+        # one?): before the tests below make routers send ICMP, which they rate-limit.
+        socks.open(["hops"], ip)
+        ladder = HopLadder(server, loop.time(), frozenset({ip}), "hops")
+        await socks.drive(ladder, ("hops",))
         socks.open(NatDiscovery.sockets, ip)
         core = NatDiscovery(server, socks.local, loop.time(), timings)
-        await socks.drive(core)
+        await socks.drive(core, NatDiscovery.sockets)
         report = core.report()
+        if report.mapped is not None:
+            ladder.ours = frozenset({ip, report.mapped[0]})  # our NAT's WAN address is still ours
+            report.route = ladder.inside if ladder.open_ttl is not None else None
         if lifetime_max and report.responded:
             life = LifetimeMeasurement(
                 server,
@@ -79,7 +91,7 @@ async def discover(
                 timings=timings,
             )
             socks.open(life.sockets, ip)
-            await socks.drive(life)
+            await socks.drive(life, tuple(life.sockets))
             report.lifetime = life.result()
             report.notes += life.notes
             report.elapsed_s = loop.time() - core.started_at

@@ -54,24 +54,14 @@ import asyncio, json, socket, sys
 from p2pim.driver import Driver
 from p2pim.nat.hops import HopLadder
 
-class Core:
-    def __init__(self, ladder): self.ladder = ladder
-    def receive_datagram(self, sock, data, addr, now): self.ladder.stun_answer(data, now)
-    def icmp_error(self, sock, err, now): self.ladder.icmp(err, now)
-    def datagrams_to_send(self, now): return self.ladder.datagrams_to_send(now)
-    def get_timer(self): return self.ladder.get_timer()
-    def handle_timer(self, now): self.ladder.handle_timer(now)
-    def next_event(self): return None
-
 async def main():
     loop = asyncio.get_running_loop()
     ladder = HopLadder((sys.argv[1], 3478), loop.time(), frozenset({sys.argv[2]}), "main")
-    driver = Driver(Core(ladder))
+    driver = Driver(ladder)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", 0))
     driver.attach("main", sock, icmp_errors=True)
-    driver.start(until=lambda: ladder.done)
-    await asyncio.wait_for(driver.done.wait(), 10)
+    await asyncio.wait_for(driver.run(lambda: ladder.done), 10)
     print(json.dumps({"hops": ladder.hops, "open_ttl": ladder.open_ttl, "inside": ladder.inside}))
 
 asyncio.run(main())

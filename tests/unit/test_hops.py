@@ -9,7 +9,7 @@ from aioice import stun
 
 from p2pim import icmp
 from p2pim.icmp import IcmpError, is_public
-from p2pim.nat.hops import MAX_HOPS, STEP_WAIT, HopLadder
+from p2pim.nat.hops import MAX_HOPS, MAX_SILENT, STEP_WAIT, HopLadder
 from p2pim.sansio import ShortDatagram
 from p2pim.stun import codec
 
@@ -72,14 +72,22 @@ def test_the_servers_host_refusing_is_reaching_it() -> None:
     assert ladder.done and ladder.reached == 2 and ladder.open_ttl == 2
 
 
-def test_a_silent_path_gives_up_after_max_hops_with_no_ttl() -> None:
+def test_a_silent_path_gives_up_after_a_few_silent_hops_with_no_ttl() -> None:
     ladder = HopLadder(SERVER, 0.0)
     now = 0.0
     while not ladder.done:
         ladder.datagrams_to_send(now)
         now += STEP_WAIT
         ladder.handle_timer(now)
-    assert len(ladder.hops) == MAX_HOPS and ladder.open_ttl is None
+    assert ladder.hops == [None] * MAX_SILENT and ladder.open_ttl is None
+    assert now <= MAX_SILENT * STEP_WAIT + 1e-9  # a client waits at most this for its candidates
+
+
+def test_the_ladder_stops_at_max_hops() -> None:
+    ladder = HopLadder(SERVER, 0.0)
+    for _ in range(MAX_HOPS):
+        ladder.icmp(_exceeded(_step(ladder, 0.0), "10.9.9.9"), 0.0)
+    assert ladder.done and len(ladder.hops) == MAX_HOPS and ladder.open_ttl is None
 
 
 def test_errors_about_other_datagrams_are_not_the_ladders() -> None:
