@@ -33,13 +33,27 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="NATs let unsolicited UDP reach their own stack, which answers ICMP (plain masquerade)",
     )
+    p.add_argument(
+        "--portmap",
+        nargs="?",
+        const="all",
+        default="",
+        choices=("all", "upnp"),
+        help="NATs run miniupnpd: UPnP IGD, NAT-PMP and PCP (all), or UPnP IGD only (upnp)",
+    )
 
 
 def _profiles(args: argparse.Namespace) -> list[NatProfile]:
     kinds = [k.strip() for k in args.profiles.split(",") if k.strip()]
     return [
         NatProfile(
-            k, args.hairpin, args.udp_timeout, args.loss, args.block_udp and k != "none", args.input_firewall
+            k,
+            args.hairpin,
+            args.udp_timeout,
+            args.loss,
+            args.block_udp and k != "none",
+            args.input_firewall,
+            args.portmap if k != "none" else "",
         )
         for k in kinds
     ]
@@ -92,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="routers without an input firewall (plain masquerade: their stack answers ICMP)",
     )
     mx.add_argument("--hop", action="store_true", help="a core router between the NATs (TTL matters)")
+    mx.add_argument(
+        "--portmap",
+        choices=("a", "b", "both"),
+        help="routers that run miniupnpd (UPnP IGD, NAT-PMP, PCP): alice's, bob's or both",
+    )
+    mx.add_argument("--portmap-upnp-only", action="store_true", help="... serving UPnP IGD only")
     return parser
 
 
@@ -172,7 +192,12 @@ def _matrix(args: argparse.Namespace) -> int:
         if not args.json:
             print(matrix.render([r]).splitlines()[2], file=sys.stderr, flush=True)
 
-    routers = matrix.Routers(input_firewall=args.input_firewall, hop=args.hop)
+    routers = matrix.Routers(
+        input_firewall=args.input_firewall,
+        hop=args.hop,
+        portmap=args.portmap or "",
+        portmap_kind="upnp" if args.portmap_upnp_only else "all",
+    )
     results = matrix.run_matrix(only, args.messages, progress, routers)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))

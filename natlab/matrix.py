@@ -46,13 +46,22 @@ class Routers:
 
     input_firewall: bool = True  # unsolicited UDP to the router is dropped (home routers)
     hop: bool = False  # a core router between the NATs (TTL matters)
+    portmap: str = ""  # routers running miniupnpd: "a" (alice's), "b" (bob's), "both" or ""
+    portmap_kind: str = "all"  # what they serve: "all" (UPnP IGD, NAT-PMP, PCP) or "upnp"
 
     @property
     def name(self) -> str:
         parts = ["input firewall" if self.input_firewall else "no input firewall"]
-        if self.hop:
+        if self.hop or self.portmap:
             parts.append("router hop")
+        if self.portmap:
+            who = {"a": "alice's router", "b": "bob's router", "both": "both routers"}[self.portmap]
+            what = "UPnP only" if self.portmap_kind == "upnp" else "PCP/NAT-PMP/UPnP"
+            parts.append(f"port mapping ({what}) on {who}")
         return ", ".join(parts)
+
+    def maps(self, side: str) -> bool:
+        return self.portmap in (side, "both")
 
 
 TEXTBOOK = Routers()
@@ -110,9 +119,15 @@ def profile(
     block_udp: bool = False,
     udp_timeout: int | None = None,
     routers: Routers = TEXTBOOK,
+    side: str = "a",
 ) -> NatProfile:
     return NatProfile(
-        kind, loss=loss, block_udp=block_udp, udp_timeout=udp_timeout, input_firewall=routers.input_firewall
+        kind,
+        loss=loss,
+        block_udp=block_udp,
+        udp_timeout=udp_timeout,
+        input_firewall=routers.input_firewall,
+        portmap=routers.portmap_kind if routers.maps(side) and kind != "none" else "",
     )
 
 
@@ -205,7 +220,7 @@ def run_scenario(
         if same_lan
         else (a if isinstance(a, NatProfile) else profile(a, routers=routers))
     )
-    pb = pa if same_lan else (b if isinstance(b, NatProfile) else profile(b, routers=routers))
+    pb = pa if same_lan else (b if isinstance(b, NatProfile) else profile(b, routers=routers, side="b"))
     result = Result(
         SAME_LAN if same_lan else pa.kind, SAME_LAN if same_lan else pb.kind, messages, routers.name
     )

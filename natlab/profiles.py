@@ -23,7 +23,9 @@ symmetric          address-and-port-dependent, random    address-and-port-depend
 =================  ====================================  =============================
 
 Options: hairpinning, UDP binding timeout, random loss (nftables ``numgen``:
-this kernel has no ``tc netem``), blocking all UDP, and no input firewall.
+this kernel has no ``tc netem``), blocking all UDP, no input firewall, and a
+port-mapping daemon (Debian's ``miniupnpd-nftables``: UPnP IGD, NAT-PMP, PCP;
+:func:`miniupnpd_ruleset` and :func:`miniupnpd_config`).
 
 Without an input firewall (``input_firewall=False``: a plain ``masquerade``
 gateway, as on VPS and cloud NAT instances, Docker hosts and many small Linux
@@ -39,6 +41,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 PROFILES = ("none", "full-cone", "restricted", "port-restricted", "symmetric")
+PORTMAP_KINDS = ("", "all", "upnp")
 #: Kernel defaults, used for map expiry when no timeout is set: conntrack keeps
 #: a UDP flow 30 s after one exchange and 120 s once it is a "stream".
 DEFAULT_BINDING_TIMEOUT = 120
@@ -57,12 +60,17 @@ class NatProfile:
     block_udp: bool = False
     #: Unsolicited UDP to the router is dropped (home routers); False: its stack gets it.
     input_firewall: bool = True
+    #: The router runs miniupnpd for its LAN: "all" (UPnP IGD, NAT-PMP and PCP), "upnp"
+    #: (UPnP IGD only), or "" (no port mapping).
+    portmap: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in PROFILES:
             raise ValueError(f"unknown NAT profile {self.kind!r}; choose from {', '.join(PROFILES)}")
         if not 0 <= self.loss <= 100:
             raise ValueError("loss is a percentage, 0 to 100")
+        if self.portmap not in PORTMAP_KINDS:
+            raise ValueError(f"portmap is one of {', '.join(repr(k) for k in PORTMAP_KINDS)}")
         if self.udp_timeout is not None and self.udp_timeout < 1:
             raise ValueError("udp_timeout must be at least 1 s")
 
@@ -177,3 +185,62 @@ def sysctls(profile: NatProfile) -> dict[str, str]:
         out["net.netfilter.nf_conntrack_udp_timeout"] = str(profile.udp_timeout)
         out["net.netfilter.nf_conntrack_udp_timeout_stream"] = str(profile.udp_timeout)
     return out
+
+
+#: The nftables objects miniupnpd adds its rules to (its Debian package ships a script
+#: for this that needs a file it does not ship). The forward chain only jumps: our own
+#: forward policy stays in force. Its postrouting runs just before our masquerade, so a
+#: mapping's SNAT (the mapped port for the host's own outgoing packets) wins.
+MINIUPNPD_TABLE = "miniupnpd"
+
+
+def miniupnpd_ruleset() -> str:
+    t = MINIUPNPD_TABLE
+    return f"""table inet {t} {{
+  chain forward {{
+    type filter hook forward priority filter - 1; policy accept;
+    jump miniupnpd
+  }}
+  chain miniupnpd {{
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority dstnat - 1; policy accept;
+    jump prerouting_miniupnpd
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat - 1; policy accept;
+    jump postrouting_miniupnpd
+  }}
+  chain prerouting_miniupnpd {{
+  }}
+  chain postrouting_miniupnpd {{
+  }}
+}}
+"""
+
+
+def miniupnpd_config(lan_net: str, state_dir: str, kind: str = "all") -> str:
+    """miniupnpd.conf for a natlab router: WAN ``wan``, LAN ``lan``, mappings only for its LAN
+    hosts and only to their own address (secure mode), leases kept in ``state_dir``; ``kind``
+    "upnp" turns NAT-PMP and PCP off (miniupnpd serves those two together)."""
+    return "\n".join(
+        [
+            "ext_ifname=wan",
+            "listening_ip=lan",
+            f"enable_natpmp={'no' if kind == 'upnp' else 'yes'}",
+            "enable_upnp=yes",
+            "secure_mode=yes",
+            "system_uptime=no",
+            f"upnp_table_name={MINIUPNPD_TABLE}",
+            f"upnp_nat_table_name={MINIUPNPD_TABLE}",
+            "upnp_forward_chain=miniupnpd",
+            "upnp_nat_chain=prerouting_miniupnpd",
+            "upnp_nat_postrouting_chain=postrouting_miniupnpd",
+            f"lease_file={state_dir}/leases",
+            "min_lifetime=60",
+            "max_lifetime=86400",
+            f"allow 1024-65535 {lan_net} 1024-65535",
+            "deny 0-65535 0.0.0.0/0 0-65535",
+            "",
+        ]
+    )

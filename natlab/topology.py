@@ -29,17 +29,25 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import netns
 from .netns import LabError, ip, nsexec, sh
-from .profiles import NatProfile, ruleset, sysctls
+from .profiles import NatProfile, miniupnpd_config, miniupnpd_ruleset, ruleset, sysctls
 
 PUBLIC_NET = "203.0.113"  # TEST-NET-3 (RFC 5737): never routed anywhere
 HOP = 1  # the core router's address on the public segment (with ``hop=True``)
+#: WAN addresses of routers that run miniupnpd. It refuses to map on a WAN address in any
+#: reserved range (documentation ranges included: "port forwarding is impossible"), so
+#: those routers take theirs from here, a block its own tests count as public. Like every
+#: natlab address, it exists only inside natlab's namespaces.
+PORTMAP_NET = "11.0.113"
+MINIUPNPD = "/usr/sbin/miniupnpd"
 STATE_DIR = Path("/run/natlab")
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
@@ -124,6 +132,8 @@ class Topology:
         self._plug_public(node, "eth0")
         for a in addresses:
             ip(node.ns, "addr", "add", f"{a}/24", "dev", "eth0")
+        if self.hop is not None:  # routers with addresses off the segment are behind it
+            ip(node.ns, "route", "add", "default", "via", self.hop.ip)
         node.addresses = list(addresses)
         return node
 
@@ -140,8 +150,41 @@ class Topology:
         node.addresses = [f"{PUBLIC_NET}.{HOP}"]
         self._plug_public(node, "pub")
         ip(node.ns, "addr", "add", f"{PUBLIC_NET}.{HOP}/24", "dev", "pub")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.pub.proxy_arp=1"):
+        # proxy_delay: the kernel holds proxy ARP answers up to 0.8 s by default, which would
+        # show as a slow first RTT to every NAT.
+        for key in (
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.pub.proxy_arp=1",
+            "net.ipv4.neigh.pub.proxy_delay=0",
+        ):
             sh(nsexec(node.ns, ["sysctl", "-qw", key]))
+
+    def _start_miniupnpd(self, node: Node) -> None:
+        """Debian's miniupnpd in the router, in the foreground of a process of its own
+        (killed with the namespace)."""
+        if not Path(MINIUPNPD).exists():
+            raise LabError("port mapping needs miniupnpd (apt-get install miniupnpd-nftables)")
+        assert node.lan_net is not None
+        state = STATE_DIR / f"{node.ns}"
+        state.mkdir(parents=True, exist_ok=True)
+        conf = state / "miniupnpd.conf"
+        assert node.profile is not None
+        conf.write_text(miniupnpd_config(node.lan_net, str(state), node.profile.portmap))
+        (state / "leases").touch()
+        sh(nsexec(node.ns, ["nft", "-f", "-"]), input=miniupnpd_ruleset())
+        log = open(state / "miniupnpd.log", "w")  # noqa: SIM115 - the daemon's, kept open for it
+        subprocess.Popen(
+            nsexec(node.ns, [MINIUPNPD, "-d", "-f", str(conf), "-P", str(state / "pid")]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 5
+        while "HTTP listening on port" not in (state / "miniupnpd.log").read_text():
+            if time.monotonic() > deadline:
+                raise LabError(f"miniupnpd did not start: {(state / 'miniupnpd.log').read_text()[-500:]}")
+            time.sleep(0.05)
 
     def _plug_wan(self, node: Node, wan_ip: str) -> None:
         """The router's WAN: on the public segment, or a link of its own to the hop."""
@@ -163,8 +206,10 @@ class Topology:
         """A NAT router with an empty LAN behind it."""
         if profile.kind == "none":
             raise LabError("profile 'none' is a public host: use add_public")
+        if profile.portmap and self.hop is None:
+            raise LabError("a port-mapping router needs the hop (its WAN address is not on the segment)")
         node = self._new_node(name, "router")
-        wan_ip = f"{PUBLIC_NET}.{self._next_wan}"
+        wan_ip = f"{PORTMAP_NET if profile.portmap else PUBLIC_NET}.{self._next_wan}"
         self._next_wan += 1
         lan_net = f"10.0.{self._next_lan}"
         self._next_lan += 1
@@ -179,6 +224,8 @@ class Topology:
         # After the ruleset: conntrack's sysctls exist once NAT has loaded it.
         for key, value in sysctls(profile).items():
             sh(nsexec(node.ns, ["sysctl", "-qw", f"{key}={value}"]))
+        if profile.portmap:
+            self._start_miniupnpd(node)
         self._hosts_on[name] = 2
         return node
 
@@ -230,6 +277,7 @@ class Topology:
         """Remove every namespace this topology made (processes inside are killed)."""
         for ns in reversed(self._created):
             netns.delete_namespace(ns)
+            shutil.rmtree(STATE_DIR / ns, ignore_errors=True)
         self._created.clear()
         (STATE_DIR / f"{self.prefix}.json").unlink(missing_ok=True)
 
@@ -288,8 +336,11 @@ def down_all() -> list[str]:
     for ns in sorted(gone, key=lambda n: n.endswith("-inet")):
         netns.delete_namespace(ns)
     if STATE_DIR.exists():
-        for f in STATE_DIR.glob(f"{netns.TAG}*.json"):
-            f.unlink(missing_ok=True)
+        for f in STATE_DIR.glob(f"{netns.TAG}*"):
+            if f.is_dir():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
     return gone
 
 
@@ -301,7 +352,7 @@ def standard(
     Node names: ``rdv``; for profile i (1-based) a router ``nat<i>`` with hosts
     ``h<i>``, ``h<i>b``, ...; for profile "none" a public host ``h<i>``.
     """
-    topo = Topology(prefix, hop=hop)
+    topo = Topology(prefix, hop=hop or any(p.portmap for p in profiles))
     try:
         topo.add_public("rdv", [f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11"])
         for i, prof in enumerate(profiles, 1):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .classify import ADVICE, Behaviour, Label
+from .portmap import Mapping
 
 Addr = tuple[str, int]
 
@@ -44,6 +45,9 @@ class NatReport:
     lifetime: LifetimeResult | None = None
     #: The routers before the first public one (a TTL ladder; None: silent or not run).
     route: list[str | None] | None = None
+    #: What the router granted when asked to forward a port (None: nothing), and what was asked.
+    port_mapping: Mapping | None = None
+    port_mapping_tried: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     #: Datagrams that arrived but were not STUN or matched no probe.
@@ -74,6 +78,14 @@ class NatReport:
             "route": self.route,
             "nat_layers": self.nat_layers,
             "carrier_grade_nat": self.carrier_grade_nat,
+            "port_mapping": None
+            if self.port_mapping is None
+            else {
+                "protocol": self.port_mapping.protocol,
+                "external": _fmt(self.port_mapping.external),
+                "lifetime": self.port_mapping.lifetime,
+            },
+            "port_mapping_tried": list(self.port_mapping_tried),
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "ignored_datagrams": self.ignored_datagrams,
@@ -104,6 +116,7 @@ class NatReport:
             ("Hairpinning", self._nat_only(self.hairpin)),
             ("Binding lifetime", self._lifetime_text()),
             ("Route out", self._route_text()),
+            ("Port mapping", self._portmap_text()),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [head, ""] + [f"  {k:<{width}}  {v}" for k, v in rows]
@@ -125,6 +138,14 @@ class NatReport:
         if self.route is None:
             return None
         return any(hop is not None and hop.startswith(_SHARED_PREFIXES) for hop in self.route)
+
+    def _portmap_text(self) -> str:
+        m = self.port_mapping
+        if m is not None:
+            return f"{m.protocol} (the router forwarded {_fmt(m.external)}; given back)"
+        if not self.port_mapping_tried:
+            return "n/a (no NAT)" if self.nat_present is False else "not asked (no default gateway)"
+        return f"none ({', '.join(self.port_mapping_tried)} asked, no mapping)"
 
     def _route_text(self) -> str:
         if self.route is None:

@@ -9,6 +9,7 @@ ICMP error to the core, sends what it asks, and sleeps until its next timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 from p2pim.driver import Driver
@@ -17,8 +18,38 @@ from p2pim.stun.codec import Addr
 from .discovery import NatDiscovery, Timings
 from .hops import HopLadder
 from .lifetime import LifetimeMeasurement
+from .portmap import PORT, Mapping, PortMapper, TryUpnp, default_gateway, has_upnp, upnp_map
 from .probes import ProbePlanner
 from .report import NatReport
+
+
+async def _port_mapping(report: NatReport, socks: _Sockets, ip: str, loop: asyncio.AbstractEventLoop) -> None:
+    """Does the router map ports (PCP, NAT-PMP, UPnP)? Ask for one for the ladder's socket,
+    for a short while, and give it back at once."""
+    gateway = default_gateway()
+    if gateway is None:
+        return
+    internal = (ip, socks.local["hops"][1])
+    socks.open(["portmap"], ip)
+    try:
+        socks.socks["portmap"].connect((gateway, PORT))  # "nothing listens" then comes back at once
+    except OSError:
+        return
+    mapper = PortMapper(gateway, internal, loop.time(), "portmap", lifetime=120, upnp=False)
+    await socks.drive(mapper, ("portmap",))
+    mapping, tried = mapper.mapping, list(mapper.tried)
+    if mapping is not None:
+        for dg in mapper.release(loop.time()):
+            socks.socks["portmap"].sendto(dg.data, dg.addr)
+    elif has_upnp():
+        tried.append("UPnP")
+        ask = TryUpnp(internal, 120)
+        with contextlib.suppress(Exception):
+            external, lifetime = await asyncio.to_thread(upnp_map, ask)
+            if external is not None:
+                mapping = Mapping("UPnP", external, lifetime, loop.time())
+                await asyncio.to_thread(upnp_map, TryUpnp(internal, 0, release=True))
+    report.port_mapping, report.port_mapping_tried = mapping, tried
 
 
 def source_ip_for(server: Addr) -> str:
@@ -45,7 +76,9 @@ class _Sockets:
             name = sock.getsockname()
             self.local[label] = (name[0], name[1])
 
-    async def drive(self, core: ProbePlanner | HopLadder, labels: tuple[str, ...] | None = None) -> None:
+    async def drive(
+        self, core: ProbePlanner | HopLadder | PortMapper, labels: tuple[str, ...] | None = None
+    ) -> None:
         """Run ``core`` until it is done (on the sockets ``labels``, default all; the
         TTL ladder also hears the ICMP errors about what it sent)."""
         driver = Driver(core)
@@ -82,6 +115,8 @@ async def discover(
         if report.mapped is not None:
             ladder.ours = frozenset({ip, report.mapped[0]})  # our NAT's WAN address is still ours
             report.route = ladder.inside if ladder.open_ttl is not None else None
+        if report.nat_present:
+            await _port_mapping(report, socks, ip, loop)
         if lifetime_max and report.responded:
             life = LifetimeMeasurement(
                 server,

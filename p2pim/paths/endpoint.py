@@ -39,6 +39,7 @@ from ..icmp import IcmpError
 from ..identity import Identity
 from ..nat.discovery import binding_probe
 from ..nat.hops import HopLadder
+from ..nat.portmap import Mapping, PortMapper, TryUpnp
 from ..nat.probes import Outcome, Probe, ProbeSet
 from ..sansio import Datagram, ShortDatagram
 from ..stun import codec
@@ -64,6 +65,7 @@ from .peer import DEFAULT_KEEPALIVE, Path, PeerPath
 Label = tuple[str, int]  # (owner, socket id): ("", 0) is the main socket
 MAIN: Label = ("", pp.MAIN)
 RELAY: Label = ("", pp.RELAY)
+PORTMAP: Label = ("", -2)  # the socket that asks the router for a port mapping
 NOWHERE: Addr = ("0.0.0.0", 0)  # the "address" of a packet that came through the relay
 
 STUN_RTO = 0.25  # first retransmission; doubles (RFC 8489): sends at 0, 0.25, 0.75, 1.75, 3.75 s
@@ -86,12 +88,19 @@ class Local:
     open_ttl: int | None = None
     #: The routers between us and the Internet, as the TTL ladder found them.
     inside: tuple[str | None, ...] = ()
+    #: A port the router forwards to our socket (PCP, NAT-PMP or UPnP), if it gave one.
+    portmap: Mapping | None = None
 
     def candidates(self) -> Candidates:
+        """With a port mapping, its address is the one to reach us by (from anywhere: we
+        are as easy as a full cone there, so no birthday dance for our sake)."""
+        forwarded = self.portmap.external if self.portmap else None
         endpoints: list[Addr] = []
-        for addr in (self.host, self.mapped, *reversed(self.reflexive)):
+        for addr in (forwarded, self.host, self.mapped, *reversed(self.reflexive)):
             if addr is not None and addr not in endpoints:
                 endpoints.append(addr)
+        if forwarded is not None:
+            return Candidates(tuple(endpoints), forwarded, False)
         return Candidates(tuple(endpoints), self.mapped, self.hard)
 
 
@@ -128,7 +137,15 @@ class LocalKnown:
     local: Local
 
 
-PathsEvent = PathChanged | SocketsDone | ProbeAnswered | LocalKnown
+@dataclass(frozen=True)
+class PortMapped:
+    """The router's port mapping for us changed (None: none, or lost); ``tried``: protocols asked."""
+
+    mapping: Mapping | None
+    tried: tuple[str, ...]
+
+
+PathsEvent = PathChanged | SocketsDone | ProbeAnswered | LocalKnown | PortMapped | TryUpnp
 
 
 class PathEndpoint:
@@ -158,7 +175,9 @@ class PathEndpoint:
         self._stun = ProbeSet()
         self._stun_servers: list[Addr] = []
         self._ladder: HopLadder | None = None
+        self.mapper: PortMapper | None = None
         self._pending_local: tuple[Addr | None, bool] = (None, False)  # while the ladder runs
+        self._portmap_early: Mapping | None = None  # a mapping granted before STUN answered
         self._host: Addr = NOWHERE
         self._out: list[Datagram | ShortDatagram] = []
         self._events: deque[PathsEvent] = deque()
@@ -184,6 +203,40 @@ class PathEndpoint:
             self._found(None, False, now)
             return
         self._stun.add(self._binding("primary", stun[0], now))
+
+    def map_port(self, gateway: str, internal: Addr, now: float, upnp: bool = True) -> None:
+        """Ask the router ``gateway`` to forward a port to ``internal`` (our socket), in
+        parallel with STUN; a mapping that comes later is offered to buddies then. The
+        shell's :data:`PORTMAP` socket is connected to the gateway (its refusal counts)."""
+        self.mapper = PortMapper(gateway, internal, now, PORTMAP, upnp=upnp)
+
+    def upnp_result(self, external: Addr | None, lifetime: float, now: float) -> None:
+        if self.mapper is not None:
+            self.mapper.upnp_result(external, lifetime, now)
+            self._mapper_events(now)
+
+    def release_port(self, now: float) -> list[Datagram]:
+        """Datagrams that give the mapping back (the shell sends them before closing)."""
+        if self.mapper is None:
+            return []
+        out = self.mapper.release(now)
+        self._mapper_events(now)
+        return out
+
+    def _mapper_events(self, now: float) -> None:
+        assert self.mapper is not None
+        while (ev := self.mapper.next_event()) is not None:
+            if isinstance(ev, TryUpnp):
+                self._events.append(ev)
+                continue
+            self._events.append(PortMapped(ev.mapping, ev.tried))
+            if self.local is not None and self.local.portmap != ev.mapping:
+                self.local = replace(self.local, portmap=ev.mapping)
+                self._set_local(now)
+                for core in self.peers.values():
+                    core.candidates_changed(now)
+            elif self.local is None:
+                self._portmap_early = ev.mapping
 
     @staticmethod
     def _binding(name: str, server: Addr, now: float) -> Probe:
@@ -229,6 +282,7 @@ class PathEndpoint:
             hard,
             open_ttl=ladder.open_ttl if ladder else None,
             inside=tuple(ladder.inside) if ladder else (),
+            portmap=self._portmap_early,
         )
         self._set_local(now)
         self._events.append(LocalKnown(self.local))
@@ -303,6 +357,11 @@ class PathEndpoint:
 
     def receive_datagram(self, sock: Label, data: bytes, addr: Any, now: float) -> None:
         """A disco or STUN packet on ``sock``; through the relay, ``addr`` is the sender's name."""
+        if sock == PORTMAP:
+            if self.mapper is not None:
+                self.mapper.receive_datagram(sock, data, addr, now)
+                self._mapper_events(now)
+            return
         if sock == RELAY:
             self._from_relay(str(addr), data, now)
         elif is_disco(data):
@@ -321,6 +380,12 @@ class PathEndpoint:
         else:
             self.counters["bad_packets"] += 1
 
+    def socket_error(self, sock: Label, now: float) -> None:
+        """An error on a socket the kernel reports it for (the port-mapping one is connected)."""
+        if sock == PORTMAP and self.mapper is not None:
+            self.mapper.socket_error(sock, now)
+            self._mapper_events(now)
+
     def icmp_error(self, sock: Label, err: IcmpError, now: float) -> None:
         """An ICMP error about something we sent (the TTL ladder's, or a punch's)."""
         if self._ladder is not None and sock == MAIN and self._ladder.icmp(err, now):
@@ -333,6 +398,9 @@ class PathEndpoint:
             self._out.append(Datagram(MAIN, dg.data, dg.addr))
         if self._ladder is not None and not self._ladder.done:
             self._out.extend(self._ladder.datagrams_to_send(now))
+        if self.mapper is not None:
+            self._out.extend(self.mapper.datagrams_to_send(now))
+            self._mapper_events(now)
         self._advance_discovery(now)
         dirty, self._dirty = self._dirty, set()
         for peer in dirty:
@@ -346,7 +414,11 @@ class PathEndpoint:
         if self._dirty or self._out:
             return 0.0  # fed outside the driver and not polled yet: at once
         dues = [d for d in (c.next_timer() for c in self.peers.values()) if d is not None]
-        for timer in (self._stun.get_timer(), self._ladder.get_timer() if self._ladder else None):
+        for timer in (
+            self._stun.get_timer(),
+            self._ladder.get_timer() if self._ladder else None,
+            self.mapper.get_timer() if self.mapper else None,
+        ):
             if timer is not None:
                 dues.append(timer)
         return min(dues) if dues else None
@@ -355,6 +427,9 @@ class PathEndpoint:
         self._stun.handle_timer(now)
         if self._ladder is not None:
             self._ladder.handle_timer(now)
+        if self.mapper is not None:
+            self.mapper.handle_timer(now)
+            self._mapper_events(now)
         self._advance_discovery(now)
         for peer, core in self.peers.items():
             due = core.next_timer()

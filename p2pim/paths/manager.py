@@ -17,6 +17,7 @@ path, reason)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -25,17 +26,21 @@ from .. import icmp
 from ..driver import Driver
 from ..identity import Identity
 from ..messaging.delivery import MAX_DIRECT
+from ..nat import portmap
+from ..nat.portmap import Mapping, TryUpnp
 from ..nat.runner import source_ip_for
 from ..sansio import Datagram, ShortDatagram
 from .disco import DATA_MAGIC, Addr, is_data
 from .endpoint import (
     MAIN,
+    PORTMAP,
     RELAY,
     Label,
     Local,
     LocalKnown,
     PathChanged,
     PathEndpoint,
+    PortMapped,
     ProbeAnswered,
     SocketsDone,
 )
@@ -53,8 +58,14 @@ class PathManager:
         on_data: Callable[[bytes, Addr], None],
         on_change: Callable[[str, Path | None, str], None],
         keepalive: float = DEFAULT_KEEPALIVE,
+        port_mapping: bool = True,
     ) -> None:
+        """``port_mapping``: ask the router to forward our port (PCP, NAT-PMP, UPnP)."""
         self.endpoint = PathEndpoint(identity, keys, keepalive)
+        self.port_mapping = port_mapping
+        self.portmap: Mapping | None = None  # what the router gave us, if anything
+        self.portmap_tried: tuple[str, ...] = ()
+        self._upnp: asyncio.Task[None] | None = None
         self._relay = relay
         self._on_data = on_data
         self._on_change = on_change
@@ -92,6 +103,14 @@ class PathManager:
         return int(sock.getsockname()[1]) if sock else 0
 
     async def close(self) -> None:
+        """Give a port mapping back to the router, then close the sockets."""
+        for dg in self.endpoint.release_port(self._loop.time()):
+            self._sendto(dg.sock, dg.data, dg.addr)
+        self._driver.kick()  # a UPnP mapping: its release is a TryUpnp event, run below
+        if self._upnp is not None:
+            # The router may be gone: then its mapping expires by itself.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._upnp), 3.0)
         await self._driver.close()
 
     async def discover(self, stun: list[Addr]) -> Local:
@@ -101,6 +120,17 @@ class PathManager:
         except OSError:  # no route to the STUN server: STUN will not answer either
             host = ("127.0.0.1", self.port)
         self.endpoint.discover(host, stun, self._loop.time())
+        gateway = portmap.default_gateway() if self.port_mapping else None
+        if gateway is not None:
+            try:
+                sock = _udp(0)
+                sock.connect((gateway, portmap.PORT))  # so that "nothing listens" comes back
+            except OSError:
+                sock = None
+            if sock is not None:
+                self._driver.attach(PORTMAP, sock)
+                internal = (sock.getsockname()[0], self.port)
+                self.endpoint.map_port(gateway, internal, self._loop.time(), portmap.has_upnp())
         self._driver.kick()
         await self.local_known.wait()
         assert self.endpoint.local is not None
@@ -209,6 +239,23 @@ class PathManager:
                 future.set_result(event.rtt)
         elif isinstance(event, LocalKnown):
             self.local_known.set()
+        elif isinstance(event, PortMapped):
+            self.portmap, self.portmap_tried = event.mapping, event.tried
+        elif isinstance(event, TryUpnp):
+            previous = self._upnp
+            self._upnp = asyncio.ensure_future(self._run_upnp(event, previous))
+
+    async def _run_upnp(self, ask: TryUpnp, previous: asyncio.Task[None] | None) -> None:
+        """UPnP IGD is SSDP and HTTP: miniupnpc does it, blocking, so in a thread."""
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        try:
+            external, lifetime = await asyncio.to_thread(portmap.upnp_map, ask)
+        except Exception:  # no IGD, refused, or miniupnpc missing: no mapping this way
+            external, lifetime = None, 0
+        if not ask.release:
+            self.endpoint.upnp_result(external, lifetime, self._loop.time())
+            self._driver.kick()
 
 
 def _udp(port: int) -> socket.socket:

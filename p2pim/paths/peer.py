@@ -221,6 +221,12 @@ class PeerPath:
             # we open first, and ping at full TTL once the asker has opened too.
             self._start_round(now, first=not reply)
 
+    def candidates_changed(self, now: float) -> None:
+        """Our candidates got better (a port mapping): a peer we have no path to hears them."""
+        if self.path is None and self.remote is not None and self._round is None:
+            self._cmm_at = -1e9
+            self._ask(now)
+
     def opened(self, now: float) -> None:
         """The peer's NAT is open towards us: our full-TTL pings may go now."""
         if self._round is not None and self._full_from > now:
