@@ -208,11 +208,13 @@ def run_scenario(
     during: Callable[[Topology, int], None] | None = None,
     prefix: str | None = None,
     routers: Routers = TEXTBOOK,
+    after: Callable[[Topology, Result], None] | None = None,
 ) -> Result:
     """alice behind ``a``, bob behind ``b`` (or both on one LAN for :data:`SAME_LAN`).
 
     ``during(topo, i)`` is called before alice's i-th message (to flush NAT
-    state mid-chat, say). Always tears the topology down.
+    state mid-chat, say); ``after(topo, result)`` once both chats have ended, before
+    the topology goes (to look at what they left on the routers). Always tears it down.
     """
     same_lan = a == SAME_LAN
     pa = (
@@ -298,6 +300,8 @@ def run_scenario(
                     time.sleep(0.05)
             errors = [chat_a.finish(90), chat_b.finish(90)]
             _collect(result, chat_a, chat_b, t0, online)
+            if after is not None:
+                after(topo, result)
             for err in errors:
                 if err.strip():
                     result.notes.append(err.strip()[-300:])

@@ -225,14 +225,16 @@ class PortMapper:
         return self._renew_at
 
     def handle_timer(self, now: float) -> None:
+        if self._step not in ("pcp", "natpmp-address", "natpmp-map"):
+            if self._renew_at is None or now < self._renew_at:
+                return
+            self._renew(now)  # may start a request step: its first send is due now
         if self._step in ("pcp", "natpmp-address", "natpmp-map"):
             while self._sends < len(SENDS_AT) and now >= self._step_at + SENDS_AT[self._sends]:
                 self._sends += 1
                 self._out.append(Datagram(self.sock, self._request(), (self.gateway, PORT)))
             if now >= self._step_at + GIVE_UP:
                 self._timed_out(now)
-        elif self._renew_at is not None and now >= self._renew_at:
-            self._renew(now)
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -383,21 +385,21 @@ def has_upnp() -> bool:
     return True
 
 
-UPNP_DISCOVER_MS = 250  # per search type (miniupnpc tries a few): about 1 s when there is no IGD
 UPNP_DESCRIPTION = "p2pim"
 
 
 SSDP = ("239.255.255.250", 1900)
 SSDP_WAIT = 0.6
 M_SEARCH = (
-    b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\n"
+    b'M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: "ssdp:discover"\r\nMX: 1\r\n'
     b"ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\r\n"
 )
 
 
-def igd_answers(source_ip: str, wait: float = SSDP_WAIT) -> bool:
-    """Does an Internet Gateway Device answer one SSDP search from ``source_ip``? (miniupnpc's
-    own discovery waits seconds for every kind of device when there is none.)"""
+def igd_location(source_ip: str, wait: float = SSDP_WAIT) -> str | None:
+    """The description URL of the Internet Gateway Device that answers one SSDP search from
+    ``source_ip`` (None: none did). miniupnpc's own discovery waits seconds for every kind
+    of device; with the URL it goes straight to the router."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 2)
         s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source_ip))
@@ -406,8 +408,14 @@ def igd_answers(source_ip: str, wait: float = SSDP_WAIT) -> bool:
             s.sendto(M_SEARCH, SSDP)
             data = s.recv(2048)
         except OSError:
-            return False
-    return data.startswith(b"HTTP/1.1 200")
+            return None
+    if not data.startswith(b"HTTP/1.1 200"):
+        return None
+    for line in data.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "location" and value.strip().startswith("http://"):
+            return value.strip()[:512]
+    return None
 
 
 def upnp_map(ask: TryUpnp) -> tuple[Addr | None, float]:
@@ -415,14 +423,11 @@ def upnp_map(ask: TryUpnp) -> tuple[Addr | None, float]:
     SSDP finds: (external address, lifetime) or (None, 0)."""
     import miniupnpc
 
-    if not ask.release and not igd_answers(ask.internal[0]):
+    location = igd_location(ask.internal[0])
+    if location is None:
         return None, 0
-
     upnp = miniupnpc.UPnP()
-    upnp.discoverdelay = UPNP_DISCOVER_MS
-    if upnp.discover() < 1:
-        return None, 0
-    upnp.selectigd()
+    upnp.selectigd(location)
     ip, port = ask.internal
     if ask.release:
         upnp.deleteportmapping(port, "UDP")

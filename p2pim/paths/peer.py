@@ -222,8 +222,9 @@ class PeerPath:
             self._start_round(now, first=not reply)
 
     def candidates_changed(self, now: float) -> None:
-        """Our candidates got better (a port mapping): a peer we have no path to hears them."""
-        if self.path is None and self.remote is not None and self._round is None:
+        """Our candidates got better (a port mapping): a peer we have no path to hears them
+        now, also during a round (its pings then go to the new ones too)."""
+        if self.path is None and self.remote is not None:
             self._cmm_at = -1e9
             self._ask(now)
 
