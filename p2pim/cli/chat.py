@@ -61,6 +61,13 @@ def add_parsers(sub: Any) -> None:
         default=int(os.environ.get("P2PIM_UDP_PORT", "0")),
         help="UDP port for direct paths, e.g. one forwarded on your router (default: any)",
     )
+    udp.add_argument(
+        "--no-port-mapping",
+        dest="port_mapping",
+        action="store_false",
+        default=os.environ.get("P2PIM_NO_PORT_MAPPING", "") == "",
+        help="do not ask the router to forward that port (PCP, NAT-PMP, UPnP IGD)",
+    )
     pw = argparse.ArgumentParser(add_help=False)
     pw.add_argument(
         "--password-stdin",
@@ -206,6 +213,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
             direct=args.command in ("listen", "chat", "ping"),
             udp_port=getattr(args, "udp_port", 0),
             inbox=args.command in ("listen", "chat", "login"),
+            port_mapping=getattr(args, "port_mapping", True),
         )
         try:
             if login != "no":
@@ -424,18 +432,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                 else None
             )
             listed.append({**b.__dict__, "path": seen})
+        portmap = _saved_port_mapping(c.store.setting("port_mapping"))
         data = {
             "username": saved[1],
             "server": c.server,
             "connected": connected,
             "fingerprint": c.profile.identity.fingerprint,
             "outbox": outbox,
+            "port_mapping": portmap,
             "buddies": listed,
         }
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
             f"fingerprint {c.profile.identity.fingerprint}",
             f"outbox: {outbox} message(s) waiting to go out",
+            f"port mapping: {_port_mapping_text(portmap)}",
         ]
         for b in buddies:
             if b.state != "buddy":
@@ -453,6 +464,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 
     return _run(args, body, login="try")
+
+
+def _saved_port_mapping(raw: str | None) -> dict[str, Any] | None:
+    """What the last long-running session's router gave (see Client._on_portmap)."""
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _port_mapping_text(pm: dict[str, Any] | None) -> str:
+    if pm is None:
+        return "unknown (no listen or chat yet)"
+    when = _when(int(pm.get("at_ms") or 0))
+    if not pm.get("protocol"):
+        asked = ", ".join(pm.get("tried") or []) or "nothing"
+        return f"none ({asked} asked; as of {when})"
+    state = "given back at exit" if pm.get("released") else "held"
+    return f"{pm['protocol']} {pm.get('external')} ({state}; as of {when})"
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:

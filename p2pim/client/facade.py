@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import socket
@@ -44,6 +45,7 @@ from ..messaging.core import Messenger, Verdict
 from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
 from ..messaging.envelope import text_body
 from ..messaging.store import ClientStore
+from ..nat.portmap import Mapping
 from ..paths.disco import is_disco
 from ..paths.manager import PathManager
 from ..paths.peer import DEFAULT_KEEPALIVE, Path
@@ -96,11 +98,13 @@ class Client:
         direct: bool | None = None,
         udp_port: int = 0,
         inbox: bool = True,
+        port_mapping: bool = True,
     ) -> None:
         """``quiet``: a short-lived session (one CLI command) that buddies do not see as online.
 
         ``direct``: open a UDP socket and punch direct paths to buddies (default: unless quiet);
-        ``udp_port`` is its port (0: any).
+        ``udp_port`` is its port (0: any); ``port_mapping``: ask the router to forward it
+        (PCP, NAT-PMP, UPnP IGD), and give the mapping back at the end.
 
         ``inbox``: this session takes delivery of messages (the offline backlog and live
         texts) and so must show them. A command that shows nothing (a one-shot ``send``)
@@ -114,6 +118,7 @@ class Client:
         self.inbox = inbox
         self.direct = (not quiet) if direct is None else direct
         self.udp_port = udp_port
+        self.port_mapping = port_mapping
         self.paths: PathManager | None = None
         self.local_ready = asyncio.Event()  # our candidates are known (STUN answered or gave up)
         self.profile = profile
@@ -179,7 +184,10 @@ class Client:
         self._tasks.clear()
         await self._driver.close()
         if self.paths is not None:
+            held = self.paths.portmap
             await self.paths.close()
+            if held is not None:
+                self._on_portmap(held, self.paths.portmap_tried, released=True)
         self.store.close()
 
     @property
@@ -297,6 +305,8 @@ class Client:
             self._on_direct,
             self._on_path,
             keepalive,
+            port_mapping=self.port_mapping,
+            on_portmap=self._on_portmap,
         )
         try:
             self.paths.start(self.udp_port)
@@ -311,6 +321,21 @@ class Client:
         host = urlsplit(self.server).hostname or "127.0.0.1"
         stun = [(a.ip or host, a.port) for a in ok.stun]
         self._tasks.append(asyncio.create_task(self._discover(stun)))
+
+    def _on_portmap(self, mapping: Mapping | None, tried: tuple[str, ...], released: bool = False) -> None:
+        """Kept for `p2pim status` (a one-shot session has no socket to map)."""
+        self.store.set_setting(
+            "port_mapping",
+            json.dumps(
+                {
+                    "protocol": mapping.protocol if mapping else None,
+                    "external": f"{mapping.external[0]}:{mapping.external[1]}" if mapping else None,
+                    "tried": list(tried),
+                    "released": released,
+                    "at_ms": _now_ms(),
+                }
+            ),
+        )
 
     async def _discover(self, stun: list[tuple[str, int]]) -> None:
         assert self.paths is not None

@@ -177,7 +177,8 @@ class PathEndpoint:
         self._ladder: HopLadder | None = None
         self.mapper: PortMapper | None = None
         self._pending_local: tuple[Addr | None, bool] = (None, False)  # while the ladder runs
-        self._portmap_early: Mapping | None = None  # a mapping granted before STUN answered
+        self._portmap_early: Mapping | None = None  # a mapping granted before the ladder ended
+        self._portmap_ask: tuple[str, Addr, bool] | None = None
         self._host: Addr = NOWHERE
         self._out: list[Datagram | ShortDatagram] = []
         self._events: deque[PathsEvent] = deque()
@@ -204,11 +205,12 @@ class PathEndpoint:
             return
         self._stun.add(self._binding("primary", stun[0], now))
 
-    def map_port(self, gateway: str, internal: Addr, now: float, upnp: bool = True) -> None:
-        """Ask the router ``gateway`` to forward a port to ``internal`` (our socket), in
-        parallel with STUN; a mapping that comes later is offered to buddies then. The
-        shell's :data:`PORTMAP` socket is connected to the gateway (its refusal counts)."""
-        self.mapper = PortMapper(gateway, internal, now, PORTMAP, upnp=upnp)
+    def map_port(self, gateway: str, internal: Addr, upnp: bool = True) -> None:
+        """May ask the router ``gateway`` to forward a port to ``internal`` (our socket): it is
+        asked once STUN shows a NAT (nowhere else: no packet to a gateway that is not a NAT's),
+        in parallel with the TTL ladder; a mapping that comes later is offered to buddies
+        then. The shell's :data:`PORTMAP` socket is connected to the gateway (a refusal counts)."""
+        self._portmap_ask = (gateway, internal, upnp)
 
     def upnp_result(self, external: Addr | None, lifetime: float, now: float) -> None:
         if self.mapper is not None:
@@ -269,6 +271,9 @@ class PathEndpoint:
             self._found(mapped, other is not None and other != mapped, now)
 
     def _found(self, mapped: Addr | None, hard: bool, now: float) -> None:
+        if mapped is not None and mapped != self._host and self._portmap_ask and self.mapper is None:
+            gateway, internal, upnp = self._portmap_ask
+            self.mapper = PortMapper(gateway, internal, now, PORTMAP, upnp=upnp)
         if mapped is not None and self._ladder is None:
             # Before anyone punches: how far our NATs reach (the TTL of opening pings).
             ours = frozenset({mapped[0], self._host[0]})

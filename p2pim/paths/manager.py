@@ -59,13 +59,16 @@ class PathManager:
         on_change: Callable[[str, Path | None, str], None],
         keepalive: float = DEFAULT_KEEPALIVE,
         port_mapping: bool = True,
+        on_portmap: Callable[[Mapping | None, tuple[str, ...]], None] | None = None,
     ) -> None:
-        """``port_mapping``: ask the router to forward our port (PCP, NAT-PMP, UPnP)."""
+        """``port_mapping``: ask the router to forward our port (PCP, NAT-PMP, UPnP);
+        ``on_portmap(mapping, tried)`` hears what it gave."""
         self.endpoint = PathEndpoint(identity, keys, keepalive)
         self.port_mapping = port_mapping
         self.portmap: Mapping | None = None  # what the router gave us, if anything
         self.portmap_tried: tuple[str, ...] = ()
         self._upnp: asyncio.Task[None] | None = None
+        self._on_portmap = on_portmap
         self._relay = relay
         self._on_data = on_data
         self._on_change = on_change
@@ -130,7 +133,7 @@ class PathManager:
             if sock is not None:
                 self._driver.attach(PORTMAP, sock)
                 internal = (sock.getsockname()[0], self.port)
-                self.endpoint.map_port(gateway, internal, self._loop.time(), portmap.has_upnp())
+                self.endpoint.map_port(gateway, internal, portmap.has_upnp())
         self._driver.kick()
         await self.local_known.wait()
         assert self.endpoint.local is not None
@@ -241,6 +244,8 @@ class PathManager:
             self.local_known.set()
         elif isinstance(event, PortMapped):
             self.portmap, self.portmap_tried = event.mapping, event.tried
+            if self._on_portmap is not None:
+                self._on_portmap(event.mapping, event.tried)
         elif isinstance(event, TryUpnp):
             previous = self._upnp
             self._upnp = asyncio.ensure_future(self._run_upnp(event, previous))
