@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="routers that run miniupnpd (UPnP IGD, NAT-PMP, PCP): alice's, bob's or both",
     )
     mx.add_argument("--portmap-upnp-only", action="store_true", help="... serving UPnP IGD only")
+    mx.add_argument(
+        "--nat444",
+        action="store_true",
+        help="instead of the pairs: home NATs behind a carrier-grade NAT (one side, or both behind one)",
+    )
     return parser
 
 
@@ -198,7 +203,13 @@ def _matrix(args: argparse.Namespace) -> int:
         portmap=args.portmap or "",
         portmap_kind="upnp" if args.portmap_upnp_only else "all",
     )
-    results = matrix.run_matrix(only, args.messages, progress, routers)
+    if args.nat444:
+        results = []
+        for name in matrix.NAT444:
+            results.append(matrix.nat444_scenario(name, args.messages, routers))
+            progress(results[-1])
+    else:
+        results = matrix.run_matrix(only, args.messages, progress, routers)
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
     else:

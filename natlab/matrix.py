@@ -26,13 +26,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .classify import STUN_ALT_IP, STUN_IP, tool
 from .netns import LabError
 from .profiles import NatProfile
-from .topology import Topology, new_prefix, standard
+from .topology import Topology, nat444, new_prefix, standard
 
 KINDS = ("none", "full-cone", "restricted", "port-restricted", "symmetric")
 SAME_LAN = "same-lan"
@@ -209,14 +209,20 @@ def run_scenario(
     prefix: str | None = None,
     routers: Routers = TEXTBOOK,
     after: Callable[[Topology, Result], None] | None = None,
+    topology: Callable[[str], tuple[Topology, str, str]] | None = None,
 ) -> Result:
     """alice behind ``a``, bob behind ``b`` (or both on one LAN for :data:`SAME_LAN`).
 
     ``during(topo, i)`` is called before alice's i-th message (to flush NAT
     state mid-chat, say); ``after(topo, result)`` once both chats have ended, before
     the topology goes (to look at what they left on the routers). Always tears it down.
+    ``topology(prefix)``: build another topology than the standard one (NAT444, say); it
+    returns it with alice's and bob's hosts, and ``a``/``b`` only name the scenario.
     """
+    names = (str(a), str(b))
     same_lan = a == SAME_LAN
+    if topology is not None:  # a and b only name the scenario
+        a = b = NatProfile("port-restricted")
     pa = (
         profile("port-restricted", routers=routers)
         if same_lan
@@ -227,13 +233,17 @@ def run_scenario(
         SAME_LAN if same_lan else pa.kind, SAME_LAN if same_lan else pb.kind, messages, routers.name
     )
     started = time.monotonic()
-    topo = standard(
-        prefix or new_prefix(),
-        [pa] if same_lan else [pa, pb],
-        hosts_per_nat=2 if same_lan else 1,
-        hop=routers.hop,
-    )
-    host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
+    if topology is not None:
+        result.a, result.b = names
+        topo, host_a, host_b = topology(prefix or new_prefix())
+    else:
+        topo = standard(
+            prefix or new_prefix(),
+            [pa] if same_lan else [pa, pb],
+            hosts_per_nat=2 if same_lan else 1,
+            hop=routers.hop,
+        )
+        host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
     chats: list[JsonProcess] = []
     server: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="natlab-matrix-") as tmp:
@@ -392,6 +402,31 @@ def run_matrix(
     return results
 
 
+#: NAT444 scenarios: home NATs behind a carrier-grade NAT (RFC 6888: endpoint-independent
+#: mapping, hairpinning), name -> (alice's home NAT, bob's home NAT, both behind one carrier).
+NAT444 = {
+    "nat444/home": ("port-restricted", "port-restricted", False),
+    "nat444/same-carrier": ("port-restricted", "port-restricted", True),
+    "nat444/home-symmetric": ("symmetric", "port-restricted", False),
+    "nat444/same-carrier-symmetric": ("symmetric", "port-restricted", True),
+}
+
+
+def nat444_scenario(name: str, messages: int = 100, routers: Routers = TEXTBOOK) -> Result:
+    """Alice behind a home NAT behind a carrier NAT; bob behind a plain home NAT elsewhere
+    (``nat444/home``), or behind another home NAT of the same carrier (``same-carrier``)."""
+    home_a, home_b, same = NAT444[name]
+    carrier = NatProfile("port-restricted", hairpin=True, input_firewall=routers.input_firewall)
+    homes = [profile(home_a, routers=routers), profile(home_b, routers=routers, side="b")]
+
+    def build(prefix: str) -> tuple[Topology, str, str]:
+        return nat444(prefix, homes, carrier, same_carrier=same, hop=True), "h1", "h2"
+
+    r = run_scenario(name, f"{home_a}+{home_b}", messages, routers=routers, topology=build)
+    r.routers = replace(routers, hop=True).name + ", carrier-grade NAT"
+    return r
+
+
 def expected_direct(a: str, b: str) -> bool:
     """What should go direct: everything but symmetric on both sides (and port-restricted
     with symmetric needs the birthday dance, which succeeds in most runs, not all)."""
@@ -430,7 +465,8 @@ def picture(results: Sequence[Result], path: Path) -> None:
 
     cell, margin = 120, 130
     kinds = list(KINDS)
-    size = (margin + cell * len(kinds), margin + cell * len(kinds) + 60)
+    others = [r for r in results if r.a not in KINDS and r.a != SAME_LAN]  # NAT444 and the like
+    size = (margin + cell * len(kinds), margin + cell * len(kinds) + 60 + 56 * len(others))
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     for i, k in enumerate(kinds):
@@ -456,6 +492,11 @@ def picture(results: Sequence[Result], path: Path) -> None:
         y = margin + cell * len(kinds) + 8
         draw.rectangle((margin, y, margin + 3 * cell, y + 48), fill=_colour(same))
         draw.text((margin + 6, y + 6), "same LAN: " + _cell_text(same).replace("\n", "  "), fill="black")
+    for row, other in enumerate(others):
+        top = margin + cell * len(kinds) + 60 + 56 * row
+        draw.rectangle((margin, top, size[0] - 8, top + 48), fill=_colour(other))
+        draw.text((margin + 6, top + 4), f"{other.a} ({other.b})", fill="black")
+        draw.text((margin + 6, top + 24), _cell_text(other).replace("\n", "  "), fill="black")
     routers = "; ".join(sorted({r.routers for r in results}))
     draw.text((6, 6), "natlab matrix: green direct, amber relay, red lost/duplicated", fill="black")
     draw.text((6, 24), f"routers: {routers}", fill="black")

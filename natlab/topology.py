@@ -202,21 +202,35 @@ class Topology:
         ip(node.ns, "route", "add", f"{gateway}/32", "dev", "wan")
         ip(node.ns, "route", "add", "default", "via", gateway, "dev", "wan")
 
-    def add_nat(self, name: str, profile: NatProfile) -> Node:
-        """A NAT router with an empty LAN behind it."""
+    def add_nat(
+        self, name: str, profile: NatProfile, behind: str | None = None, carrier: bool = False
+    ) -> Node:
+        """A NAT router with an empty LAN behind it; its WAN on the Internet, or with
+        ``behind`` on that router's LAN (a home NAT behind a carrier's: NAT444).
+        ``carrier``: its LAN is RFC 6598 shared space (100.64.N.0/24), as a CGNAT's."""
         if profile.kind == "none":
             raise LabError("profile 'none' is a public host: use add_public")
-        if profile.portmap and self.hop is None:
+        if profile.portmap and self.hop is None and behind is None:
             raise LabError("a port-mapping router needs the hop (its WAN address is not on the segment)")
+        outer = self.nodes.get(behind) if behind else None
+        if behind and (outer is None or outer.kind != "router"):
+            raise LabError(f"no router named {behind!r}")
         node = self._new_node(name, "router")
-        wan_ip = f"{PORTMAP_NET if profile.portmap else PUBLIC_NET}.{self._next_wan}"
-        self._next_wan += 1
-        lan_net = f"10.0.{self._next_lan}"
+        if outer is not None:
+            wan_ip = self._lan_address(outer)
+        else:
+            wan_ip = f"{PORTMAP_NET if profile.portmap else PUBLIC_NET}.{self._next_wan}"
+            self._next_wan += 1
+        lan_net = f"{'100.64' if carrier else '10.0'}.{self._next_lan}"
         self._next_lan += 1
         node.addresses = [wan_ip, f"{lan_net}.1"]
         node.profile = profile
+        node.router = behind
         node.lan_net = f"{lan_net}.0/24"
-        self._plug_wan(node, wan_ip)
+        if outer is not None:
+            self._plug_lan(outer, node, "wan", wan_ip)
+        else:
+            self._plug_wan(node, wan_ip)
         ip(node.ns, "link", "add", "lan", "type", "bridge")
         ip(node.ns, "addr", "add", f"{lan_net}.1/24", "dev", "lan")
         ip(node.ns, "link", "set", "lan", "up")
@@ -236,22 +250,30 @@ class Topology:
             raise LabError(f"no router named {behind!r}")
         node = self._new_node(name, "host")
         node.router = behind
-        n = self._hosts_on[behind]
-        self._hosts_on[behind] = n + 1
-        addr = router.lan_net.rsplit(".", 1)[0] + f".{n}"
-        ip(router.ns, "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", node.ns)
-        ip(router.ns, "link", "set", name, "master", "lan")
+        addr = self._lan_address(router)
+        self._plug_lan(router, node, "eth0", addr)
+        node.addresses = [addr]
+        return node
+
+    def _lan_address(self, router: Node) -> str:
+        assert router.lan_net is not None
+        n = self._hosts_on[router.name]
+        self._hosts_on[router.name] = n + 1
+        return router.lan_net.rsplit(".", 1)[0] + f".{n}"
+
+    def _plug_lan(self, router: Node, node: Node, ifname: str, addr: str) -> None:
+        """``node`` on ``router``'s LAN bridge (interface ``ifname``), routed through it."""
+        ip(router.ns, "link", "add", node.name, "type", "veth", "peer", "name", ifname, "netns", node.ns)
+        ip(router.ns, "link", "set", node.name, "master", "lan")
         if router.profile is not None and router.profile.hairpin:
             # A hairpinned packet from a host back to itself leaves the router
             # through the bridge port it came in on; a Linux bridge drops such
             # frames unless the port is in hairpin mode.
-            ip(router.ns, "link", "set", "dev", name, "type", "bridge_slave", "hairpin", "on")
-        ip(router.ns, "link", "set", name, "up")
-        ip(node.ns, "addr", "add", f"{addr}/24", "dev", "eth0")
-        ip(node.ns, "link", "set", "eth0", "up")
+            ip(router.ns, "link", "set", "dev", node.name, "type", "bridge_slave", "hairpin", "on")
+        ip(router.ns, "link", "set", node.name, "up")
+        ip(node.ns, "addr", "add", f"{addr}/24", "dev", ifname)
+        ip(node.ns, "link", "set", ifname, "up")
         ip(node.ns, "route", "add", "default", "via", router.addresses[1])
-        node.addresses = [addr]
-        return node
 
     # -- using ----------------------------------------------------------------
     def cmd(self, node: str, argv: Sequence[str]) -> list[str]:
@@ -327,6 +349,30 @@ class Topology:
         topo.hop = topo.nodes.get("hop") if data.get("hop") else None
         topo._created = [topo.inet] + [n.ns for n in topo.nodes.values()]
         return topo
+
+
+def nat444(
+    prefix: str | None,
+    home: Sequence[NatProfile],
+    carrier: NatProfile,
+    same_carrier: bool = True,
+    hop: bool = True,
+) -> Topology:
+    """Carrier-grade NAT (NAT444): home NATs ``nat<i>`` (hosts ``h<i>``) whose WANs are on
+    a carrier NAT's shared-space LAN (100.64.0.0/10). With ``same_carrier``, all behind one
+    ``cgn``; else ``h1``'s home NAT behind ``cgn`` and every other home NAT on the Internet
+    directly (one side NAT444, the other a plain home NAT)."""
+    topo = Topology(prefix, hop=hop)
+    try:
+        topo.add_public("rdv", [f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11"])
+        topo.add_nat("cgn", carrier, carrier=True)
+        for i, prof in enumerate(home, 1):
+            topo.add_nat(f"nat{i}", prof, behind="cgn" if same_carrier or i == 1 else None)
+            topo.add_host(f"h{i}", f"nat{i}")
+    except Exception:
+        topo.down()
+        raise
+    return topo
 
 
 def down_all() -> list[str]:
