@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--hop", action="store_true", help="a core router between the public segment and the NATs"
     )
+    up.add_argument("--ipv6", action="store_true", help="global IPv6 too, behind stateful firewalls (no NAT)")
     _profile_args(up)
 
     ex = sub.add_parser("exec", help="run a command in a node: natlab exec PREFIX NODE -- CMD...")
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mx.add_argument("--portmap-upnp-only", action="store_true", help="... serving UPnP IGD only")
     mx.add_argument(
+        "--ipv6", action="store_true", help="hosts have global IPv6 too, behind stateful firewalls"
+    )
+    mx.add_argument(
         "--nat444",
         action="store_true",
         help="instead of the pairs: home NATs behind a carrier-grade NAT (one side, or both behind one)",
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
-        topo = standard(args.prefix, _profiles(args), hosts_per_nat=args.hosts, hop=args.hop)
+        topo = standard(args.prefix, _profiles(args), hosts_per_nat=args.hosts, hop=args.hop, ipv6=args.ipv6)
         topo.save()
         print(json.dumps(topo.describe(), indent=2))
         print(
@@ -202,6 +206,7 @@ def _matrix(args: argparse.Namespace) -> int:
         hop=args.hop,
         portmap=args.portmap or "",
         portmap_kind="upnp" if args.portmap_upnp_only else "all",
+        ipv6=args.ipv6,
     )
     if args.nat444:
         results = []

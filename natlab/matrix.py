@@ -48,12 +48,15 @@ class Routers:
     hop: bool = False  # a core router between the NATs (TTL matters)
     portmap: str = ""  # routers running miniupnpd: "a" (alice's), "b" (bob's), "both" or ""
     portmap_kind: str = "all"  # what they serve: "all" (UPnP IGD, NAT-PMP, PCP) or "upnp"
+    ipv6: bool = False  # hosts have global IPv6 too (no NAT, a stateful firewall), and the hop
 
     @property
     def name(self) -> str:
         parts = ["input firewall" if self.input_firewall else "no input firewall"]
-        if self.hop or self.portmap:
+        if self.hop or self.portmap or self.ipv6:
             parts.append("router hop")
+        if self.ipv6:
+            parts.append("IPv6 behind stateful firewalls")
         if self.portmap:
             who = {"a": "alice's router", "b": "bob's router", "both": "both routers"}[self.portmap]
             what = "UPnP only" if self.portmap_kind == "upnp" else "PCP/NAT-PMP/UPnP"
@@ -242,6 +245,7 @@ def run_scenario(
             [pa] if same_lan else [pa, pb],
             hosts_per_nat=2 if same_lan else 1,
             hop=routers.hop,
+            ipv6=routers.ipv6,
         )
         host_a, host_b = ("h1", "h1b") if same_lan else ("h1", "h2")
     chats: list[JsonProcess] = []

@@ -48,6 +48,11 @@ HOP = 1  # the core router's address on the public segment (with ``hop=True``)
 #: natlab address, it exists only inside natlab's namespaces.
 PORTMAP_NET = "11.0.113"
 MINIUPNPD = "/usr/sbin/miniupnpd"
+#: IPv6 (``ipv6=True``): the documentation prefix (RFC 3849). The public segment is
+#: 2001:db8::/64 (the hop ::1, the rendezvous ::10 and ::11), router i's WAN link
+#: 2001:db8:ff:i::/64 and its LAN 2001:db8:i::/64: global addresses, no NAT, behind the
+#: router's stateful firewall (RFC 6092: inbound only what answers outbound).
+V6 = "2001:db8"
 STATE_DIR = Path("/run/natlab")
 _NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 
@@ -67,6 +72,8 @@ class Node:
     #: For a router: its profile and LAN subnet.
     profile: NatProfile | None = None
     lan_net: str | None = None
+    #: With IPv6: the node's global address (a router: its LAN prefix's ::1).
+    ipv6: str | None = None
 
     @property
     def ip(self) -> str:
@@ -76,7 +83,7 @@ class Node:
 class Topology:
     """Build with ``add_public`` / ``add_nat`` / ``add_host``; each acts at once."""
 
-    def __init__(self, prefix: str | None = None, hop: bool = False) -> None:
+    def __init__(self, prefix: str | None = None, hop: bool = False, ipv6: bool = False) -> None:
         reason = netns.missing_requirements()
         if reason:
             raise LabError(reason)
@@ -90,12 +97,13 @@ class Topology:
         self._hosts_on: dict[str, int] = {}
         self.inet = f"{self.prefix}-inet"
         self.hop: Node | None = None
+        self.ipv6 = ipv6
         self._created: list[str] = []
         try:
             self._make_ns(self.inet)
             ip(self.inet, "link", "add", "br0", "type", "bridge")
             ip(self.inet, "link", "set", "br0", "up")
-            if hop:
+            if hop or ipv6:
                 self._add_hop()
         except Exception:
             self.down()
@@ -134,6 +142,10 @@ class Topology:
             ip(node.ns, "addr", "add", f"{a}/24", "dev", "eth0")
         if self.hop is not None:  # routers with addresses off the segment are behind it
             ip(node.ns, "route", "add", "default", "via", self.hop.ip)
+        if self.ipv6 and self.hop is not None and self.hop.ipv6:
+            node.ipv6 = f"{V6}::{addresses[0].rsplit('.', 1)[1]}"
+            _addr6(node.ns, f"{node.ipv6}/64", "eth0")
+            ip(node.ns, "-6", "route", "add", "default", "via", self.hop.ipv6)
         node.addresses = list(addresses)
         return node
 
@@ -156,8 +168,12 @@ class Topology:
             "net.ipv4.ip_forward=1",
             "net.ipv4.conf.pub.proxy_arp=1",
             "net.ipv4.neigh.pub.proxy_delay=0",
+            "net.ipv6.conf.all.forwarding=1",
         ):
             sh(nsexec(node.ns, ["sysctl", "-qw", key]))
+        if self.ipv6:
+            node.ipv6 = f"{V6}::1"
+            _addr6(node.ns, f"{node.ipv6}/64", "pub")
 
     def _start_miniupnpd(self, node: Node) -> None:
         """Debian's miniupnpd in the router, in the foreground of a process of its own
@@ -201,6 +217,22 @@ class Topology:
         ip(node.ns, "addr", "add", f"{wan_ip}/32", "dev", "wan")
         ip(node.ns, "route", "add", f"{gateway}/32", "dev", "wan")
         ip(node.ns, "route", "add", "default", "via", gateway, "dev", "wan")
+        if self.ipv6:
+            self._wan6(node)
+
+    def _wan6(self, node: Node) -> None:
+        """The router's IPv6: a /64 on its WAN link to the hop, a /64 routed to its LAN, and
+        a stateful firewall instead of NAT."""
+        assert self.hop is not None and node.lan_net is not None
+        i = int(node.lan_net.split(".")[2])
+        link = f"{V6}:ff:{i}"
+        _addr6(self.hop.ns, f"{link}::1/64", node.name)
+        _addr6(node.ns, f"{link}::2/64", "wan")
+        ip(self.hop.ns, "-6", "route", "add", f"{V6}:{i}::/64", "via", f"{link}::2")
+        ip(node.ns, "-6", "route", "add", "default", "via", f"{link}::1")
+        node.ipv6 = f"{V6}:{i}::1"
+        sh(nsexec(node.ns, ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]))
+        sh(nsexec(node.ns, ["nft", "-f", "-"]), input=firewall6())
 
     def add_nat(
         self, name: str, profile: NatProfile, behind: str | None = None, carrier: bool = False
@@ -234,6 +266,8 @@ class Topology:
         ip(node.ns, "link", "add", "lan", "type", "bridge")
         ip(node.ns, "addr", "add", f"{lan_net}.1/24", "dev", "lan")
         ip(node.ns, "link", "set", "lan", "up")
+        if node.ipv6:
+            _addr6(node.ns, f"{node.ipv6}/64", "lan")
         sh(nsexec(node.ns, ["nft", "-f", "-"]), input=ruleset(profile, wan_ip, node.lan_net))
         # After the ruleset: conntrack's sysctls exist once NAT has loaded it.
         for key, value in sysctls(profile).items():
@@ -274,6 +308,10 @@ class Topology:
         ip(node.ns, "addr", "add", f"{addr}/24", "dev", ifname)
         ip(node.ns, "link", "set", ifname, "up")
         ip(node.ns, "route", "add", "default", "via", router.addresses[1])
+        if router.ipv6 and node.kind == "host":
+            node.ipv6 = router.ipv6.rsplit("::", 1)[0] + f"::{addr.rsplit('.', 1)[1]}"
+            _addr6(node.ns, f"{node.ipv6}/64", ifname)
+            ip(node.ns, "-6", "route", "add", "default", "via", router.ipv6)
 
     # -- using ----------------------------------------------------------------
     def cmd(self, node: str, argv: Sequence[str]) -> list[str]:
@@ -313,6 +351,7 @@ class Topology:
         return {
             "prefix": self.prefix,
             "hop": self.hop is not None,
+            "ipv6": self.ipv6,
             "nodes": {
                 n.name: {
                     "ns": n.ns,
@@ -321,6 +360,7 @@ class Topology:
                     "router": n.router,
                     "profile": n.profile.as_dict() if n.profile else None,
                     "lan_net": n.lan_net,
+                    "ipv6": n.ipv6,
                 }
                 for n in self.nodes.values()
             },
@@ -345,10 +385,31 @@ class Topology:
         topo.nodes = {}
         for name, d in data["nodes"].items():
             prof = NatProfile(**d["profile"]) if d["profile"] else None
-            topo.nodes[name] = Node(name, d["ns"], d["kind"], d["addresses"], d["router"], prof, d["lan_net"])
+            topo.nodes[name] = Node(
+                name, d["ns"], d["kind"], d["addresses"], d["router"], prof, d["lan_net"], d.get("ipv6")
+            )
         topo.hop = topo.nodes.get("hop") if data.get("hop") else None
+        topo.ipv6 = bool(data.get("ipv6"))
         topo._created = [topo.inet] + [n.ns for n in topo.nodes.values()]
         return topo
+
+
+def _addr6(ns: str, cidr: str, dev: str) -> None:
+    """An IPv6 address usable at once (no duplicate address detection: nobody else is here)."""
+    ip(ns, "-6", "addr", "add", cidr, "dev", dev, "nodad")
+
+
+def firewall6() -> str:
+    """A home router's IPv6 firewall (RFC 6092 simple security): inbound only what answers
+    something sent from inside, per address and port (conntrack)."""
+    return """table ip6 natlab6 {
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    ct state established,related accept
+    iifname "wan" drop
+  }
+}
+"""
 
 
 def nat444(
@@ -391,14 +452,18 @@ def down_all() -> list[str]:
 
 
 def standard(
-    prefix: str | None, profiles: Sequence[NatProfile], hosts_per_nat: int = 1, hop: bool = False
+    prefix: str | None,
+    profiles: Sequence[NatProfile],
+    hosts_per_nat: int = 1,
+    hop: bool = False,
+    ipv6: bool = False,
 ) -> Topology:
     """The rendezvous on two public addresses plus one NAT (or public host) per profile.
 
     Node names: ``rdv``; for profile i (1-based) a router ``nat<i>`` with hosts
     ``h<i>``, ``h<i>b``, ...; for profile "none" a public host ``h<i>``.
     """
-    topo = Topology(prefix, hop=hop or any(p.portmap for p in profiles))
+    topo = Topology(prefix, hop=hop or any(p.portmap for p in profiles), ipv6=ipv6)
     try:
         topo.add_public("rdv", [f"{PUBLIC_NET}.10", f"{PUBLIC_NET}.11"])
         for i, prof in enumerate(profiles, 1):

@@ -46,7 +46,7 @@ from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
 from ..messaging.envelope import text_body
 from ..messaging.store import ClientStore
 from ..nat.portmap import Mapping
-from ..paths.disco import is_disco
+from ..paths.disco import is_disco, show
 from ..paths.manager import PathManager
 from ..paths.peer import DEFAULT_KEEPALIVE, Path
 from ..profile import Profile
@@ -668,7 +668,7 @@ def _path_view(path: Path | None) -> tuple[str, str, float | None]:
     """How a path is shown and stored: ("direct", "ip:port", rtt_ms) or ("relay", "", None)."""
     if path is None:
         return ("relay", "", None)
-    return ("direct", f"{path.addr[0]}:{path.addr[1]}", round(path.rtt * 1000, 2))
+    return ("direct", show(path.addr), round(path.rtt * 1000, 2))
 
 
 def _now_ms() -> int:

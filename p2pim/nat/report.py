@@ -48,6 +48,8 @@ class NatReport:
     #: What the router granted when asked to forward a port (None: nothing), and what was asked.
     port_mapping: Mapping | None = None
     port_mapping_tried: list[str] = field(default_factory=list)
+    #: Our global IPv6 address (None: none); with IPv6 there is no NAT, only a firewall.
+    ipv6: str | None = None
     notes: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     #: Datagrams that arrived but were not STUN or matched no probe.
@@ -86,6 +88,7 @@ class NatReport:
                 "lifetime": self.port_mapping.lifetime,
             },
             "port_mapping_tried": list(self.port_mapping_tried),
+            "ipv6": self.ipv6,
             "notes": list(self.notes),
             "elapsed_s": round(self.elapsed_s, 3),
             "ignored_datagrams": self.ignored_datagrams,
@@ -117,6 +120,7 @@ class NatReport:
             ("Binding lifetime", self._lifetime_text()),
             ("Route out", self._route_text()),
             ("Port mapping", self._portmap_text()),
+            ("IPv6", f"{self.ipv6}, global (no NAT; p2pim punches over it first)" if self.ipv6 else "none"),
         ]
         width = max(len(k) for k, _ in rows)
         lines = [head, ""] + [f"  {k:<{width}}  {v}" for k, v in rows]

@@ -52,6 +52,22 @@ async def _port_mapping(report: NatReport, socks: _Sockets, ip: str, loop: async
     report.port_mapping, report.port_mapping_tried = mapping, tried
 
 
+#: Any global IPv6 destination serves to ask the kernel which source address it would
+#: use (connect() on a UDP socket sends nothing); this one is the documentation prefix.
+IPV6_PROBE_DEST = ("2001:db8::1", 9)
+
+
+def global_ipv6() -> str | None:
+    """Our global IPv6 address (the kernel's source address for a route out), or None."""
+    from ..icmp import is_public
+
+    try:
+        ip = source_ip_for(IPV6_PROBE_DEST)
+    except OSError:  # no IPv6 route
+        return None
+    return ip if is_public(ip) and ":" in ip else None
+
+
 def source_ip_for(server: Addr) -> str:
     """The local address the kernel routes from towards ``server`` (no packet is sent)."""
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
@@ -117,6 +133,8 @@ async def discover(
             report.route = ladder.inside if ladder.open_ttl is not None else None
         if report.nat_present:
             await _port_mapping(report, socks, ip, loop)
+        if not ip.startswith("127.") and ":" not in ip:
+            report.ipv6 = global_ipv6()
         if lifetime_max and report.responded:
             life = LifetimeMeasurement(
                 server,

@@ -17,6 +17,7 @@ signed end to end already.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 
@@ -131,13 +132,28 @@ def call_me_maybe(cands: Candidates, reply: bool) -> dpb.Disco:
 
 
 def parse_call_me_maybe(msg: dpb.CallMeMaybe) -> Candidates:
-    """Keep only well-formed IPv4 endpoints (at most 16): the rest is a peer's bug or malice."""
+    """Keep only well-formed IPv4 and IPv6 endpoints (at most 16)."""
     endpoints = tuple(a for a in (_addr(e) for e in msg.endpoints[:16]) if a is not None)
     return Candidates(endpoints, _addr(msg.mapped), msg.hard)
 
 
 def _addr(a: npb.Address) -> Addr | None:
-    parts = a.ip.split(".")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts) or not 0 < a.port < 65536:
+    """An IPv4 or IPv6 unicast address and a port; anything else is a peer's bug or malice."""
+    if not 0 < a.port < 65536 or len(a.ip) > 45:
         return None
-    return (a.ip, a.port)
+    try:
+        ip = ipaddress.ip_address(a.ip)
+    except ValueError:
+        return None
+    if ip.is_multicast or ip.is_unspecified or (ip.version == 6 and ip.is_link_local):
+        return None
+    return (str(ip), a.port)
+
+
+def is_v6(addr: Addr) -> bool:
+    return ":" in addr[0]
+
+
+def show(addr: Addr) -> str:
+    """``ip:port``, or ``[ip]:port`` for IPv6."""
+    return f"[{addr[0]}]:{addr[1]}" if is_v6(addr) else f"{addr[0]}:{addr[1]}"

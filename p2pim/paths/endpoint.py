@@ -59,6 +59,7 @@ from .disco import (
     ping,
     pong,
     sender_key,
+    show,
 )
 from .peer import DEFAULT_KEEPALIVE, Path, PeerPath
 
@@ -66,6 +67,7 @@ Label = tuple[str, int]  # (owner, socket id): ("", 0) is the main socket
 MAIN: Label = ("", pp.MAIN)
 RELAY: Label = ("", pp.RELAY)
 PORTMAP: Label = ("", -2)  # the socket that asks the router for a port mapping
+MAIN6: Label = ("", pp.MAIN6)  # the client's IPv6 socket (global addresses: no NAT, no STUN)
 NOWHERE: Addr = ("0.0.0.0", 0)  # the "address" of a packet that came through the relay
 
 STUN_RTO = 0.25  # first retransmission; doubles (RFC 8489): sends at 0, 0.25, 0.75, 1.75, 3.75 s
@@ -90,13 +92,16 @@ class Local:
     inside: tuple[str | None, ...] = ()
     #: A port the router forwards to our socket (PCP, NAT-PMP or UPnP), if it gave one.
     portmap: Mapping | None = None
+    #: Our global IPv6 address and the IPv6 socket's port (None: no IPv6 here).
+    host6: Addr | None = None
 
     def candidates(self) -> Candidates:
-        """With a port mapping, its address is the one to reach us by (from anywhere: we
-        are as easy as a full cone there, so no birthday dance for our sake)."""
+        """IPv6 first (no NAT in the way, only a firewall that opens when we send). With a
+        port mapping, its address is the IPv4 one to reach us by (from anywhere: we are as
+        easy as a full cone there, so no birthday dance for our sake)."""
         forwarded = self.portmap.external if self.portmap else None
         endpoints: list[Addr] = []
-        for addr in (forwarded, self.host, self.mapped, *reversed(self.reflexive)):
+        for addr in (self.host6, forwarded, self.host, self.mapped, *reversed(self.reflexive)):
             if addr is not None and addr not in endpoints:
                 endpoints.append(addr)
         if forwarded is not None:
@@ -180,6 +185,7 @@ class PathEndpoint:
         self._portmap_early: Mapping | None = None  # a mapping granted before the ladder ended
         self._portmap_ask: tuple[str, Addr, bool] | None = None
         self._host: Addr = NOWHERE
+        self._host6: Addr | None = None
         self._out: list[Datagram | ShortDatagram] = []
         self._events: deque[PathsEvent] = deque()
         self._dirty: set[str] = set()  # peers fed since their last poll, or whose timer is due
@@ -192,14 +198,15 @@ class PathEndpoint:
 
     # -- our own candidates -----------------------------------------------------------
 
-    def discover(self, host: Addr, stun: list[Addr], now: float) -> None:
-        """Find our candidates: ``host`` is our address towards the server and our port.
+    def discover(self, host: Addr, stun: list[Addr], now: float, host6: Addr | None = None) -> None:
+        """Find our candidates: ``host`` is our address towards the server and our port;
+        ``host6`` our global IPv6 address and the IPv6 socket's port, if we have them.
 
         The mapping test is RFC 5780's first step: the same socket asks the
         primary and the alternate STUN address; two different mapped addresses
         mean the NAT maps per destination.
         """
-        self._host, self._stun_servers = host, stun
+        self._host, self._stun_servers, self._host6 = host, stun, host6
         if not stun:
             self._found(None, False, now)
             return
@@ -288,6 +295,7 @@ class PathEndpoint:
             open_ttl=ladder.open_ttl if ladder else None,
             inside=tuple(ladder.inside) if ladder else (),
             portmap=self._portmap_early,
+            host6=self._host6,
         )
         self._set_local(now)
         self._events.append(LocalKnown(self.local))
@@ -352,7 +360,7 @@ class PathEndpoint:
             self._out.append(Datagram(RELAY, packet, peer))
             return tx, "relay"
         self._out.append(Datagram(self._label(peer, path.sock), packet, path.addr))
-        return tx, f"{path.addr[0]}:{path.addr[1]}"
+        return tx, show(path.addr)
 
     def forget_keys(self, now: float) -> None:
         """Buddies or keys changed: read the pinned keys of buddies again."""
@@ -519,7 +527,12 @@ class PathEndpoint:
 
     @staticmethod
     def _label(peer: str, sock_id: int) -> Label:
-        return MAIN if sock_id == pp.MAIN else RELAY if sock_id == pp.RELAY else (peer, sock_id)
+        """The shell's socket for a :class:`PeerPath` socket id."""
+        shared = {pp.MAIN: MAIN, pp.RELAY: RELAY, pp.MAIN6: MAIN6}
+        return shared.get(sock_id, (peer, sock_id))
+
+    def label(self, peer: str, sock_id: int) -> Label:
+        return self._label(peer, sock_id)
 
     def _do(self, peer: str, out: pp.Output, now: float) -> None:
         if isinstance(out, pp.PathChanged):

@@ -28,11 +28,12 @@ from ..identity import Identity
 from ..messaging.delivery import MAX_DIRECT
 from ..nat import portmap
 from ..nat.portmap import Mapping, TryUpnp
-from ..nat.runner import source_ip_for
+from ..nat.runner import global_ipv6, source_ip_for
 from ..sansio import Datagram, ShortDatagram
 from .disco import DATA_MAGIC, Addr, is_data
 from .endpoint import (
     MAIN,
+    MAIN6,
     PORTMAP,
     RELAY,
     Label,
@@ -95,8 +96,15 @@ class PathManager:
     # -- life cycle ----------------------------------------------------------------
 
     def start(self, port: int = 0) -> int:
-        """Bind the UDP socket (all IPv4 addresses); returns its port."""
+        """Bind the UDP socket (all IPv4 addresses), and an IPv6 one on the same port where
+        the machine has IPv6; returns the port."""
         self._driver.attach(MAIN, _udp(port), icmp_errors=True)
+        for want in (self.port, 0):
+            try:
+                self._driver.attach(MAIN6, _udp6(want), icmp_errors=True)
+                break
+            except OSError:  # no IPv6 here, or that port is taken on it
+                continue
         self._driver.start()
         return self.port
 
@@ -122,7 +130,10 @@ class PathManager:
             host = (source_ip_for(stun[0]) if stun else "127.0.0.1", self.port)
         except OSError:  # no route to the STUN server: STUN will not answer either
             host = ("127.0.0.1", self.port)
-        self.endpoint.discover(host, stun, self._loop.time())
+        sock6 = self._driver.sockets.get(MAIN6)
+        ip6 = global_ipv6() if sock6 is not None and not host[0].startswith("127.") else None
+        host6 = (ip6, int(sock6.getsockname()[1])) if ip6 and sock6 is not None else None
+        self.endpoint.discover(host, stun, self._loop.time(), host6)
         gateway = portmap.default_gateway() if self.port_mapping else None
         if gateway is not None:
             try:
@@ -167,7 +178,7 @@ class PathManager:
         path = self.endpoint.route(peer)
         if path is None or len(envelope) > MAX_DIRECT:
             return False
-        label = MAIN if path.sock == MAIN[1] else (peer, path.sock)
+        label = self.endpoint.label(peer, path.sock)
         if not self._sendto(label, DATA_MAGIC + envelope, path.addr):
             return False
         self.counters["direct_out"] += 1
@@ -261,6 +272,17 @@ class PathManager:
         if not ask.release:
             self.endpoint.upnp_result(external, lifetime, self._loop.time())
             self._driver.kick()
+
+
+def _udp6(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _udp(port: int) -> socket.socket:

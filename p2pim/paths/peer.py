@@ -46,10 +46,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .disco import Addr, Candidates, new_tx
+from .disco import Addr, Candidates, is_v6, new_tx
 
 RELAY = -1
 MAIN = 0
+MAIN6 = -3  # the client's IPv6 socket
+PREFER_V6 = 1.5  # an IPv6 path replaces an IPv4 one unless this much slower (no NAT state to keep)
 
 PUNCH_AT = (0.0, 0.25, 0.6, 1.2, 2.0, 3.0)  # seconds into a round: ping every candidate
 FIRST_SIDE_WAIT = 1.0  # the answering side's full-TTL pings start at most this far into its round
@@ -143,6 +145,7 @@ class PeerPath:
     rng: random.Random = field(default_factory=random.Random)
     local: Candidates | None = None  # ours, set by the manager once STUN has answered
     open_ttl: int | None = None  # passes our NATs, dies before the peer's (None: unknown)
+    has_v6: bool = False  # we have an IPv6 socket and a global address
     remote: Candidates | None = None
     path: Path | None = None
     counters: dict[str, int] = field(
@@ -180,6 +183,7 @@ class PeerPath:
         """Our candidates (STUN and the TTL ladder have answered); a round the peer asked
         for meanwhile starts now, so that its first pings know how to open our NAT."""
         self.local, self.open_ttl = local, open_ttl
+        self.has_v6 = any(is_v6(a) for a in local.endpoints)
         if self._deferred is not None and now is not None:
             first, self._deferred = self._deferred, None
             if self.path is None and self._round is None:
@@ -233,7 +237,7 @@ class PeerPath:
         if self._round is not None and self._full_from > now:
             self._full_from = now
             # The next scheduled ping slot is the earliest full ping; do not wait for it.
-            self._send_ping(now, MAIN, tuple(self.candidates()))
+            self._ping_each_family(now, tuple(self.candidates()))
 
     def offline(self) -> None:
         """The peer went offline: forget everything (its next session has new addresses)."""
@@ -280,8 +284,12 @@ class PeerPath:
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
             self.suspected = False
             return rtt
-        if self.path is None or rtt < BETTER * self.path.rtt:
-            reason = "punched" if self.path is None else "faster path"
+        current = self.path
+        ipv6_first = (
+            current is not None and is_v6(addr) and not is_v6(current.addr) and rtt < PREFER_V6 * current.rtt
+        )
+        if self.path is None or rtt < BETTER * self.path.rtt or ipv6_first:
+            reason = "punched" if self.path is None else "IPv6" if ipv6_first else "faster path"
             self.path = Path(sock, addr, rtt)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive
             self.suspected = False
@@ -377,11 +385,11 @@ class PeerPath:
             if not targets:
                 continue
             if self.open_ttl is not None and (self._punches == 1 or at < self._full_from):
-                self._send_ping(now, MAIN, targets, ttl=self.open_ttl)
+                self._ping_each_family(now, targets, ttl=self.open_ttl)
                 if self._punches == 1 and at >= self._full_from:
                     self._out.append(SendOpened())  # we asked: the answerer waits for this
             if at >= self._full_from:
-                self._send_ping(now, MAIN, targets)
+                self._ping_each_family(now, targets)
         if self._birthday is None and self._birthday_wanted() and now >= self._round + BIRTHDAY_AFTER:
             assert self.local is not None
             self._birthday = "hard" if self.local.hard else "easy"
@@ -445,6 +453,14 @@ class PeerPath:
         self._hb_tries += 1
         self._send_ping(now, self.path.sock, (self.path.addr,), heartbeat=True)
         self._hb_due = now + HEARTBEAT_RETRY
+
+    def _ping_each_family(self, now: float, targets: tuple[Addr, ...], ttl: int | None = None) -> None:
+        """IPv4 candidates from the main socket, IPv6 ones from the IPv6 socket (if we have one)."""
+        v4 = tuple(a for a in targets if not is_v6(a))
+        v6 = tuple(a for a in targets if is_v6(a)) if self.has_v6 else ()
+        for sock, addrs in ((MAIN6, v6), (MAIN, v4)):
+            if addrs:
+                self._send_ping(now, sock, addrs, ttl=ttl)
 
     def _send_ping(
         self,

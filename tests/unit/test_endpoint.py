@@ -132,3 +132,23 @@ def test_a_call_me_maybe_through_the_relay_is_answered_and_a_probe_measures_the_
     tx = DiscoBoxes(BOB).open(dg.data, ALICE.public_key).ping.tx_id
     ep.receive_datagram(RELAY, DiscoBoxes(BOB).seal(ALICE.public_key, pong(tx, ("0.0.0.0", 0))), "bob", 1.2)
     assert [e for e in drain(ep) if isinstance(e, ProbeAnswered)] == [ProbeAnswered(tx, 1.2 - 1.0)]
+
+
+def test_call_me_maybe_keeps_ipv4_and_ipv6_unicast_endpoints_and_drops_the_rest() -> None:
+    from p2pim.paths.disco import parse_call_me_maybe
+    from p2pim.wire import disco_pb2 as dpb
+
+    msg = dpb.CallMeMaybe()
+    for ip, port in (
+        ("10.0.1.2", 4000),
+        ("2001:db8:1::2", 4000),
+        ("fe80::1", 4000),  # link-local: useless to a peer elsewhere
+        ("ff02::1", 4000),  # multicast
+        ("::", 4000),
+        ("not an address", 4000),
+        ("10.0.1.3", 0),
+        ("10.0.1.4", 70000 % 65536 + 65536),
+    ):
+        msg.endpoints.add(ip=ip, port=port)
+    cands = parse_call_me_maybe(msg)
+    assert cands.endpoints == (("10.0.1.2", 4000), ("2001:db8:1::2", 4000))

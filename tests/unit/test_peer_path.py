@@ -12,6 +12,7 @@ from p2pim.paths.peer import (
     FIRST_SIDE_WAIT,
     HEARTBEAT_TRIES,
     MAIN,
+    MAIN6,
     CloseSockets,
     PathChanged,
     PeerPath,
@@ -234,3 +235,38 @@ def test_the_hard_sides_birthday_mappings_are_opened_with_short_ttl() -> None:
     birthday = [o for o in outs if isinstance(o, SendPing) and o.sock != MAIN]
     assert len(birthday) >= BIRTHDAY_SOCKETS
     assert all(o.ttl == 2 for o in birthday)
+
+
+# -- IPv6 ------------------------------------------------------------------------------------
+
+V6_A = ("2001:db8:1::2", 4000)
+V6_B = ("2001:db8:2::2", 5000)
+
+
+def test_ipv6_candidates_are_pinged_from_the_ipv6_socket_and_ipv4_ones_from_the_main_one() -> None:
+    a = PeerPath("bob", keepalive=25.0)
+    a.set_local(Candidates((V6_A, A), A, False), None, None)
+    a.call_me_maybe(0.0, Candidates((V6_B, B), B, False), reply=True)
+    pings = [o for o in a.poll(0.0) if isinstance(o, SendPing)]
+    by_sock = {p.sock: p.addrs for p in pings}
+    assert by_sock == {MAIN6: (V6_B,), MAIN: (B,)}
+
+
+def test_without_an_ipv6_socket_ipv6_candidates_are_not_pinged() -> None:
+    a = _core("bob", A)
+    a.call_me_maybe(0.0, Candidates((V6_B, B), B, False), reply=True)
+    pings = [o for o in a.poll(0.0) if isinstance(o, SendPing)]
+    assert all(p.sock == MAIN and p.addrs == (B,) for p in pings)
+
+
+def test_an_ipv6_path_is_preferred_to_an_ipv4_one_unless_much_slower() -> None:
+    a = PeerPath("bob", keepalive=25.0)
+    a.set_local(Candidates((V6_A, A), A, False), None, None)
+    a.call_me_maybe(0.0, Candidates((V6_B, B), B, False), reply=True)
+    pings = {p.sock: p for p in a.poll(0.0) if isinstance(p, SendPing)}
+    a.pong(0.010, MAIN, B, pings[MAIN].tx)  # IPv4 answers first: 10 ms
+    assert a.path is not None and a.path.addr == B
+    a.pong(0.012, MAIN6, V6_B, pings[MAIN6].tx)  # IPv6 at 12 ms: not 2x faster, but IPv6
+    assert a.path is not None and a.path.addr == V6_B and a.path.sock == MAIN6
+    changes = [o for o in a.poll(0.02) if isinstance(o, PathChanged)]
+    assert changes[-1].reason == "IPv6"
