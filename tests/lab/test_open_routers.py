@@ -42,6 +42,7 @@ LISTEN = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(sys.argv[1]))); s.settimeout(5.0)
+print("ready", flush=True)
 print(s.recvfrom(100)[1][1], flush=True)
 """
 SEND = """
@@ -83,6 +84,8 @@ def test_an_early_packet_is_answered_and_moves_the_hosts_mapping_only_without_a_
         answer = _py(topo, "rdv", UNSOLICITED, wan, str(PEER_PORT), str(HOST_PORT))
         listener = topo.popen("rdv", [sys.executable, "-c", LISTEN, str(PEER_PORT)], stdout=-1, stderr=-1)
         try:
+            assert listener.stdout is not None
+            assert listener.stdout.readline().strip() == "ready"  # bound: now the host may send
             _py(topo, "h1", SEND, topo.nodes["rdv"].ip, str(HOST_PORT), str(PEER_PORT))
             out, _ = listener.communicate(timeout=10)
         finally:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from natlab.profiles import PROFILES, NatProfile, ruleset, sysctls
+from natlab.profiles import PROFILES, NatProfile, miniupnpd_config, miniupnpd_ruleset, ruleset, sysctls
+from natlab.topology import firewall6
 
 
 def rules(kind: str, **kw: object) -> str:
@@ -33,6 +34,22 @@ def test_options() -> None:
     assert sysctls(NatProfile("full-cone", udp_timeout=7))["net.netfilter.nf_conntrack_udp_timeout"] == "7"
 
 
+def test_router_kinds_without_input_firewall_with_port_mapping_and_ipv6() -> None:
+    def input_chain(text: str) -> str:
+        return text.split("chain input")[1].split("}")[0]
+
+    assert 'iifname "wan" meta l4proto udp drop' in input_chain(rules("port-restricted"))
+    assert "drop" not in input_chain(rules("port-restricted", input_firewall=False))
+    full = miniupnpd_config("10.0.1.0/24", "/run/x", "all")
+    assert "enable_natpmp=yes" in full and "allow 1024-65535 10.0.1.0/24 1024-65535" in full
+    assert "secure_mode=yes" in full and full.rstrip().endswith("deny 0-65535 0.0.0.0/0 0-65535")
+    assert "enable_natpmp=no" in miniupnpd_config("10.0.1.0/24", "/run/x", "upnp")
+    table = miniupnpd_ruleset()
+    assert "priority srcnat - 1" in table and "jump prerouting_miniupnpd" in table
+    v6 = firewall6()
+    assert "ct state established,related accept" in v6 and 'iifname "wan" drop' in v6
+
+
 def test_expectations_cover_every_profile() -> None:
     for kind in PROFILES:
         exp = NatProfile(kind).expected()
@@ -48,3 +65,5 @@ def test_bad_profiles_are_refused() -> None:
         NatProfile("full-cone", loss=101)
     with pytest.raises(ValueError):
         ruleset(NatProfile("none"), "203.0.113.1", "10.0.0.0/24")
+    with pytest.raises(ValueError):
+        NatProfile("full-cone", portmap="natpmp")
