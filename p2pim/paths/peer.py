@@ -24,8 +24,9 @@ endpoint's TTL ladder) passes its own NATs and dies at the first public
 router, then answers; the asker, when the answer comes, opens too, says so
 through the relay (:class:`SendOpened`) and pings at full TTL at once (the
 answerer is open by then). The answerer's own full-TTL pings wait for that
-word, or :data:`FIRST_SIDE_WAIT` if it does not come (a ping from the asker
-is answered at once anyway). With ``open_ttl`` unknown, both ping at once.
+word (or for an answer to a call-me-maybe of its own, when both asked at
+once), or :data:`FIRST_SIDE_WAIT` if neither comes (a ping from the asker is
+answered at once anyway). With ``open_ttl`` unknown, both ping at once.
 
 If one side maps per destination (symmetric) and the other
 does not, the birthday dance follows: the hard side opens
@@ -224,6 +225,10 @@ class PeerPath:
             # An answer means the peer opened before sending it: ping at once. Answering,
             # we open first, and ping at full TTL once the asker has opened too.
             self._start_round(now, first=not reply)
+        elif reply:
+            # Both asked at once, so both answered and wait: an answer says its sender
+            # opened first, which is what we wait for.
+            self.opened(now)
 
     def candidates_changed(self, now: float) -> None:
         """Our candidates got better (a port mapping): a peer we have no path to hears them

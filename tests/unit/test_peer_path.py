@@ -205,6 +205,14 @@ def test_the_asker_opens_says_so_and_pings_in_full_at_once() -> None:
     assert not any(isinstance(o, SendCallMeMaybe) for o in outs)  # an answer is not answered
 
 
+def test_when_both_asked_at_once_the_answer_to_ours_is_word_enough() -> None:
+    b = _opening("alice", B)
+    b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)  # the peer asked too
+    b.poll(0.0)
+    b.call_me_maybe(0.02, Candidates((A,), A, False), reply=True)  # ... and answered ours
+    assert _full(b.poll(0.02))  # no wait for FIRST_SIDE_WAIT
+
+
 def test_unknown_open_ttl_pings_in_full_at_once_on_both_sides() -> None:
     b = _opening("alice", B, open_ttl=None)
     b.call_me_maybe(0.0, Candidates((A,), A, False), reply=False)
