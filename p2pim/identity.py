@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nacl.bindings import crypto_core_ed25519_is_valid_point
 from nacl.exceptions import BadSignatureError, CryptoError
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import Box, PrivateKey, PublicKey
 from nacl.signing import SigningKey, VerifyKey
 
 KEY_SIZE = 32
@@ -75,6 +75,26 @@ def box_public_key(public_key: bytes) -> PublicKey:
         return VerifyKey(public_key).to_curve25519_public_key()
     except (CryptoError, ValueError, TypeError):
         raise BadPublicKey("not a valid Ed25519 identity key") from None
+
+
+class BoxCache:
+    """NaCl boxes between one identity and its peers, one per peer key (making one costs a
+    Curve25519 multiplication: a busy path must not pay it per packet). Bounded."""
+
+    MAX = 4096
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self._boxes: dict[bytes, Box] = {}
+
+    def __call__(self, peer_key: bytes) -> Box:
+        box = self._boxes.get(peer_key)
+        if box is None:
+            if len(self._boxes) >= self.MAX:
+                self._boxes.clear()
+            box = Box(self.identity.box_private, box_public_key(peer_key))
+            self._boxes[peer_key] = box
+        return box
 
 
 class Identity:

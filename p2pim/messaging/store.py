@@ -63,6 +63,27 @@ MIGRATIONS: list[str] = [
         updated_ms INTEGER NOT NULL
     );
     """,
+    """
+    CREATE TABLE transfers (            -- file transfers, both ways (p2pim.files.store)
+        file_id BLOB PRIMARY KEY,
+        peer TEXT NOT NULL,
+        outgoing INTEGER NOT NULL,      -- 1 we send, 0 we receive
+        name TEXT NOT NULL,             -- as offered (the receiver sanitizes it for its disk)
+        size INTEGER NOT NULL,
+        blake2b BLOB NOT NULL,          -- BLAKE2b-256 of the whole file
+        chunk_size INTEGER NOT NULL,
+        state TEXT NOT NULL,            -- offered|accepted|done|declined|cancelled|failed
+        durable INTEGER NOT NULL DEFAULT 0,  -- bytes fsynced on the receiver's disk (as far as we know)
+        path TEXT NOT NULL DEFAULT '',  -- out: the source file; in: the directory, then the final file
+        part TEXT NOT NULL DEFAULT '',  -- in: the .part file being written
+        mtime_ns INTEGER NOT NULL DEFAULT 0,  -- out: the source's mtime when offered
+        detail TEXT NOT NULL DEFAULT '',      -- why it failed, or who cancelled
+        resent INTEGER NOT NULL DEFAULT 0,    -- bytes that came (in) or went (out) twice
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX transfers_state ON transfers(state, created_ms);
+    """,
 ]
 MAX_NUMBERINGS = 4096  # rows kept in ipmsg_numbering (anyone on the LAN can claim an address)
 

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from nacl.exceptions import CryptoError
 from nacl.public import Box
 
-from ..identity import Identity, box_public_key
+from ..identity import BoxCache, Identity
 from ..wire import disco_pb2 as dpb
 from ..wire import nat_pb2 as npb
 
@@ -82,16 +82,7 @@ class DiscoBoxes:
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
         self._mine = identity.public_key
-        self._boxes: dict[bytes, Box] = {}
-
-    def _box(self, peer_key: bytes) -> Box:
-        box = self._boxes.get(peer_key)
-        if box is None:
-            if len(self._boxes) > 4096:
-                self._boxes.clear()
-            box = Box(self.identity.box_private, box_public_key(peer_key))
-            self._boxes[peer_key] = box
-        return box
+        self._box = BoxCache(identity)
 
     def seal(self, peer_key: bytes, message: dpb.Disco) -> bytes:
         nonce = os.urandom(NONCE_LEN)

@@ -69,6 +69,8 @@ class Body(_message.Message):
     SENT_AT_MS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    FILE_OFFER_FIELD_NUMBER: _builtins.int
+    FILE_ANSWER_FIELD_NUMBER: _builtins.int
     msg_id: _builtins.bytes
     sender: _builtins.str
     recipient: _builtins.str
@@ -77,6 +79,10 @@ class Body(_message.Message):
     def text(self) -> Global___Text: ...
     @_builtins.property
     def receipt(self) -> Global___Receipt: ...
+    @_builtins.property
+    def file_offer(self) -> Global___FileOffer: ...
+    @_builtins.property
+    def file_answer(self) -> Global___FileAnswer: ...
     def __init__(
         self,
         *,
@@ -86,12 +92,14 @@ class Body(_message.Message):
         sent_at_ms: _builtins.int = ...,
         text: Global___Text | None = ...,
         receipt: Global___Receipt | None = ...,
+        file_offer: Global___FileOffer | None = ...,
+        file_answer: Global___FileAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -153,3 +161,100 @@ class Receipt(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class FileOffer(_message.Message):
+    """"I have a file for you" (p2pim/files): what the receiver is asked to accept.
+    The bytes follow as p2pim.wire.FileFrame chunks once it is accepted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    BLAKE2B_FIELD_NUMBER: _builtins.int
+    CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    file_id: _builtins.bytes
+    """16 bytes, like a message id"""
+    name: _builtins.str
+    """the sender's file name (the receiver sanitizes it)"""
+    size: _builtins.int
+    blake2b: _builtins.bytes
+    """BLAKE2b-256 of the whole file"""
+    chunk_size: _builtins.int
+    """bytes per chunk (the last may be shorter)"""
+    def __init__(
+        self,
+        *,
+        file_id: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        blake2b: _builtins.bytes = ...,
+        chunk_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blake2b", b"blake2b", "chunk_size", b"chunk_size", "file_id", b"file_id", "name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileOffer: _TypeAlias = FileOffer  # noqa: Y015
+
+@_typing.final
+class FileAnswer(_message.Message):
+    """The other side's word on a transfer; each is sent once, exactly once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[FileAnswer._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: FileAnswer._Kind.ValueType  # 0
+        ACCEPT: FileAnswer._Kind.ValueType  # 1
+        """receiver: send it"""
+        DECLINE: FileAnswer._Kind.ValueType  # 2
+        """receiver: no"""
+        CANCEL: FileAnswer._Kind.ValueType  # 3
+        """either side: stop, for good"""
+        DONE: FileAnswer._Kind.ValueType  # 4
+        """receiver: the whole file arrived and its hash matched"""
+        FAILED: FileAnswer._Kind.ValueType  # 5
+        """either side: cannot go on (`reason` says why)"""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: FileAnswer.Kind.ValueType  # 0
+    ACCEPT: FileAnswer.Kind.ValueType  # 1
+    """receiver: send it"""
+    DECLINE: FileAnswer.Kind.ValueType  # 2
+    """receiver: no"""
+    CANCEL: FileAnswer.Kind.ValueType  # 3
+    """either side: stop, for good"""
+    DONE: FileAnswer.Kind.ValueType  # 4
+    """receiver: the whole file arrived and its hash matched"""
+    FAILED: FileAnswer.Kind.ValueType  # 5
+    """either side: cannot go on (`reason` says why)"""
+
+    FILE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    file_id: _builtins.bytes
+    kind: Global___FileAnswer.Kind.ValueType
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        file_id: _builtins.bytes = ...,
+        kind: Global___FileAnswer.Kind.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_id", b"file_id", "kind", b"kind", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileAnswer: _TypeAlias = FileAnswer  # noqa: Y015
