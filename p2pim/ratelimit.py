@@ -42,5 +42,16 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return allowed
 
+    def charge(self, key: Hashable, now: float, cost: float) -> float:
+        """Take ``cost`` tokens even if ``key`` has fewer (its bucket goes into debt); returns
+        how long until the debt is paid off (0 if there was none). For shaping, not refusing:
+        the caller lets the event through and then waits that long before the next."""
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate) - cost
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return -tokens / self.rate if tokens < 0 else 0.0
+
     def __len__(self) -> int:
         return len(self._buckets)

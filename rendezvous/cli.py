@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--offline-days", type=float, default=30, help="offline envelope expiry (default 30 days)"
     )
+    serve.add_argument(
+        "--relay-kbps",
+        type=float,
+        default=8192,
+        help="relayed KiB/s per user, bursts of 2 s of it (file transfers without a direct path; "
+        "default 8192)",
+    )
     serve.add_argument("--stun-ip", help="STUN primary address (default: --host)")
     serve.add_argument("--alt-ip", help="second STUN address for RFC 5780/3489 change requests")
     serve.add_argument("--stun-port", type=int, default=3478, help="STUN port (default %(default)s)")
@@ -164,6 +171,8 @@ async def _run_serve(args: argparse.Namespace) -> int:
             max_connections_per_ip=args.max_per_ip,
             max_pending_per_ip=args.max_pending_per_ip,
             send_queue_bytes=args.send_queue_kb * 1024,
+            relay_bytes_rate=args.relay_kbps * 1024,
+            relay_bytes_burst=max(128 * 1024, args.relay_kbps * 2048),
         )
     except ValueError as exc:
         print(f"rendezvous: {exc}", file=sys.stderr)

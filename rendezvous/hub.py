@@ -66,6 +66,7 @@ from .db import Database, User
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
 
 MAX_RELAY = 64 * 1024  # one relayed datagram
+RELAY_BUSY_MS = 20  # "the recipient is not keeping up": send again after this
 EXPIRE_EVERY_S = 3600.0  # how often old offline envelopes and tokens are deleted
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
@@ -116,6 +117,10 @@ class Limits:
     request_burst: float = 200
     relay_rate: float = 500.0
     relay_burst: float = 2000
+    # Relayed bytes per user and second: what one user's file transfers may cost the
+    # server's uplink when no direct path exists (the operator's knob: --relay-kbps).
+    relay_bytes_rate: float = 8 * 1024 * 1024
+    relay_bytes_burst: float = 16 * 1024 * 1024
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     # Enforced by the shell (rendezvous.server):
     login_deadline_s: float = 20.0  # a connection that has not logged in by then is closed
@@ -157,6 +162,9 @@ class Session:
     endpoints: pb.PublishEndpoints | None = None
     closed: bool = False
     transport: object = None  # the shell's handle (the WebSocket); the hub never touches it
+    # Bytes queued for this connection and not yet written (the shell's count): a relay
+    # to a session that is not keeping up is refused (slow down) instead of queued.
+    backlog: Callable[[], int] = field(default=lambda: 0)
     # A register or login that needs a password hash: (frame, work) for the shell's thread
     # pool, which hands the result to finish_register / finish_login.
     work: tuple[pb.Frame, HashWork | VerifyWork] | None = None
@@ -176,6 +184,8 @@ class Counters:
     hashing_shed: int = 0
     relayed: int = 0
     relay_refused: int = 0
+    relay_busy: int = 0  # relays refused because the recipient was not keeping up
+    relay_shaped: int = 0  # relays after which the sender waited for its byte budget
     stored: int = 0
     offline_delivered: int = 0
     offline_acked: int = 0
@@ -263,6 +273,7 @@ class Hub:
         self._register_limiter = RateLimiter(lim.register_ip_rate, lim.register_ip_burst)
         self._request_budget = RateLimiter(lim.request_rate, lim.request_burst)
         self._relay_budget = RateLimiter(lim.relay_rate, lim.relay_burst)
+        self._relay_bytes = RateLimiter(lim.relay_bytes_rate, lim.relay_bytes_burst)
         self._deadlines: list[tuple[float, int, Session]] = []  # login deadlines, a heap
         self._deadline_seq = itertools.count()
         self._next_expire = 0.0  # housekeeping: the offline store and tokens (see handle_timer)
@@ -749,8 +760,15 @@ class Hub:
         req = frame.relay
         try:
             self._require_buddy(session, req.to)
-            if len(req.data) > MAX_RELAY:
+            size = len(req.data)
+            if size > MAX_RELAY:
                 raise RequestError(pb.BAD_REQUEST, f"relayed datagrams are at most {MAX_RELAY} bytes")
+            # Back-pressure: the recipient's queue is half full. Refused, the sender waits
+            # and sends again; queued, it would cut the recipient off for not reading.
+            busy = self.limits.send_queue_bytes // 2
+            if any(x.backlog() > busy for x in self.online.get(req.to, ())):
+                self.counters.relay_busy += 1
+                raise RequestError(pb.RATE_LIMITED, f"{req.to} is not keeping up; slow down", RELAY_BUSY_MS)
             if not self._to_user(
                 req.to, pb.Frame(relay_in=pb.RelayIn(sender=session.username, data=req.data))
             ):
@@ -758,6 +776,13 @@ class Hub:
         except RequestError:
             self.counters.relay_refused += 1
             raise
+        # The byte budget shapes, it does not refuse: the frame went, and the shell reads
+        # nothing more from this sender until the budget has caught up (TCP pushes back on
+        # the sender; nothing is lost or sent twice).
+        debt = self._relay_bytes.charge(session.username, now, size)
+        if debt > 0:
+            self.counters.relay_shaped += 1
+            session.pause_s = max(session.pause_s, min(MAX_PAUSE_S, debt))
         self.counters.relayed += 1
         return None
 

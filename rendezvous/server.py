@@ -78,6 +78,9 @@ class Outgoing:
         self.writer: asyncio.Task[None] | None = None  # running while ``frames`` is not empty
         self.dropped = False  # cut for not reading: queue nothing more
 
+    def queued(self) -> int:
+        return self.size
+
     def put(self, item: bytes | Close) -> bool:
         """Queue a frame; False if that would pass the bound (the peer is not reading)."""
         if self.dropped:
@@ -282,6 +285,7 @@ class RendezvousServer:
         session = self.hub.connect((str(remote[0]), int(remote[1])), time.time())
         out = Outgoing(ws, session, self.hub.limits.send_queue_bytes)
         session.transport = out
+        session.backlog = out.queued
         self._driver.kick()
         try:
             async for data in ws:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..files.events import FileAnswered, FileDone, FileFailed, FileOffered, FileProgress
 from ..messaging.events import Message, Outcome, Problem, Receipt
 
 
@@ -66,4 +67,9 @@ Event = (
     | Problem
     | ConnectionState
     | PathUpdate
+    | FileOffered
+    | FileAnswered
+    | FileProgress
+    | FileDone
+    | FileFailed
 )

@@ -33,6 +33,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path as FsPath
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,6 +41,8 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection
 
 from ..driver import Driver
+from ..files.frames import is_file_frame
+from ..files.store import Transfer
 from ..identity import fingerprint, valid_public_key
 from ..messaging.core import Messenger, Verdict
 from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
@@ -51,6 +54,7 @@ from ..paths.manager import PathManager
 from ..paths.peer import DEFAULT_KEEPALIVE, Path
 from ..profile import Profile
 from ..wire import control_pb2 as pb
+from ..wire import envelope_pb2 as epb
 from .control import KEY_CHANGED, ClientError, Control, Unreachable
 from .events import (
     BuddyChange,
@@ -62,6 +66,7 @@ from .events import (
     PresenceChange,
     Problem,
 )
+from .files import FileService
 from .keys import KeyRing
 
 log = logging.getLogger(__name__)
@@ -99,6 +104,8 @@ class Client:
         udp_port: int = 0,
         inbox: bool = True,
         port_mapping: bool = True,
+        transfers: bool | None = None,
+        auto_accept: FsPath | None = None,
     ) -> None:
         """``quiet``: a short-lived session (one CLI command) that buddies do not see as online.
 
@@ -112,6 +119,10 @@ class Client:
         are neither shown nor acknowledged (a relayed one is resent by its sender and then
         stored; a stored one stays on the server), so they wait for a session that shows
         them. Receipts it still takes: they are its own business.
+
+        ``transfers``: this session moves the bytes of accepted file transfers (default:
+        unless quiet; one session per profile does, see :mod:`.files`); ``auto_accept``:
+        accept every buddy's file offer into this directory.
         """
         self.server = server
         self.quiet = quiet
@@ -134,11 +145,15 @@ class Client:
             policy=INTERNET,
             inbox=inbox,
             counters=self.counters,
+            bodies=lambda peer, opened, via: self.files.on_body(peer, opened, via),
         )
         for via in (Via.DIRECT, Via.RELAY, Via.STORE):
             self.counters.setdefault(f"received_{via.value}", 0)
         self.control = Control(server, self._on_push, self._on_reply, self._lost, self.counters)
         self._driver = Driver(self.messenger, self._transmit, self._emit)
+        self.files = FileService(
+            self, self._emit, run=(not quiet) if transfers is None else transfers, auto_accept=auto_accept
+        )
         self._store_reqs: dict[int, bytes] = {}
         self._relay_reqs: OrderedDict[int, bytes] = OrderedDict()
         self._token = b""
@@ -170,6 +185,7 @@ class Client:
         await self.control.connect()
         if not self._tasks:
             self._driver.start()
+            self.files.start()
             self._tasks.append(asyncio.create_task(self._push_worker()))
 
     async def close(self) -> None:
@@ -183,6 +199,7 @@ class Client:
                 await task
         self._tasks.clear()
         await self._driver.close()
+        await self.files.close()
         if self.paths is not None:
             held = self.paths.portmap
             await self.paths.close()
@@ -198,6 +215,7 @@ class Client:
         self._logged_in.clear()
         was_up = self.messenger.delivery.connected
         self.messenger.connection(False)
+        self.files.all_offline()
         self._store_reqs.clear()
         if self._closing:
             return
@@ -400,6 +418,7 @@ class Client:
             if b.state == pb.MUTUAL:
                 mutual.add(b.username)
                 self.messenger.presence(b.username, b.presence in (pb.ONLINE, pb.AWAY))
+                self.files.online(b.username, b.presence in (pb.ONLINE, pb.AWAY))
             pinned = self.store.contact(b.username)
             key = pinned.identity_key if pinned else b.identity_key
             out.append(
@@ -469,6 +488,15 @@ class Client:
 
         Works offline for a known buddy (it goes out after the next login).
         """
+        key = await self._check_peer(peer)
+        try:
+            body = text_body(text)
+        except ValueError as exc:
+            raise ClientError(pb.BAD_REQUEST, str(exc)) from None
+        return self._send_body(peer, key, body, text)
+
+    async def _check_peer(self, peer: str) -> bytes:
+        """``peer``'s pinned key, if we may send to them now; else a :class:`ClientError` that says why."""
         if self.connected and peer not in self.keys.mutual:
             await self._refresh_buddies()
             if peer not in self.keys.mutual:
@@ -484,17 +512,33 @@ class Client:
                 f"{peer}'s key changed (pinned {fingerprint(contact.identity_key)}, offered "
                 f"{fingerprint(contact.offered_key)}); check with {peer}, then run: p2pim buddy trust {peer}",
             )
-        try:
-            body = text_body(text)
-        except ValueError as exc:
-            raise ClientError(pb.BAD_REQUEST, str(exc)) from None
+        return contact.identity_key
+
+    def _send_body(self, peer: str, key: bytes, body: epb.Body, text: str) -> bytes:
+        """Seal ``body`` into the outbox (``text``: its history line) and send it on its way."""
         if not self.messenger.name:
             self.messenger.name = self._account_name()
-        msg_id = self.messenger.send(
-            peer, contact.identity_key, body, text, asyncio.get_running_loop().time()
-        )
+        msg_id = self.messenger.send(peer, key, body, text, asyncio.get_running_loop().time())
         self._driver.kick()
         return msg_id
+
+    # -- files ------------------------------------------------------------------------
+
+    async def send_file(self, peer: str, path: str | FsPath) -> Transfer:
+        """Offer a file to ``peer``; the bytes go once they accept (see :mod:`.files`)."""
+        return await self.files.send(peer, path)
+
+    async def accept_file(self, file_id: bytes, directory: FsPath | None = None) -> Transfer:
+        return await self.files.accept(file_id, directory)
+
+    async def decline_file(self, file_id: bytes) -> Transfer:
+        return await self.files.decline(file_id)
+
+    async def cancel_file(self, file_id: bytes) -> Transfer:
+        return await self.files.cancel(file_id)
+
+    def transfers(self, active: bool = False) -> list[Transfer]:
+        return self.files.store.list(active=active)
 
     def _account_name(self) -> str:
         saved = self.store.account()
@@ -567,6 +611,8 @@ class Client:
 
     def _on_reply(self, frame: pb.Frame) -> bool:
         """Answers to relays and stores the messaging core sent; False for other replies."""
+        if self.files.refused(frame.id, frame.error):
+            return True
         if frame.id in self._store_reqs:
             msg_id = self._store_reqs.pop(frame.id)
             if frame.WhichOneof("body") == "ok":
@@ -618,6 +664,9 @@ class Client:
                 if self.paths is not None:
                     self.paths.on_relay(sender, data)
                 return
+            if is_file_frame(data):
+                self.files.on_relay(sender, data)
+                return
             await self._receive(data, Via.RELAY, sender)
         elif kind == "offline_envelope":
             off = frame.offline_envelope
@@ -636,6 +685,7 @@ class Client:
             if online and p.username not in self.keys.mutual and self.connected:
                 await self._refresh_buddies()  # only buddies' presence is pushed: ours is stale
             self.messenger.presence(p.username, online)
+            self.files.online(p.username, online)
             if self.paths is not None:
                 if not online:
                     self.paths.offline(p.username)

@@ -140,15 +140,17 @@ class Transfers:
             self._online.discard(peer)
 
     def drop(self, file_id: bytes, now: float) -> Transfer | None:
-        """Stop running ``file_id`` (declined, cancelled, failed elsewhere); a receiver's
-        ``.part`` is removed. Returns it if it was running."""
+        """Stop running ``file_id`` (done, declined, cancelled, failed elsewhere); a receiver's
+        ``.part`` is removed. Returns it (with what it resent) if it was running."""
         self._waiting = deque(w for w in self._waiting if w.file_id != file_id)
         item = self._out.pop(file_id, None) or self._in.pop(file_id, None)
         if item is None:
             return None
         self.disk.discard(item.t)
         self._next_waiting(now)
-        return item.t
+        resent = item.resent if isinstance(item, _Out) else item.dup
+        self.store.add_resent(file_id, resent)
+        return replace(item.t, resent=item.t.resent + resent)
 
     def refused(self, file_id: bytes, offset: int, retry_s: float, now: float) -> None:
         """The relay refused the chunk at ``offset`` (slow down): send it again after ``retry_s``."""
@@ -163,7 +165,9 @@ class Transfers:
 
     # -- the core verbs ---------------------------------------------------------------
 
-    def receive_datagram(self, road: Any, data: bytes, peer: str, now: float) -> None:
+    def receive_datagram(self, sock: Any, data: bytes, addr: Any, now: float) -> None:
+        """A frame from peer ``addr`` (a name the road vouches for) on road ``sock``."""
+        road, peer = sock, str(addr)
         try:
             frame = fpb.FileFrame.FromString(data)
         except DecodeError:

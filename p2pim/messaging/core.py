@@ -61,6 +61,9 @@ class Received(NamedTuple):
 
 
 KeyLookup = Callable[[str, Via], Keys | None]
+# Body kinds other than texts and receipts (file offers and answers): their owner keeps
+# them (committed before the receipt goes) and says whether they were new.
+BodyHandler = Callable[[str, Opened, Via], bool]
 
 
 class Messenger:
@@ -77,6 +80,7 @@ class Messenger:
         warn: bool = True,
         counters: dict[str, int] | None = None,
         clock_ms: Callable[[], int] | None = None,
+        bodies: BodyHandler | None = None,
     ) -> None:
         """``prefix``: how this owner's peers are named in the shared history ("lan:").
 
@@ -85,6 +89,9 @@ class Messenger:
         one stays on the server) for a session that shows them.
 
         ``warn``: bad input becomes a (throttled) :class:`Problem` event, not only a counter.
+
+        ``bodies``: takes the body kinds this core does not know itself (file offers and
+        answers); they are acknowledged like texts, also by a session without an inbox.
         """
         self.identity = identity
         self.store = store
@@ -93,6 +100,7 @@ class Messenger:
         self.prefix = prefix
         self.inbox = inbox
         self.warn = warn
+        self.bodies = bodies
         self.delivery = Delivery(policy, connected=policy.away is None)
         self.counters = counters if counters is not None else {}
         for key in ("bad_envelopes", "unknown_sender", "duplicates", "left_for_inbox", "events_dropped"):
@@ -185,11 +193,11 @@ class Messenger:
                 self._emit(Message(who, text, env.msg_id, env.sent_at_ms, via.value))
             else:
                 self.counters["duplicates"] += 1
-            # The receipt goes back the way the message came: a relayed message may come
-            # from another session of the sender (a one-shot `send`) than the one our
-            # direct path reaches.
-            receipt = receipt_body(epb.Receipt.DELIVERED, [env.msg_id])
-            self.send(who, keys.key, receipt, None, now, relay_only=via is not Via.DIRECT, reply_to=reply_to)
+            self._delivered(who, keys.key, env.msg_id, via, now, reply_to)
+        elif kind in ("file_offer", "file_answer") and self.bodies is not None:
+            if not self.bodies(who, opened, via):
+                self.counters["duplicates"] += 1
+            self._delivered(who, keys.key, env.msg_id, via, now, reply_to)
         elif kind == "receipt":
             ids = [m for m in body.receipt.msg_ids if self.store.outgoing_peer(m) == self.prefix + who]
             state = "read" if body.receipt.kind == epb.Receipt.READ else "delivered"
@@ -198,6 +206,13 @@ class Messenger:
             if moved:
                 self._emit(Receipt(who, state, tuple(moved)))
         return Received(Verdict.TAKEN, who)
+
+    def _delivered(self, who: str, key: bytes, msg_id: bytes, via: Via, now: float, reply_to: object) -> None:
+        # The receipt goes back the way the message came: a relayed message may come
+        # from another session of the sender (a one-shot `send`) than the one our
+        # direct path reaches.
+        receipt = receipt_body(epb.Receipt.DELIVERED, [msg_id])
+        self.send(who, key, receipt, None, now, relay_only=via is not Via.DIRECT, reply_to=reply_to)
 
     def _open(self, env: epb.Envelope, keys: Keys) -> Opened:
         """Open with the pinned key; an envelope that opens only with the offered key is kept."""

@@ -140,7 +140,7 @@ def test_a_chunk_with_a_wrong_hash_is_dropped_and_counted(tmp_path: Path) -> Non
     alice, bob, offer = pair(tmp_path, size=200_000)
     original = alice.core.datagrams_to_send
 
-    def tamper(now: float):  # noqa: ANN202
+    def tamper(now: float):
         out = original(now)
         for i, dg in enumerate(out):
             frame = fpb.FileFrame.FromString(dg.data)
@@ -219,7 +219,7 @@ def test_a_file_that_does_not_match_its_offer_fails_and_leaves_nothing(tmp_path:
 
 
 def test_a_source_changed_since_the_offer_fails_the_sender(tmp_path: Path) -> None:
-    alice, bob, offer = pair(tmp_path, size=100_000)
+    alice, _bob, offer = pair(tmp_path, size=100_000)
     alice.core.drop(offer.file_id, 0.0)
     Path(offer.path).write_bytes(b"other")
     alice.core.run(alice.transfers.get(offer.file_id), 1.0)  # type: ignore[arg-type]
@@ -229,7 +229,7 @@ def test_a_source_changed_since_the_offer_fails_the_sender(tmp_path: Path) -> No
 
 
 def test_frames_for_unknown_or_foreign_transfers_are_counted_and_answered_sparingly(tmp_path: Path) -> None:
-    alice, bob, offer = pair(tmp_path, size=100_000)
+    _alice, bob, offer = pair(tmp_path, size=100_000)
     data = b"x" * 100
     stray = fpb.FileFrame(chunk=fpb.Chunk(file_id=offer.file_id, offset=0, data=data, hash=chunk_hash(data)))
     for k in range(50):  # mallory is not the sender of this transfer

@@ -1,0 +1,143 @@
+"""File transfer between real clients through a real `rendezvous serve` on loopback:
+an offer to a buddy who is away, accept and decline, the file arriving whole (hash,
+name, no `.part` left), the server never holding its bytes, and kill -9 of the
+receiver mid-transfer resuming from its disk, not from zero."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from p2pim.files.disk import PART, file_hash
+from p2pim.files.events import FileAnswered, FileDone, FileOffered
+from p2pim.files.transfer import ACK_EVERY, CHUNK, WINDOW
+
+from ..conftest import RendezvousProcess
+from .chatutil import befriend, new_user, relogin, wait_for
+
+PEER = Path(__file__).with_name("filepeer.py")
+
+
+def test_an_offer_waits_for_an_away_buddy_and_the_file_arrives_whole(tmp_path: Path) -> None:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    src = tmp_path / "holiday photos.tar"
+    src.write_bytes(os.urandom(6 * 1024 * 1024 + 321))
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "holiday photos.tar").write_bytes(b"an older file: never overwritten")
+
+    async def main() -> tuple[FileDone, FileDone]:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await b.close()  # bob is away when alice sends
+        offer = await a.send_file("bob", src)
+        b = await relogin(srv.url, tmp_path, "bob")
+        offered = await wait_for(b, lambda e: isinstance(e, FileOffered), 10)
+        assert isinstance(offered, FileOffered)
+        assert (offered.name, offered.size, offered.file_id) == (src.name, src.stat().st_size, offer.file_id)
+        assert list(downloads.iterdir()) == [downloads / "holiday photos.tar"]  # nothing before accepting
+        await b.accept_file(offered.file_id, downloads)
+        got = await wait_for(b, lambda e: isinstance(e, FileDone), 60)
+        sent = await wait_for(a, lambda e: isinstance(e, FileDone), 20)
+        assert isinstance(got, FileDone) and isinstance(sent, FileDone)
+        assert [t.state for t in a.transfers()] == ["done"]
+        assert [t.state for t in b.transfers()] == ["done"]
+        history = [r.text for r in a.history("bob")]
+        assert history[0].startswith("file: holiday photos.tar (6.3 MB)")
+        await a.close()
+        await b.close()
+        return got, sent
+
+    try:
+        got, sent = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert got.path == str(downloads / "holiday photos (1).tar")
+    assert file_hash(got.path) == file_hash(src)
+    assert (downloads / "holiday photos.tar").read_bytes() == b"an older file: never overwritten"
+    assert not any(p.name.endswith(PART) for p in downloads.iterdir())
+    assert got.resent == 0 and sent.resent == 0
+    # The server relayed the bytes sealed and kept none of them.
+    sample = src.read_bytes()[4096:4160]
+    for f in tmp_path.glob("server.db*"):
+        assert sample not in f.read_bytes()
+
+
+def test_a_declined_offer_writes_nothing_and_the_sender_hears_it(tmp_path: Path) -> None:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"secret" * 1000)
+
+    async def main() -> FileAnswered:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await a.send_file("bob", src)
+        offered = await wait_for(b, lambda e: isinstance(e, FileOffered))
+        assert isinstance(offered, FileOffered)
+        await b.decline_file(offered.file_id)
+        answer = await wait_for(a, lambda e: isinstance(e, FileAnswered))
+        assert isinstance(answer, FileAnswered)
+        assert [t.state for t in a.transfers()] == ["declined"] == [t.state for t in b.transfers()]
+        await a.close()
+        await b.close()
+        return answer
+
+    try:
+        answer = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert answer.kind == "declined"
+
+
+def test_receiver_killed_mid_transfer_resumes_from_its_disk(tmp_path: Path) -> None:
+    # 4 MiB/s per user through the relay (the operator's limit): a transfer long enough to kill
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2", "--relay-kbps", "4096"))
+    src = tmp_path / "big.bin"
+    size = 24 * 1024 * 1024
+    src.write_bytes(os.urandom(size))
+    downloads = tmp_path / "dl"
+
+    async def main() -> tuple[str, int, int]:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await b.close()
+        await a.send_file("bob", src)
+        argv = [sys.executable, str(PEER), srv.url, str(tmp_path), "bob", str(downloads)]
+        peer = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        assert peer.stdout is not None
+        have = 0
+        while have < size // 3:  # a third on its disk, then kill -9
+            line = (await asyncio.wait_for(peer.stdout.readline(), 60)).decode()
+            assert line.startswith("have"), line
+            have = int(line.split()[1])
+        peer.kill()
+        await peer.wait()
+        again = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        assert again.stdout is not None
+        last = ""
+        while not last.startswith(("done", "failed")):
+            last = (await asyncio.wait_for(again.stdout.readline(), 90)).decode()
+            assert last, "the restarted receiver ended early"
+        await asyncio.wait_for(again.wait(), 20)
+        sent = await wait_for(a, lambda e: isinstance(e, FileDone), 20)
+        assert isinstance(sent, FileDone)
+        await a.close()
+        return last, have, sent.resent
+
+    try:
+        last, have, resent_by_sender = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert have < size  # killed mid-transfer
+    assert last.startswith("done"), last
+    _, path, resent = last.split()
+    assert file_hash(path) == file_hash(src)
+    assert not any(p.name.endswith(PART) for p in downloads.iterdir())
+    # Resumed, not restarted: what went twice is at most what was in flight past the
+    # last durable mark when the receiver died (plus what it had not yet said it had).
+    assert resent_by_sender + int(resent) <= WINDOW + ACK_EVERY + 2 * CHUNK
