@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -57,6 +58,7 @@ HASHING_NICE = 10  # password hashing yields the CPU to relaying (see _lower_pri
 # One core stays free for the event loop: a login flood may saturate the hashing threads,
 # never the relay.
 HASHING_THREADS = max(1, (os.cpu_count() or 2) - 1)
+STALLED_S = 1.0  # a write stuck this long: the reader stopped, it is not merely slow
 REFUSAL_LINGER_S = 0.5  # a refused connection's chance to read our 503 before it is cut
 
 
@@ -77,9 +79,6 @@ class Outgoing:
         self.size = 0  # bytes in ``frames``
         self.writer: asyncio.Task[None] | None = None  # running while ``frames`` is not empty
         self.dropped = False  # cut for not reading: queue nothing more
-
-    def queued(self) -> int:
-        return self.size
 
     def put(self, item: bytes | Close) -> bool:
         """Queue a frame; False if that would pass the bound (the peer is not reading)."""
@@ -285,7 +284,7 @@ class RendezvousServer:
         session = self.hub.connect((str(remote[0]), int(remote[1])), time.time())
         out = Outgoing(ws, session, self.hub.limits.send_queue_bytes)
         session.transport = out
-        session.backlog = out.queued
+        session.backlog = functools.partial(self._backlog, out)
         self._driver.kick()
         try:
             async for data in ws:
@@ -381,6 +380,16 @@ class RendezvousServer:
         with contextlib.suppress(TimeoutError, ConnectionClosed):
             await asyncio.wait_for(ws.close(code, reason), CLOSE_GRACE_S)
         ws.transport.abort()
+
+    def _backlog(self, out: Outgoing) -> int:
+        """Bytes queued for a recipient that is still taking them (the hub refuses relays to
+        it past half its bound: back-pressure). One whose write has been stuck for
+        :data:`STALLED_S` stopped reading: refusing would only hide that, so it counts as
+        0, its queue fills, and it is cut off as before."""
+        since = self._busy.get(out)
+        if since is not None and asyncio.get_running_loop().time() - since > STALLED_S:
+            return 0
+        return out.size
 
     async def _writer(self, out: Outgoing) -> None:
         """Write ``out``'s queue until it is empty, then end (the next frame starts another)."""

@@ -18,8 +18,10 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+from . import files
 from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
@@ -107,6 +109,10 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--away", action="store_true", help="appear away instead of online")
     p.add_argument("--no-read-receipts", action="store_true", help="do not tell senders you have read them")
     p.add_argument("--exit-after", type=float, metavar="S", help="stop after S seconds (for scripts)")
+    p.add_argument("--auto-accept", action="store_true", help="accept every buddy's file offer")
+    p.add_argument(
+        "--dir", type=Path, help="where accepted files go (default $XDG_DOWNLOAD_DIR or ~/Downloads)"
+    )
 
     p = sub.add_parser("history", parents=[common], help="conversation with USER (local, no server)")
     p.add_argument("user")
@@ -128,6 +134,7 @@ def add_parsers(sub: Any) -> None:
     )
     p = sub.add_parser("fingerprint", parents=[common], help="your key's fingerprint, or USER's pinned one")
     p.add_argument("user", nargs="?")
+    files.add_parsers(sub, common, udp)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -190,6 +197,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
     either way and checks ``client.connected``), or "no" (``body`` connects itself).
     """
     from p2pim.client import Client, ClientError, Unreachable
+    from p2pim.client.files import download_dir
     from p2pim.messaging.store import ClientStore
     from p2pim.profile import Profile, ProfileError
 
@@ -205,15 +213,21 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         # sessions, so buddies do not see presence flicker each time a message is sent
         # from a script. Only commands that show messages take them in: a `send` must
         # not swallow what arrived while you were away (it waits for `listen`).
+        # Sessions that move file bytes show online too: the other side sends (or asks
+        # for) bytes only to a buddy it sees online.
+        moving = args.command in ("listen", "chat", "send-file", "accept")
+        auto = getattr(args, "auto_accept", False)
         client = Client(
             _server_for(args, saved),
             profile,
             reconnect=False,
-            quiet=args.command not in ("listen", "chat"),
+            quiet=not moving,
             direct=args.command in ("listen", "chat", "ping"),
             udp_port=getattr(args, "udp_port", 0),
             inbox=args.command in ("listen", "chat", "login"),
             port_mapping=getattr(args, "port_mapping", True),
+            transfers=moving,
+            auto_accept=(getattr(args, "dir", None) or download_dir()) if auto else None,
         )
         try:
             if login != "no":
@@ -626,4 +640,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fingerprint": cmd_fingerprint,
     "ping": cmd_ping,
     "chat": cmd_chat,
+    **files.COMMANDS,
 }

@@ -25,6 +25,7 @@ BUDDY_TEXTS = {
 
 def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     from p2pim.client import events as ce
+    from p2pim.files import events as fe
     from p2pim.lan import core as lc
     from p2pim.messaging import events as me
 
@@ -95,6 +96,8 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
             },
             f"[{stamp}] * path to {ev.peer}: {where if ev.via == 'direct' else 'relay'} ({ev.reason})",
         )
+    if isinstance(ev, (fe.FileOffered, fe.FileAnswered, fe.FileProgress, fe.FileDone, fe.FileFailed)):
+        return _file_event(ev, stamp)
     if isinstance(ev, ce.ConnectionState):
         return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
     if isinstance(ev, lc.PeerUp):
@@ -118,6 +121,36 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
             f"[{stamp}] * {'; '.join(what)}"
         )
     return {"event": "unknown", "repr": repr(ev)}, f"[{stamp}] ? {ev!r}"
+
+
+def _file_event(ev: Any, stamp: str) -> tuple[dict[str, Any], str]:
+    from p2pim.client.files import human_size
+    from p2pim.files import events as fe
+
+    data = {"event": _FILE_EVENTS[type(ev).__name__], **{k: v for k, v in vars(ev).items() if k != "file_id"}}
+    data["id"] = ev.file_id.hex()
+    if isinstance(ev, fe.FileOffered):
+        line = f"{ev.peer} offers {ev.name!r} ({human_size(ev.size)}): p2pim accept {ev.file_id.hex()[:8]}"
+        return data, f"[{stamp}] {line}"
+    if isinstance(ev, fe.FileAnswered):
+        return data, f"[{stamp}] * {ev.peer} {ev.kind} {ev.name}" + (f": {ev.reason}" if ev.reason else "")
+    if isinstance(ev, fe.FileProgress):
+        return data, f"[{stamp}] * {ev.name}: {ev.done * 100 // max(1, ev.size)}%"
+    if isinstance(ev, fe.FileDone):
+        moved = (
+            f"sent {ev.name} to {ev.peer}" if ev.outgoing else f"received {ev.name} from {ev.peer}: {ev.path}"
+        )
+        return data, f"[{stamp}] * {moved} ({human_size(ev.size)}, whole: hash checked)"
+    return data, f"[{stamp}] ! {ev.name}: {ev.reason}"
+
+
+_FILE_EVENTS = {
+    "FileOffered": "file_offered",
+    "FileAnswered": "file_answered",
+    "FileProgress": "file_progress",
+    "FileDone": "file_done",
+    "FileFailed": "file_failed",
+}
 
 
 def print_history(rows: list[Any], me: str, who: str, as_json: bool) -> None:

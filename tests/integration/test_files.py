@@ -141,3 +141,59 @@ def test_receiver_killed_mid_transfer_resumes_from_its_disk(tmp_path: Path) -> N
     # Resumed, not restarted: what went twice is at most what was in flight past the
     # last durable mark when the receiver died (plus what it had not yet said it had).
     assert resent_by_sender + int(resent) <= WINDOW + ACK_EVERY + 2 * CHUNK
+
+
+def test_cli_send_file_to_a_listener_that_auto_accepts(tmp_path: Path) -> None:
+    """`p2pim send-file` waits until the file is whole at `p2pim listen --auto-accept`; `p2pim files`
+    lists it on both sides."""
+    import json
+    import subprocess
+
+    from natlab.classify import tool
+
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    src = tmp_path / "notes.txt"
+    src.write_bytes(os.urandom(300_000))
+    dl = tmp_path / "dl"
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "p2pim" / "profiles"
+    root.mkdir(parents=True)
+
+    async def setup() -> None:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await a.close()
+        await b.close()
+        for name in ("alice", "bob"):
+            os.symlink(tmp_path / "profiles" / name, root / name)
+
+    def p2pim(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool("p2pim"), *argv], env=env, capture_output=True, text=True, timeout=60)
+
+    listener = None
+    try:
+        asyncio.run(setup())
+        listener = subprocess.Popen(
+            [tool("p2pim"), "listen", "--profile", "bob", "--auto-accept", "--dir", str(dl), "--json"],
+            env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert listener.stdout is not None
+        sent = p2pim("send-file", "--profile", "alice", "bob", str(src))
+        assert sent.returncode == 0, sent.stderr
+        assert "offered notes.txt" in sent.stdout and "sent notes.txt to bob" in sent.stdout
+        events = []
+        while not any(e.get("event") == "file_done" for e in events):
+            line = listener.stdout.readline()
+            assert line, "listen ended"
+            events.append(json.loads(line))
+        done = next(e for e in events if e["event"] == "file_done")
+        assert file_hash(done["path"]) == file_hash(src)
+        assert any(e["event"] == "file_offered" and e["name"] == "notes.txt" for e in events)
+        mine = json.loads(p2pim("files", "--profile", "alice", "--json").stdout)
+        assert [(t["name"], t["state"], t["outgoing"]) for t in mine] == [("notes.txt", "done", True)]
+    finally:
+        if listener is not None:
+            listener.terminate()
+            listener.communicate(timeout=10)
+        srv.stop()

@@ -1,0 +1,207 @@
+"""``p2pim send-file``, ``files``, ``accept``, ``decline``, ``cancel``.
+
+``send-file`` and ``accept`` stay until their transfers end (a progress line
+on a terminal, JSON events with ``--json``), unless ``--no-wait``; a
+transfer left running goes on in the next ``listen`` or ``chat`` of either
+side, from where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .render import event_line
+
+FINAL_EVENTS = ("FileDone", "FileFailed")
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, udp: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("send-file", parents=[common, udp], help="offer files to USER; they go once accepted")
+    p.add_argument("user")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--no-wait", action="store_true", help="offer and return; listen or chat sends the bytes")
+    p = sub.add_parser("files", parents=[common], help="file offers and transfers, both ways (local)")
+    p.add_argument(
+        "--all", action="store_true", help="also finished ones (default: the last 20 and all open)"
+    )
+    p = sub.add_parser("accept", parents=[common, udp], help="accept an offered file (ID from p2pim files)")
+    p.add_argument("id")
+    p.add_argument("--dir", type=Path, help="where to save it (default $XDG_DOWNLOAD_DIR or ~/Downloads)")
+    p.add_argument("--no-wait", action="store_true", help="accept and return; listen or chat receives it")
+    for name, text in (("decline", "decline an offered file"), ("cancel", "stop a transfer, either way")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("id")
+
+
+def cmd_send_file(args: argparse.Namespace) -> int:
+    from .chat import EXIT_FAILED, _out, _run
+
+    async def body(c: Any) -> int:
+        offers = [await c.send_file(args.user, path) for path in args.paths]
+        for t in offers:
+            _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
+        if args.no_wait:
+            return 0
+        if args.user not in c.messenger.delivery.online:
+            _out(
+                args,
+                {"event": "waiting", "peer": args.user},
+                f"{args.user} is offline: the offer waits on the server; the file goes once "
+                f"{args.user} accepts and you are both online (p2pim listen)",
+            )
+            return 0
+        ok = await _follow(args, c, {t.file_id for t in offers})
+        return 0 if ok else EXIT_FAILED
+
+    return _run(args, body)
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    from .chat import EXIT_FAILED, _out, _run
+
+    async def body(c: Any) -> int:
+        t = await c.accept_file(c.files.find(args.id).file_id, args.dir)
+        _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name} from {t.peer}: saving to {t.path}")
+        if args.no_wait:
+            return 0
+        ok = await _follow(args, c, {t.file_id})
+        return 0 if ok else EXIT_FAILED
+
+    return _run(args, body)
+
+
+def cmd_decline(args: argparse.Namespace) -> int:
+    from .chat import _out, _run
+
+    async def body(c: Any) -> int:
+        t = await c.decline_file(c.files.find(args.id).file_id)
+        _out(args, {"event": "declined", **_json(t)}, f"declined {t.name} from {t.peer}")
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .chat import _out, _run
+
+    async def body(c: Any) -> int:
+        t = await c.cancel_file(c.files.find(args.id).file_id)
+        _out(
+            args,
+            {"event": "cancelled", **_json(t)},
+            f"cancelled {t.name} ({'to' if t.outgoing else 'from'} {t.peer})",
+        )
+        return 0
+
+    return _run(args, body, login="try")
+
+
+def cmd_files(args: argparse.Namespace) -> int:
+    from p2pim.files.store import TransferStore
+    from p2pim.messaging.store import ClientStore
+    from p2pim.profile import Profile, ProfileError
+
+    try:
+        store = ClientStore(Profile(args.profile).db_path)
+    except ProfileError as exc:
+        print(f"p2pim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = TransferStore(store.conn).list()
+    finally:
+        store.close()
+    if not args.all:
+        rows = [t for i, t in enumerate(rows) if not t.final or i >= len(rows) - 20]
+    if args.json:
+        print(json.dumps([_json(t) for t in rows]))
+        return 0
+    if not rows:
+        print("no file transfers")
+    for t in rows:
+        arrow = f"to {t.peer}" if t.outgoing else f"from {t.peer}"
+        state = t.state
+        if t.state == "accepted":
+            state = f"{_pct(t.durable, t.size)} on {'their' if t.outgoing else 'our'} disk"
+        elif t.state == "offered" and not t.outgoing:
+            state = f"offered: p2pim accept {t.file_id.hex()[:8]}"
+        where = f"  {t.path}" if t.path and (t.outgoing or t.state == "done") else ""
+        detail = f" ({t.detail})" if t.detail and t.state in ("failed", "cancelled") else ""
+        print(f"{t.file_id.hex()[:8]}  {arrow:<16} {t.name} ({_size(t.size)})  {state}{detail}{where}")
+    return 0
+
+
+async def _follow(args: argparse.Namespace, c: Any, ids: set[bytes]) -> bool:
+    """Show progress of ``ids`` until each is done or failed; True if all were done."""
+    from p2pim.files import events as fe
+
+    tty = sys.stderr.isatty() and not args.json
+    started = time.monotonic()
+    ok = True
+    async for ev in c.events():
+        if not isinstance(ev, (fe.FileProgress, fe.FileDone, fe.FileFailed, fe.FileAnswered)):
+            continue
+        if ev.file_id not in ids:
+            continue
+        if isinstance(ev, fe.FileProgress):
+            if args.json:
+                print(json.dumps(event_line(ev)[0]), flush=True)
+            elif tty:
+                rate = ev.done / max(1e-3, time.monotonic() - started)
+                eta = (ev.size - ev.done) / rate if rate else 0
+                line = f"\r{ev.name}: {_pct(ev.done, ev.size)} {_size(int(rate))}/s ETA {eta:.0f} s   "
+                print(line, end="", file=sys.stderr, flush=True)
+            continue
+        if tty:
+            print(file=sys.stderr)
+        data, line = event_line(ev)
+        print(json.dumps(data) if args.json else line, flush=True)
+        if isinstance(ev, fe.FileAnswered) and ev.kind == "accepted":
+            continue
+        ok = ok and isinstance(ev, fe.FileDone)
+        ids.discard(ev.file_id)
+        if not ids:
+            await asyncio.sleep(0)  # let the "done" envelope go out
+            while c.delivery.items:
+                await asyncio.sleep(0.05)
+            return ok
+    return ok
+
+
+def _json(t: Any) -> dict[str, Any]:
+    return {
+        "id": t.file_id.hex(),
+        "peer": t.peer,
+        "outgoing": t.outgoing,
+        "name": t.name,
+        "size": t.size,
+        "state": t.state,
+        "durable": t.durable,
+        "path": t.path,
+        "detail": t.detail,
+        "resent": t.resent,
+    }
+
+
+def _size(n: int) -> str:
+    from p2pim.client.files import human_size
+
+    return human_size(n)
+
+
+def _pct(done: int, size: int) -> str:
+    return f"{100 * done / size:.0f}%" if size else "100%"
+
+
+COMMANDS = {
+    "send-file": cmd_send_file,
+    "files": cmd_files,
+    "accept": cmd_accept,
+    "decline": cmd_decline,
+    "cancel": cmd_cancel,
+}
