@@ -325,6 +325,7 @@ class Client:
             keepalive,
             port_mapping=self.port_mapping,
             on_portmap=self._on_portmap,
+            on_quic=self.files.on_quic,
         )
         try:
             self.paths.start(self.udp_port)
@@ -384,6 +385,7 @@ class Client:
         via, addr, rtt = _path_view(path)
         self.messenger.path(peer, path is not None)
         self.store.set_path(peer, via, addr, rtt, _now_ms())
+        self.files.path_changed(peer)
         self._emit(PathUpdate(peer, via, addr, rtt, reason))
 
     def path_to(self, peer: str) -> tuple[str, str, float | None]:

@@ -5,10 +5,12 @@ An offer, an accept, a decline, a cancel and the final "done" or "failed" are
 envelope bodies (:class:`~p2pim.wire.envelope_pb2.FileOffer`,
 :class:`~p2pim.wire.envelope_pb2.FileAnswer`): they go exactly once, wait in
 the offline store for a buddy who is away, and appear in the history. Once a
-transfer is accepted, :class:`p2pim.files.transfer.Transfers` moves its bytes,
-today over the relay, each frame sealed between the two identity keys
+transfer is accepted, :class:`p2pim.files.transfer.Transfers` moves its bytes:
+over a QUIC link on the punched path while there is one
+(:mod:`p2pim.quic.links`: TLS with the identity keys, QUIC's congestion
+control), else over the relay, each frame sealed between the two identity keys
 (:mod:`p2pim.files.frames`), so the server sees sizes and timing, never
-content.
+content. A transfer follows the path as it comes and goes.
 
 Only one session per profile moves bytes (it holds ``transfers.lock`` in the
 profile directory): the server hands a relayed frame to every session of a
@@ -33,10 +35,11 @@ from ..files.disk import PART, Disk, FileError, file_hash, free_space, safe_name
 from ..files.events import FileAnswered, FileDone, FileEvent, FileFailed, FileOffered
 from ..files.frames import FrameBoxes, FrameError
 from ..files.store import Transfer, TransferStore
-from ..files.transfer import CHUNK, Transfers
+from ..files.transfer import CHUNK, QUIC, RELAY, Transfers
 from ..messaging.core import Opened
 from ..messaging.delivery import Via
 from ..messaging.ids import new_msg_id
+from ..quic.links import FrameIn, LinkEvent, LinkUp, QuicLinks
 from ..sansio import Datagram
 from ..wire import control_pb2 as pb
 from ..wire import envelope_pb2 as epb
@@ -89,6 +92,8 @@ class FileService:
         self.boxes = FrameBoxes(client.profile.identity)
         self.core = Transfers(self.store, Disk(), client.counters)
         self.driver = Driver(self.core, self._transmit, self._on_event)
+        self.links = QuicLinks(client.profile.identity, self._quic_key, client.counters)
+        self.quic = Driver(self.links, self._quic_send, self._on_link)
         self._reqs: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._lock_fd: int | None = None
         self._want_run = run
@@ -111,11 +116,15 @@ class FileService:
                 self._lock_fd = fd
                 self._rescan = asyncio.create_task(self._rescan_loop())
         self.driver.start()
+        self.quic.start()
 
     async def close(self) -> None:
         if self._rescan is not None:
             self._rescan.cancel()
         await self.driver.close()
+        self.links.close_all(self._now())
+        self.quic.kick()  # the CONNECTION_CLOSEs leave before the socket closes
+        await self.quic.close()
         self.core.disk.close_all()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
@@ -289,6 +298,7 @@ class FileService:
         if self.moving and t is not None and t.state == "accepted":
             self.core.run(t, self._now())
             self.core.online(t.peer, t.peer in self.client.messenger.delivery.online, self._now())
+            self.path_changed(t.peer)
             self.driver.kick()
 
     async def _rescan_loop(self) -> None:
@@ -299,6 +309,8 @@ class FileService:
             for t in self.store.list(active=True):
                 if t.state == "accepted" and t.file_id not in running:
                     self._run(t.file_id)
+            for peer in self.core.peers():
+                self.path_changed(peer)
             await asyncio.sleep(RESCAN_S)
 
     def all_offline(self) -> None:
@@ -334,7 +346,50 @@ class FileService:
         self.driver.kick()
         return True
 
+    # -- the QUIC road ----------------------------------------------------------------------
+
+    def path_changed(self, peer: str) -> None:
+        """The direct path to ``peer`` came, moved or went: a QUIC link follows it while
+        transfers with ``peer`` run (the relay carries them meanwhile)."""
+        paths = self.client.paths
+        if not self.moving or paths is None:
+            return
+        direct = paths.direct(peer) if peer in self.core.peers() else None
+        if direct is None:
+            self.links.path(peer, None, None, self._now())
+        else:
+            self.links.path(peer, direct[0], direct[1], self._now())
+        self.quic.kick()
+
+    def on_quic(self, label: Any, data: bytes, addr: tuple[str, int]) -> None:
+        """A QUIC packet on the paths socket (see :meth:`PathManager._divert`)."""
+        self.links.receive_datagram(label, data, addr, self._now())
+        self.quic.kick()
+
+    def _quic_key(self, peer: str) -> bytes | None:
+        contact = self.client.store.contact(peer)
+        if contact is None or contact.offered_key is not None or peer not in self.client.keys.mutual:
+            return None
+        return contact.identity_key
+
+    def _quic_send(self, dg: Datagram) -> None:
+        if self.client.paths is not None:
+            self.client.paths.send_on(dg.sock, dg.data, dg.addr)
+
+    def _on_link(self, event: LinkEvent) -> None:
+        now = self._now()
+        if isinstance(event, FrameIn):
+            self.core.receive_datagram(QUIC, event.data, event.peer, now)
+        elif isinstance(event, LinkUp):
+            self.core.road(event.peer, QUIC, lost=False, now=now)
+        else:
+            self.core.road(event.peer, RELAY, lost=True, now=now)
+        self.driver.kick()
+
     def _transmit(self, dg: Datagram) -> None:
+        if dg.sock == QUIC and self.links.send(dg.addr, dg.data):
+            self.quic.kick()
+            return
         peer = dg.addr
         contact = self.client.store.contact(peer)
         if contact is None or not self.client.messenger.delivery.connected:

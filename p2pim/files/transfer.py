@@ -43,10 +43,13 @@ from .store import Transfer, TransferStore
 
 CHUNK = 32 * 1024  # bytes per chunk: one relay frame (the relay takes up to 64 KiB)
 MAX_CHUNK = 64 * 1024  # a bigger chunk from a peer is garbage
-# Bytes in flight to one peer past what it has. The rendezvous refuses relays to a
-# recipient whose queue is half full (its bound is 1 MiB per connection), so more
-# than that gains nothing there and only makes a rewind cost more.
+# Bytes in flight to one peer past what it has, per road. The rendezvous refuses relays
+# to a recipient whose queue is half full (its bound is 1 MiB per connection), so more
+# than that gains nothing there and only makes a rewind cost more. QUIC has congestion
+# control of its own; the window only bounds what its send buffer holds and what a path
+# change may cost (what was in flight on the old road is sent again).
 WINDOW = 512 * 1024
+QUIC_WINDOW = 4 * 1024 * 1024
 ACK_EVERY = 256 * 1024  # the receiver fsyncs, records and says Want this often
 WANT_IDLE = 2.0  # receiver: no chunk for this long -> ask again, from where it is
 STALL = 5.0  # sender: no word for this long with bytes in flight -> go back to what it has
@@ -57,7 +60,8 @@ PROGRESS_EVERY = 0.5  # a progress event per transfer at most this often
 MAX_ACTIVE = 32  # transfers running at once; later ones wait their turn
 MAX_EVENTS = 10_000
 MAX_STOPS = 1024  # remembered "not running here" answers (a stranger's ids must not grow us)
-RELAY = "relay"
+RELAY, QUIC = "relay", "quic"
+WINDOWS = {RELAY: WINDOW, QUIC: QUIC_WINDOW}
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Out:
     heard: float  # when the receiver last said anything (or we started)
     paused: float = 0.0  # nothing sent before this (refused by the relay, or told to stop)
     sent_max: int = 0  # bytes below this went out before: sending them again counts as resent
+    hold: int = 0  # after a road change, nothing new goes until the receiver has this much
     resent: int = 0
     shown: float = -1e18
 
@@ -100,6 +105,7 @@ class Transfers:
         self._in: dict[bytes, _In] = {}
         self._waiting: deque[Transfer] = deque()
         self._online: set[str] = set()
+        self._roads: dict[str, str] = {}  # peer -> QUIC while a link is up (default: the relay)
         self._send: list[Datagram] = []
         self._events: deque[FileEvent] = deque()
         self._stops: dict[bytes, float] = {}
@@ -139,6 +145,33 @@ class Transfers:
         elif not up:
             self._online.discard(peer)
 
+    def road(self, peer: str, road: str, lost: bool, now: float) -> None:
+        """Frames to ``peer`` go by ``road`` from now on. ``lost``: the old road died with
+        what was in flight on it, so the sender goes back to what the receiver has and
+        the receiver asks at once. Else (the relay still delivers) the sender waits until
+        the receiver has what it sent on the old road before sending on the new one, so
+        chunks do not overtake each other (the receiver takes them in order only)."""
+        if self._roads.get(peer, RELAY) == road:
+            return
+        if road == RELAY:
+            self._roads.pop(peer, None)
+        else:
+            self._roads[peer] = road
+        for o in self._out.values():
+            if o.t.peer == peer:
+                o.heard = now
+                if lost:
+                    o.next = o.expect
+                else:
+                    o.hold = o.next
+        for i in self._in.values():
+            if i.t.peer == peer and lost:
+                self._ask(i, now, rewind=False)  # where we are; the sender has gone back itself
+
+    def peers(self) -> set[str]:
+        """Peers with a transfer running."""
+        return {o.t.peer for o in self._out.values()} | {i.t.peer for i in self._in.values()}
+
     def drop(self, file_id: bytes, now: float) -> Transfer | None:
         """Stop running ``file_id`` (done, declined, cancelled, failed elsewhere); a receiver's
         ``.part`` is removed. Returns it (with what it resent) if it was running."""
@@ -166,8 +199,9 @@ class Transfers:
     # -- the core verbs ---------------------------------------------------------------
 
     def receive_datagram(self, sock: Any, data: bytes, addr: Any, now: float) -> None:
-        """A frame from peer ``addr`` (a name the road vouches for) on road ``sock``."""
-        road, peer = sock, str(addr)
+        """A frame from peer ``addr`` (a name the road vouches for: the relay's sender, the
+        QUIC link's authenticated buddy), on road ``sock`` (any: a frame is a frame)."""
+        peer = str(addr)
         try:
             frame = fpb.FileFrame.FromString(data)
         except DecodeError:
@@ -175,9 +209,9 @@ class Transfers:
             return
         kind = frame.WhichOneof("kind")
         if kind == "chunk":
-            self._chunk(road, peer, frame.chunk, now)
+            self._chunk(peer, frame.chunk, now)
         elif kind == "want":
-            self._want(road, peer, frame.want, now)
+            self._want(peer, frame.want, now)
         elif kind == "stop":
             self._stop(peer, frame.stop, now)
         else:
@@ -189,9 +223,10 @@ class Transfers:
             inflight[o.t.peer] = inflight.get(o.t.peer, 0) + max(0, o.next - o.expect)
         for o in list(self._out.values()):
             peer = o.t.peer
-            if peer not in self._online or now < o.paused:
+            if peer not in self._online or now < o.paused or o.expect < o.hold:
                 continue
-            while o.next < o.t.size and inflight[peer] < WINDOW:
+            road = self._roads.get(peer, RELAY)
+            while o.next < o.t.size and inflight[peer] < WINDOWS[road]:
                 n = min(o.t.chunk_size, o.t.size - o.next)
                 try:
                     data = self.disk.read(o.t, o.next, n)
@@ -199,7 +234,7 @@ class Transfers:
                     self._fail(o.t, str(exc), now)
                     break
                 chunk = fpb.Chunk(file_id=o.t.file_id, offset=o.next, data=data, hash=chunk_hash(data))
-                self._send.append(Datagram(RELAY, fpb.FileFrame(chunk=chunk).SerializeToString(), peer))
+                self._send.append(Datagram(road, fpb.FileFrame(chunk=chunk).SerializeToString(), peer))
                 if o.next < o.sent_max:
                     o.resent += n
                 o.next += n
@@ -226,7 +261,7 @@ class Transfers:
             if o.paused and now >= o.paused:
                 o.paused = 0.0
             if o.t.peer in self._online and o.next > o.expect and now >= o.heard + STALL:
-                o.next, o.heard = o.expect, now  # the receiver went quiet: from what it has
+                o.next, o.heard, o.hold = o.expect, now, 0  # the receiver went quiet: from what it has
         for i in self._in.values():
             if i.t.peer in self._online and now >= max(i.heard, i.asked) + WANT_IDLE:
                 self._ask(i, now, rewind=True)
@@ -236,10 +271,10 @@ class Transfers:
 
     # -- receiver ---------------------------------------------------------------------
 
-    def _chunk(self, road: Any, peer: str, c: fpb.Chunk, now: float) -> None:
+    def _chunk(self, peer: str, c: fpb.Chunk, now: float) -> None:
         i = self._in.get(c.file_id)
         if i is None or i.t.peer != peer:
-            self._not_running(road, peer, c.file_id, now)
+            self._not_running(peer, c.file_id, now)
             return
         n = len(c.data)
         if not 0 < n <= MAX_CHUNK or c.offset + n > i.t.size or len(c.hash) != CHUNK_HASH_SIZE:
@@ -280,21 +315,21 @@ class Transfers:
         del self._in[t.file_id]
         final = self.disk.finish(t)  # FileError: caught by the caller, the transfer fails
         self.store.move(t.file_id, "done", self.clock_ms(), path=final)
-        self._frame(RELAY, t.peer, fpb.FileFrame(stop=fpb.Stop(file_id=t.file_id, reason="done")))
+        self._frame(t.peer, fpb.FileFrame(stop=fpb.Stop(file_id=t.file_id, reason="done")))
         self._emit(FileDone(t.peer, t.file_id, t.name, False, final, t.size, t.resent))
         self._next_waiting(now)
 
     def _ask(self, i: _In, now: float, rewind: bool) -> None:
         i.asked = now
         want = fpb.Want(file_id=i.t.file_id, durable=i.durable, expect=i.expect, rewind=rewind)
-        self._frame(RELAY, i.t.peer, fpb.FileFrame(want=want))
+        self._frame(i.t.peer, fpb.FileFrame(want=want))
 
     # -- sender -----------------------------------------------------------------------
 
-    def _want(self, road: Any, peer: str, w: fpb.Want, now: float) -> None:
+    def _want(self, peer: str, w: fpb.Want, now: float) -> None:
         o = self._out.get(w.file_id)
         if o is None or o.t.peer != peer:
-            self._not_running(road, peer, w.file_id, now)
+            self._not_running(peer, w.file_id, now)
             return
         if w.durable > w.expect or w.expect > o.t.size:
             self.counters["file_frames_bad"] += 1
@@ -327,7 +362,7 @@ class Transfers:
 
     # -- helpers ----------------------------------------------------------------------
 
-    def _not_running(self, road: Any, peer: str, file_id: bytes, now: float) -> None:
+    def _not_running(self, peer: str, file_id: bytes, now: float) -> None:
         """A frame for a transfer not running here: say so, now and then, so the other side
         stops; a finished transfer says "done" (its Stop may have been lost)."""
         self.counters["file_frames_unknown"] += 1
@@ -337,11 +372,11 @@ class Transfers:
         if len(self._stops) >= MAX_STOPS:
             self._stops.clear()
         self._stops[file_id] = now
-        self._frame(road, peer, fpb.FileFrame(stop=fpb.Stop(file_id=file_id, reason=t.state)))
+        self._frame(peer, fpb.FileFrame(stop=fpb.Stop(file_id=file_id, reason=t.state)))
 
-    def _frame(self, road: Any, peer: str, frame: fpb.FileFrame) -> None:
+    def _frame(self, peer: str, frame: fpb.FileFrame) -> None:
         if peer in self._online:
-            self._send.append(Datagram(road, frame.SerializeToString(), peer))
+            self._send.append(Datagram(self._roads.get(peer, RELAY), frame.SerializeToString(), peer))
 
     def _fail(self, t: Transfer, reason: str, now: float) -> None:
         """This side cannot go on with ``t``; the shell tells the peer (a FAILED envelope)."""

@@ -30,7 +30,7 @@ from ..nat import portmap
 from ..nat.portmap import Mapping, TryUpnp
 from ..nat.runner import global_ipv6, source_ip_for
 from ..sansio import Datagram, ShortDatagram
-from .disco import DATA_MAGIC, Addr, is_data
+from .disco import DATA_MAGIC, Addr, is_data, is_disco
 from .endpoint import (
     MAIN,
     MAIN6,
@@ -61,9 +61,11 @@ class PathManager:
         keepalive: float = DEFAULT_KEEPALIVE,
         port_mapping: bool = True,
         on_portmap: Callable[[Mapping | None, tuple[str, ...]], None] | None = None,
+        on_quic: Callable[[Any, bytes, Addr], None] | None = None,
     ) -> None:
         """``port_mapping``: ask the router to forward our port (PCP, NAT-PMP, UPnP);
-        ``on_portmap(mapping, tried)`` hears what it gave."""
+        ``on_portmap(mapping, tried)`` hears what it gave; ``on_quic(label, data, addr)``
+        takes QUIC packets (file transfer on the punched path)."""
         self.endpoint = PathEndpoint(identity, keys, keepalive)
         self.port_mapping = port_mapping
         self.portmap: Mapping | None = None  # what the router gave us, if anything
@@ -73,8 +75,9 @@ class PathManager:
         self._relay = relay
         self._on_data = on_data
         self._on_change = on_change
+        self.on_quic = on_quic
         self.counters = self.endpoint.counters
-        self.counters.update({"direct_in": 0, "direct_out": 0, "send_errors": 0})
+        self.counters.update({"direct_in": 0, "direct_out": 0, "send_errors": 0, "quic_in": 0})
         self.local_known = asyncio.Event()
         self._driver = Driver(self.endpoint, self._send, self._event, bufsize=2048)
         self._driver.divert = self._divert
@@ -184,6 +187,15 @@ class PathManager:
         self.counters["direct_out"] += 1
         return True
 
+    def direct(self, peer: str) -> tuple[Label, Addr] | None:
+        """The socket (its label) and address of ``peer``'s direct path, if there is one."""
+        path = self.endpoint.route(peer)
+        return None if path is None else (self.endpoint.label(peer, path.sock), path.addr)
+
+    def send_on(self, label: Label, data: bytes, addr: Addr) -> bool:
+        """Send raw bytes (a QUIC packet) from the socket ``label`` names."""
+        return self._sendto(label, data, addr)
+
     def on_relay(self, peer: str, data: bytes) -> None:
         """A disco packet that came through the relay from ``peer``."""
         self.endpoint.receive_datagram(RELAY, data, peer, self._loop.time())
@@ -207,12 +219,18 @@ class PathManager:
     # -- the socket side -----------------------------------------------------------------
 
     def _divert(self, label: Any, data: bytes, addr: Addr) -> bool:
-        """A direct envelope: to the messaging core, not the endpoint (RFC 9443 demultiplexing)."""
-        if not is_data(data):
-            return False
-        self.counters["direct_in"] += 1
-        self._on_data(data[len(DATA_MAGIC) :], addr)
-        return True
+        """RFC 9443 demultiplexing: a direct envelope goes to the messaging core and a QUIC
+        packet (the fixed bit set, once the 4-byte magics are ruled out) to its links; STUN
+        (first byte 0-3) and disco stay with the endpoint."""
+        if is_data(data):
+            self.counters["direct_in"] += 1
+            self._on_data(data[len(DATA_MAGIC) :], addr)
+            return True
+        if data[:1] and data[0] & 0x40 and not is_disco(data) and self.on_quic is not None:
+            self.counters["quic_in"] += 1
+            self.on_quic(label, data, addr)
+            return True
+        return False
 
     def _send(self, dg: Datagram | ShortDatagram) -> None:
         if dg.sock == RELAY:

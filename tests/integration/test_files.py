@@ -6,13 +6,15 @@ receiver mid-transfer resuming from its disk, not from zero."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from p2pim.files.disk import PART, file_hash
 from p2pim.files.events import FileAnswered, FileDone, FileOffered
-from p2pim.files.transfer import ACK_EVERY, CHUNK, WINDOW
+from p2pim.files.transfer import ACK_EVERY, CHUNK, QUIC_WINDOW
 
 from ..conftest import RendezvousProcess
 from .chatutil import befriend, new_user, relogin, wait_for
@@ -97,7 +99,7 @@ def test_receiver_killed_mid_transfer_resumes_from_its_disk(tmp_path: Path) -> N
     # 4 MiB/s per user through the relay (the operator's limit): a transfer long enough to kill
     srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2", "--relay-kbps", "4096"))
     src = tmp_path / "big.bin"
-    size = 24 * 1024 * 1024
+    size = 48 * 1024 * 1024
     src.write_bytes(os.urandom(size))
     downloads = tmp_path / "dl"
 
@@ -110,12 +112,15 @@ def test_receiver_killed_mid_transfer_resumes_from_its_disk(tmp_path: Path) -> N
         argv = [sys.executable, str(PEER), srv.url, str(tmp_path), "bob", str(downloads)]
         peer = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
         assert peer.stdout is not None
+        line = (await asyncio.wait_for(peer.stdout.readline(), 60)).decode()
+        assert line.startswith("have"), line
+        db = sqlite3.connect(tmp_path / "profiles" / "bob" / "p2pim.db")
         have = 0
-        while have < size // 3:  # a third on its disk, then kill -9
-            line = (await asyncio.wait_for(peer.stdout.readline(), 60)).decode()
-            assert line.startswith("have"), line
-            have = int(line.split()[1])
+        while have < size // 4:  # a quarter safe on its disk, then kill -9
+            await asyncio.sleep(0.005)
+            have = db.execute("SELECT durable FROM transfers").fetchone()[0]
         peer.kill()
+        db.close()
         await peer.wait()
         again = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
         assert again.stdout is not None
@@ -140,7 +145,7 @@ def test_receiver_killed_mid_transfer_resumes_from_its_disk(tmp_path: Path) -> N
     assert not any(p.name.endswith(PART) for p in downloads.iterdir())
     # Resumed, not restarted: what went twice is at most what was in flight past the
     # last durable mark when the receiver died (plus what it had not yet said it had).
-    assert resent_by_sender + int(resent) <= WINDOW + ACK_EVERY + 2 * CHUNK
+    assert resent_by_sender + int(resent) <= QUIC_WINDOW + ACK_EVERY + 2 * CHUNK
 
 
 def test_cli_send_file_to_a_listener_that_auto_accepts(tmp_path: Path) -> None:
@@ -179,6 +184,10 @@ def test_cli_send_file_to_a_listener_that_auto_accepts(tmp_path: Path) -> None:
             env=env, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert listener.stdout is not None
+        for _ in range(200):  # until alice's buddy list shows bob's listener online
+            buddies = json.loads(p2pim("buddy", "list", "--profile", "alice", "--json").stdout)
+            if any(b["username"] == "bob" and b["presence"] == "online" for b in buddies):
+                break
         sent = p2pim("send-file", "--profile", "alice", "bob", str(src))
         assert sent.returncode == 0, sent.stderr
         assert "offered notes.txt" in sent.stdout and "sent notes.txt to bob" in sent.stdout
@@ -197,3 +206,44 @@ def test_cli_send_file_to_a_listener_that_auto_accepts(tmp_path: Path) -> None:
             listener.terminate()
             listener.communicate(timeout=10)
         srv.stop()
+
+
+def test_with_a_direct_path_the_bytes_go_over_quic(tmp_path: Path) -> None:
+    """Both online with a direct path (loopback): a QUIC link authenticated by the identity
+    keys carries the chunks; the relay carries the words and at most the first chunks."""
+    from p2pim.client import PathUpdate
+
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    src = tmp_path / "video.mkv"
+    src.write_bytes(os.urandom(32 * 1024 * 1024))
+
+    async def main() -> tuple[dict[str, int], dict[str, int], FileDone]:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await wait_for(a, lambda e: isinstance(e, PathUpdate) and e.via == "direct", 15)
+        await a.send_file("bob", src)
+        offered = await wait_for(b, lambda e: isinstance(e, FileOffered))
+        assert isinstance(offered, FileOffered)
+        await b.accept_file(offered.file_id, tmp_path / "dl")
+        got = await wait_for(b, lambda e: isinstance(e, FileDone), 60)
+        assert isinstance(got, FileDone)
+        await wait_for(a, lambda e: isinstance(e, FileDone), 20)
+        counters = dict(a.counters), dict(b.counters)
+        await a.close()
+        await b.close()
+        return counters[0], counters[1], got
+
+    try:
+        sender, receiver, got = asyncio.run(main())
+    finally:
+        out = srv.stop()
+    assert file_hash(got.path) == file_hash(src)
+    chunks = 32 * 1024 * 1024 // CHUNK
+    # the first chunks may go by the relay while the QUIC handshake runs; then QUIC takes them
+    assert receiver["quic_frames_in"] >= chunks * 0.9
+    assert sender["quic_links"] == receiver["quic_links"] == 1  # ... on one link (its two ends)
+    assert receiver["quic_bad"] == sender["quic_bad"] == 0
+    line = next(x for x in out.splitlines() if x.startswith("rendezvous: stopped; "))
+    relayed = json.loads(line.removeprefix("rendezvous: stopped; "))["relayed"]
+    assert relayed < chunks // 4  # the relay took the words (offer, accept, done), not the bytes

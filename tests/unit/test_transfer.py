@@ -13,7 +13,7 @@ import pytest
 from p2pim.files.disk import PART, Disk, chunk_hash, file_hash, safe_name, unique_path
 from p2pim.files.events import FileDone, FileFailed
 from p2pim.files.store import Transfer, TransferStore
-from p2pim.files.transfer import ACK_EVERY, CHUNK, WANT_IDLE, WINDOW, Transfers
+from p2pim.files.transfer import ACK_EVERY, CHUNK, QUIC_WINDOW, STALL, WANT_IDLE, WINDOW, Transfers
 from p2pim.messaging.ids import new_msg_id
 from p2pim.messaging.store import ClientStore
 from p2pim.wire import files_pb2 as fpb
@@ -263,3 +263,63 @@ def test_names_never_overwrite(tmp_path: Path) -> None:
     assert unique_path(tmp_path, "a.txt").name == "a (2).txt"
     assert unique_path(tmp_path, "b").name == "b"
     assert len(safe_name("x" * 500 + ".pdf")) <= 200 and safe_name("x" * 500 + ".pdf").endswith(".pdf")
+
+
+def _deliver(src: Side, dst: Side, now: float, relay_lag: list, lose_quic: bool = False) -> bool:
+    """QUIC frames arrive at once; relayed ones a round later (the relay is slower)."""
+    moved = False
+    for dg in src.core.datagrams_to_send(now):
+        moved = True
+        if dg.sock == "relay":
+            relay_lag.append((dst, dg, src.name))
+        elif not lose_quic:
+            dst.core.receive_datagram(dg.sock, dg.data, src.name, now)
+    src.drain()
+    return moved
+
+
+def test_a_new_faster_road_does_not_let_chunks_overtake_those_on_the_old_one(tmp_path: Path) -> None:
+    alice, bob, offer = pair(tmp_path)
+    lag: list = []
+    now, switched = 0.0, False
+    while not all(any(isinstance(e, FileDone) for e in x.events) for x in (alice, bob)) and now < 60:
+        if not switched and (bob.transfers.get(offer.file_id).durable or 0) > SIZE // 4:  # type: ignore[union-attr]
+            for side, peer in ((alice, "bob"), (bob, "alice")):
+                side.core.road(peer, "quic", lost=False, now=now)  # the link came up
+            switched = True
+        due, lag[:] = list(lag), []
+        for dst, dg, name in due:
+            dst.core.receive_datagram(dg.sock, dg.data, name, now)
+        moved = _deliver(alice, bob, now, lag) | _deliver(bob, alice, now, lag)
+        if not moved and not due:
+            now += 0.01
+            alice.core.handle_timer(now)
+            bob.core.handle_timer(now)
+    assert switched and file_hash(done(bob).path) == offer.blake2b
+    assert done(bob).resent == 0 and done(alice).resent == 0  # nothing sent twice
+
+
+def test_a_road_that_dies_with_chunks_on_it_costs_at_most_its_window(tmp_path: Path) -> None:
+    alice, bob, offer = pair(tmp_path, size=QUIC_WINDOW * 3)
+    for side, peer in ((alice, "bob"), (bob, "alice")):
+        side.core.road(peer, "quic", lost=False, now=0.0)
+    lag: list = []
+    now, died = 0.0, False
+    while not all(any(isinstance(e, FileDone) for e in x.events) for x in (alice, bob)) and now < 60:
+        if not died and (bob.transfers.get(offer.file_id).durable or 0) > QUIC_WINDOW:  # type: ignore[union-attr]
+            for _ in range(3):  # what is in flight on the link now is lost with it
+                _deliver(alice, bob, now, lag, lose_quic=True)
+            for side, peer in ((alice, "bob"), (bob, "alice")):
+                side.core.road(peer, "relay", lost=True, now=now)
+            died = True
+        due, lag[:] = list(lag), []
+        for dst, dg, name in due:
+            dst.core.receive_datagram(dg.sock, dg.data, name, now)
+        moved = _deliver(alice, bob, now, lag) | _deliver(bob, alice, now, lag)
+        if not moved and not due:
+            now += 0.01
+            alice.core.handle_timer(now)
+            bob.core.handle_timer(now)
+    assert died and file_hash(done(bob).path) == offer.blake2b
+    assert 0 < done(alice).resent <= QUIC_WINDOW
+    assert now < STALL  # the lost window was sent again at once, not after a stall

@@ -1,0 +1,1 @@
+"""QUIC on the punched path: links to buddies authenticated by their identity keys."""
