@@ -203,6 +203,47 @@ def _p2pim(topo: Topology, node: str, env: dict[str, str], *args: str) -> None:
         raise LabError(f"p2pim {' '.join(args)} on {node}: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
+def start_pair(
+    topo: Topology, tmp: str, host_a: str, host_b: str, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], dict[str, dict[str, str]]]:
+    """The real `rendezvous serve` on the public segment, and alice (on ``host_a``) and bob
+    (on ``host_b``) registered there as buddies; returns the server and each one's
+    environment for `p2pim` (profile, server, password). The caller stops the server."""
+    server = topo.popen(
+        "rdv",
+        [
+            tool("rendezvous"), "serve", "--host", STUN_IP, "--port", str(CONTROL_PORT),
+            "--alt-ip", STUN_ALT_IP, "--db", f"{tmp}/server.db", "--kdf-cost", "min",
+            "--heartbeat", "5", *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert server.stdout is not None
+    banner = server.stdout.readline()
+    if "control on" not in banner:
+        server.kill()
+        raise LabError(f"rendezvous serve did not start: {banner.strip()}")
+    envs = {}
+    for who in ("alice", "bob"):
+        envs[who] = {
+            **os.environ,
+            "XDG_DATA_HOME": f"{tmp}/{who}",
+            "P2PIM_SERVER": f"ws://{STUN_IP}:{CONTROL_PORT}",
+            "P2PIM_PASSWORD": PASSWORD,
+            "P2PIM_PROFILE": who,
+        }
+    try:
+        _p2pim(topo, host_a, envs["alice"], "register", "alice")
+        _p2pim(topo, host_b, envs["bob"], "register", "bob")
+        _p2pim(topo, host_a, envs["alice"], "buddy", "add", "bob")
+        _p2pim(topo, host_b, envs["bob"], "buddy", "accept", "alice")
+    except LabError:
+        server.kill()
+        raise
+    return server, envs
+
+
 def run_scenario(
     a: NatProfile | str,
     b: NatProfile | str,
@@ -252,44 +293,7 @@ def run_scenario(
     server: subprocess.Popen[str] | None = None
     with tempfile.TemporaryDirectory(prefix="natlab-matrix-") as tmp:
         try:
-            server = topo.popen(
-                "rdv",
-                [
-                    tool("rendezvous"),
-                    "serve",
-                    "--host",
-                    STUN_IP,
-                    "--port",
-                    str(CONTROL_PORT),
-                    "--alt-ip",
-                    STUN_ALT_IP,
-                    "--db",
-                    f"{tmp}/server.db",
-                    "--kdf-cost",
-                    "min",
-                    "--heartbeat",
-                    "5",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            assert server.stdout is not None
-            banner = server.stdout.readline()
-            if "control on" not in banner:
-                raise LabError(f"rendezvous serve did not start: {banner.strip()}")
-            envs = {}
-            for who in ("alice", "bob"):
-                envs[who] = {
-                    **os.environ,
-                    "XDG_DATA_HOME": f"{tmp}/{who}",
-                    "P2PIM_SERVER": f"ws://{STUN_IP}:{CONTROL_PORT}",
-                    "P2PIM_PASSWORD": PASSWORD,
-                    "P2PIM_PROFILE": who,
-                }
-            _p2pim(topo, host_a, envs["alice"], "register", "alice")
-            _p2pim(topo, host_b, envs["bob"], "register", "bob")
-            _p2pim(topo, host_a, envs["alice"], "buddy", "add", "bob")
-            _p2pim(topo, host_b, envs["bob"], "buddy", "accept", "alice")
+            server, envs = start_pair(topo, tmp, host_a, host_b)
             chat_a = JsonProcess(topo, host_a, _chat_argv("bob"), envs["alice"])
             chats.append(chat_a)
             if chat_a.wait(lambda e: e.get("event") == "ready", 20) is None:

@@ -222,7 +222,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
             profile,
             reconnect=False,
             quiet=not moving,
-            direct=args.command in ("listen", "chat", "ping"),
+            direct=args.command in ("listen", "chat", "ping", "send-file", "accept"),
             udp_port=getattr(args, "udp_port", 0),
             inbox=args.command in ("listen", "chat", "login"),
             port_mapping=getattr(args, "port_mapping", True),

@@ -43,6 +43,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
     from .chat import EXIT_FAILED, _out, _run
 
     async def body(c: Any) -> int:
+        c.reconnect = True  # it may run long: a lost connection comes back, the transfer goes on
         offers = [await c.send_file(args.user, path) for path in args.paths]
         for t in offers:
             _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
@@ -66,6 +67,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
     from .chat import EXIT_FAILED, _out, _run
 
     async def body(c: Any) -> int:
+        c.reconnect = True
         t = await c.accept_file(c.files.find(args.id).file_id, args.dir)
         _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name} from {t.peer}: saving to {t.path}")
         if args.no_wait:

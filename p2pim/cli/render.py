@@ -140,7 +140,8 @@ def _file_event(ev: Any, stamp: str) -> tuple[dict[str, Any], str]:
         moved = (
             f"sent {ev.name} to {ev.peer}" if ev.outgoing else f"received {ev.name} from {ev.peer}: {ev.path}"
         )
-        return data, f"[{stamp}] * {moved} ({human_size(ev.size)}, whole: hash checked)"
+        road = "direct (QUIC)" if ev.direct >= ev.size else "partly direct" if ev.direct else "via the relay"
+        return data, f"[{stamp}] * {moved} ({human_size(ev.size)} {road}, whole: hash checked)"
     return data, f"[{stamp}] ! {ev.name}: {ev.reason}"
 
 

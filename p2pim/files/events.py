@@ -49,6 +49,7 @@ class FileDone:
     path: str
     size: int
     resent: int = 0  # bytes that went (or came) twice: what resuming cost
+    direct: int = 0  # bytes that went (or came) over QUIC on the punched path, this session
 
 
 @dataclass(frozen=True)

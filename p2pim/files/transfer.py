@@ -73,6 +73,7 @@ class _Out:
     paused: float = 0.0  # nothing sent before this (refused by the relay, or told to stop)
     sent_max: int = 0  # bytes below this went out before: sending them again counts as resent
     hold: int = 0  # after a road change, nothing new goes until the receiver has this much
+    direct: int = 0  # bytes sent over QUIC
     resent: int = 0
     shown: float = -1e18
 
@@ -86,6 +87,7 @@ class _In:
     asked: float = -1e18  # when we last said Want
     rewound: float = -1e18
     dup: int = 0  # bytes that came twice
+    direct: int = 0  # bytes taken in that came over QUIC
     shown: float = -1e18
 
 
@@ -138,7 +140,9 @@ class Transfers:
             self._online.add(peer)
             for o in self._out.values():
                 if o.t.peer == peer:
-                    o.next, o.heard = o.expect, now  # what was in flight may be lost
+                    o.heard = now
+                    if self._roads.get(peer) != QUIC:  # over QUIC, LinkDown says what is lost
+                        o.next = o.expect  # what was in flight on the relay may be lost
             for i in self._in.values():
                 if i.t.peer == peer:
                     i.heard, i.asked = now, -1e18  # ask at once
@@ -209,7 +213,7 @@ class Transfers:
             return
         kind = frame.WhichOneof("kind")
         if kind == "chunk":
-            self._chunk(peer, frame.chunk, now)
+            self._chunk(peer, frame.chunk, now, sock == QUIC)
         elif kind == "want":
             self._want(peer, frame.want, now)
         elif kind == "stop":
@@ -237,6 +241,7 @@ class Transfers:
                 self._send.append(Datagram(road, fpb.FileFrame(chunk=chunk).SerializeToString(), peer))
                 if o.next < o.sent_max:
                     o.resent += n
+                o.direct += n if road == QUIC else 0
                 o.next += n
                 o.sent_max = max(o.sent_max, o.next)
                 inflight[peer] += n
@@ -249,7 +254,7 @@ class Transfers:
             if o.t.peer in self._online:
                 if o.paused:
                     dues.append(o.paused)
-                if o.next > o.expect:
+                if o.next > o.expect and self._roads.get(o.t.peer) != QUIC:
                     dues.append(o.heard + STALL)
         for i in self._in.values():
             if i.t.peer in self._online:
@@ -260,7 +265,8 @@ class Transfers:
         for o in self._out.values():
             if o.paused and now >= o.paused:
                 o.paused = 0.0
-            if o.t.peer in self._online and o.next > o.expect and now >= o.heard + STALL:
+            stalled = o.next > o.expect and now >= o.heard + STALL
+            if o.t.peer in self._online and stalled and self._roads.get(o.t.peer) != QUIC:
                 o.next, o.heard, o.hold = o.expect, now, 0  # the receiver went quiet: from what it has
         for i in self._in.values():
             if i.t.peer in self._online and now >= max(i.heard, i.asked) + WANT_IDLE:
@@ -271,7 +277,7 @@ class Transfers:
 
     # -- receiver ---------------------------------------------------------------------
 
-    def _chunk(self, peer: str, c: fpb.Chunk, now: float) -> None:
+    def _chunk(self, peer: str, c: fpb.Chunk, now: float, direct: bool) -> None:
         i = self._in.get(c.file_id)
         if i is None or i.t.peer != peer:
             self._not_running(peer, c.file_id, now)
@@ -294,6 +300,7 @@ class Transfers:
         try:
             self.disk.write(i.t, c.offset, c.data)
             i.expect += n
+            i.direct += n if direct else 0
             if i.expect - i.durable >= ACK_EVERY or i.expect == i.t.size:
                 self.disk.sync(i.t)
                 i.durable = i.expect
@@ -316,7 +323,7 @@ class Transfers:
         final = self.disk.finish(t)  # FileError: caught by the caller, the transfer fails
         self.store.move(t.file_id, "done", self.clock_ms(), path=final)
         self._frame(t.peer, fpb.FileFrame(stop=fpb.Stop(file_id=t.file_id, reason="done")))
-        self._emit(FileDone(t.peer, t.file_id, t.name, False, final, t.size, t.resent))
+        self._emit(FileDone(t.peer, t.file_id, t.name, False, final, t.size, t.resent, i.direct))
         self._next_waiting(now)
 
     def _ask(self, i: _In, now: float, rewind: bool) -> None:
@@ -335,11 +342,17 @@ class Transfers:
             self.counters["file_frames_bad"] += 1
             return
         o.heard = now
-        o.expect = max(o.expect, w.expect) if not w.rewind else w.expect
+        # QUIC delivers what it took, in order, or its link dies (and we go back then): a
+        # receiver asking again only because chunks are slow to come must not make us queue
+        # the window a second time. Only a receiver that has *less* than it said (it was
+        # restarted) sends us back on QUIC.
+        reliable = self._roads.get(peer) == QUIC
+        rewind = w.rewind and (not reliable or w.expect < o.expect)
+        o.expect = w.expect if rewind else max(o.expect, w.expect)
         if w.durable > o.t.durable:
             self.store.set_durable(o.t.file_id, w.durable, self.clock_ms())
             o.t = replace(o.t, durable=w.durable)
-        if w.rewind or o.next < o.expect:
+        if rewind or o.next < o.expect:
             o.next = o.expect
         self._progress(o.t, o.expect, now, o)
 
@@ -351,7 +364,9 @@ class Transfers:
                 self.disk.close(o.t)
                 self.store.add_resent(o.t.file_id, o.resent)
                 self.store.move(o.t.file_id, "done", self.clock_ms())
-                self._emit(FileDone(peer, o.t.file_id, o.t.name, True, o.t.path, o.t.size, o.resent))
+                self._emit(
+                    FileDone(peer, o.t.file_id, o.t.name, True, o.t.path, o.t.size, o.resent, o.direct)
+                )
                 self._next_waiting(now)
             else:  # the receiver is not running it (yet): its envelope will say why
                 o.paused = now + PAUSE_ON_STOP

@@ -103,7 +103,14 @@ class QuicLinks:
         self.identity = identity
         self.keys = keys
         self.counters = counters
-        for key in ("quic_links", "quic_refused", "quic_bad", "quic_frames_in", "quic_frames_out"):
+        for key in (
+            "quic_links",
+            "quic_refused",
+            "quic_bad",
+            "quic_frames_in",
+            "quic_frames_out",
+            "quic_moved",
+        ):
             counters.setdefault(key, 0)
         self._cert = X509Certificate(certificate(identity.signing_key))
         self._pkcs8 = private_key_pkcs8(identity.signing_key)
@@ -126,6 +133,10 @@ class QuicLinks:
                 self._close(link, "no direct path")
             return
         if link is not None and (link.sock, link.addr) == (sock, addr):
+            return
+        if link is not None and link.up:  # a NAT gave the path a new port: the link follows it
+            self._move(link, sock, addr)
+            self._expect[(sock, addr)] = peer
             return
         if link is not None:
             self._close(link, "the direct path moved")
@@ -169,7 +180,13 @@ class QuicLinks:
     def receive_datagram(self, sock: Any, data: bytes, addr: Any, now: float) -> None:
         link = self._by_addr.get((sock, addr))
         if link is None:
-            link = self._accept(sock, data, addr, now)
+            peer = self._expect.get((sock, addr))
+            live = self._links.get(peer) if peer is not None else None
+            if live is not None and live.up and not _initial(data):
+                self._move(live, sock, addr)  # the peer's packets come from its path's new address
+                link = live
+            else:
+                link = self._accept(sock, data, addr, now)
             if link is None:
                 return
         link.conn.receive_datagram(data, addr, now)
@@ -181,8 +198,9 @@ class QuicLinks:
             out += [Datagram(link.sock, data, addr) for data, addr in link.conn.datagrams_to_send(now)]
         self._closing.clear()
         for link in list(self._links.values()):
-            for data, addr in link.conn.datagrams_to_send(now):
-                out.append(Datagram(link.sock, data, addr))
+            # To the path's address, wherever the connection thinks the peer is: disco has
+            # proved the path, and a NAT that moved the peer's port moved it there.
+            out += [Datagram(link.sock, data, link.addr) for data, _ in link.conn.datagrams_to_send(now)]
             self._drain(link, now)
         return out
 
@@ -237,6 +255,12 @@ class QuicLinks:
         link = _Link(peer, sock, addr, conn, False, now)
         self._add(link)
         return link
+
+    def _move(self, link: _Link, sock: Any, addr: Addr) -> None:
+        self._by_addr.pop((link.sock, link.addr), None)
+        link.sock, link.addr = sock, addr
+        self._by_addr[(sock, addr)] = link
+        self.counters["quic_moved"] += 1
 
     def _add(self, link: _Link) -> None:
         self._links[link.peer] = link
@@ -322,3 +346,8 @@ class QuicLinks:
     def _emit(self, event: LinkEvent) -> None:
         if len(self._events) < MAX_EVENTS:
             self._events.append(event)
+
+
+def _initial(data: bytes) -> bool:
+    """A QUIC long-header Initial packet (RFC 9000 §17.2.2): a new connection, not a moved one."""
+    return len(data) > 0 and data[0] & 0xB0 == 0x80

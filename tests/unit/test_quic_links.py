@@ -70,7 +70,10 @@ def test_buddies_link_up_and_frames_go_both_ways_in_order() -> None:
 
 def test_a_server_whose_key_is_not_the_pinned_one_is_refused() -> None:
     a, b = pair()
+    low = min(a.ident.public_key, b.ident.public_key)
     impostor = Identity.generate()
+    while impostor.public_key < low:  # the client must still see itself as the client
+        impostor = Identity.generate()
     if a.ident.public_key < b.ident.public_key:  # alice is the client: bob's key must match
         a.pinned["bob"] = impostor.public_key
         client, server_name = a, "bob"
@@ -115,3 +118,18 @@ def test_the_link_goes_down_when_the_path_does() -> None:
     assert LinkDown("bob", "no direct path") in a.events
     assert not a.links.up("bob") and not a.links.send("bob", b"x")
     assert any(isinstance(e, LinkDown) for e in b.events)  # told by CONNECTION_CLOSE
+
+
+def test_the_link_follows_a_path_that_moved_to_a_new_port() -> None:
+    """alice's NAT forgot her mapping and gave her a new port: disco finds the new path, the
+    QUIC connection goes on there (no new handshake, nothing lost)."""
+    a, b = pair()
+    now = connect(a, b)
+    a.addr = ("10.0.0.1", 4444)  # every packet of alice's now comes from here
+    b.links.path("alice", "main", a.addr, now)  # bob's disco proved the new path
+    for i in range(5):
+        assert a.links.send("bob", b"after %d" % i)
+    pump(a, b, now, rounds=100)
+    assert [e.data for e in b.events if isinstance(e, FrameIn)] == [b"after %d" % i for i in range(5)]
+    assert b.counters["quic_moved"] == 1 and b.counters["quic_links"] == 1
+    assert not any(isinstance(e, LinkDown) for e in a.events + b.events)
