@@ -54,6 +54,7 @@ bench: install system-deps
 	$(BIN)/python bench/lan_bench.py
 	$(BIN)/python bench/abuse_bench.py
 	$(BIN)/python bench/traversal_bench.py
+	$(BIN)/python bench/files_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -132,6 +132,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument(
         "--linger", type=float, default=10.0, help="at end of input, wait this long for receipts (default 10)"
     )
+    p.add_argument(
+        "--dir", type=Path, help="where /accept saves files (default $XDG_DOWNLOAD_DIR or ~/Downloads)"
+    )
     p = sub.add_parser("fingerprint", parents=[common], help="your key's fingerprint, or USER's pinned one")
     p.add_argument("user", nargs="?")
     files.add_parsers(sub, common, udp)
@@ -455,6 +458,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "outbox": outbox,
             "port_mapping": portmap,
             "buddies": listed,
+            "transfers": [files._json(t) for t in c.transfers(active=True)],
         }
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
@@ -474,6 +478,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines.append(
                 f"  {b.username:<20} {b.presence:<8} {path if b.presence != 'offline' else ''}".rstrip()
             )
+        active = c.transfers(active=True)
+        lines.append(f"file transfers: {len(active) or 'none'} open" + (" (p2pim files)" if active else ""))
+        for t in active:
+            way = f"to {t.peer}" if t.outgoing else f"from {t.peer}"
+            state = f"{files._pct(t.durable, t.size)} there" if t.state == "accepted" else t.state
+            lines.append(f"  {t.file_id.hex()[:8]}  {way}: {t.name} ({files._size(t.size)}) {state}")
         _out(args, data, "\n".join(lines))
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 
@@ -599,11 +609,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         events = c.events()
 
         async def on_line(text: str) -> bool:
-            if text.strip():
-                try:
+            if not text.strip():
+                return True
+            if text.strip() == "/quit":
+                return False
+            try:
+                if text.startswith("/") and text.split()[0] in files.CHAT_COMMANDS:
+                    await files.chat_command(c, args, text)
+                else:
                     pending.add(await c.send(args.user, text))
-                except cl.ClientError as exc:
-                    print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
+            except cl.ClientError as exc:
+                print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
             return True
 
         async def on_event(ev: Any) -> None:

@@ -40,7 +40,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, udp: argparse.Argumen
 
 
 def cmd_send_file(args: argparse.Namespace) -> int:
-    from .chat import EXIT_FAILED, _out, _run
+    from .chat import EXIT_FAILED, _run
 
     async def body(c: Any) -> int:
         c.reconnect = True  # it may run long: a lost connection comes back, the transfer goes on
@@ -64,7 +64,7 @@ def cmd_send_file(args: argparse.Namespace) -> int:
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
-    from .chat import EXIT_FAILED, _out, _run
+    from .chat import EXIT_FAILED, _run
 
     async def body(c: Any) -> int:
         c.reconnect = True
@@ -79,7 +79,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
 
 
 def cmd_decline(args: argparse.Namespace) -> int:
-    from .chat import _out, _run
+    from .chat import _run
 
     async def body(c: Any) -> int:
         t = await c.decline_file(c.files.find(args.id).file_id)
@@ -90,7 +90,7 @@ def cmd_decline(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .chat import _out, _run
+    from .chat import _run
 
     async def body(c: Any) -> int:
         t = await c.cancel_file(c.files.find(args.id).file_id)
@@ -173,6 +173,50 @@ async def _follow(args: argparse.Namespace, c: Any, ids: set[bytes]) -> bool:
                 await asyncio.sleep(0.05)
             return ok
     return ok
+
+
+CHAT_COMMANDS = {
+    "/send": "/send PATH: offer a file to this buddy",
+    "/accept": "/accept ID: accept an offered file (ID as shown with the offer)",
+    "/decline": "/decline ID",
+    "/cancel": "/cancel ID: stop a transfer",
+    "/files": "/files: transfers with this buddy",
+}
+
+
+async def chat_command(c: Any, args: argparse.Namespace, line: str) -> None:
+    """A file command typed in `p2pim chat`; what it did is printed like an event."""
+    from p2pim.client import ClientError
+
+    word, _, rest = line.strip().partition(" ")
+    rest = rest.strip()
+    if word != "/files" and not rest:
+        raise ClientError(0, CHAT_COMMANDS[word])
+    if word == "/send":
+        t = await c.send_file(args.user, rest)
+        _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
+    elif word == "/accept":
+        t = await c.accept_file(c.files.find(rest).file_id, getattr(args, "dir", None))
+        _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name}: saving to {t.path}")
+    elif word == "/decline":
+        t = await c.decline_file(c.files.find(rest).file_id)
+        _out(args, {"event": "declined", **_json(t)}, f"declined {t.name}")
+    elif word == "/cancel":
+        t = await c.cancel_file(c.files.find(rest).file_id)
+        _out(args, {"event": "cancelled", **_json(t)}, f"cancelled {t.name}")
+    else:
+        rows = [t for t in c.transfers() if t.peer == args.user][-20:]
+        if args.json:
+            print(json.dumps({"event": "files", "transfers": [_json(t) for t in rows]}), flush=True)
+        for t in rows if not args.json else ():
+            way = "to" if t.outgoing else "from"
+            print(
+                f"  {t.file_id.hex()[:8]}  {way} {t.peer}: {t.name} ({_size(t.size)}) {t.state}", flush=True
+            )
+
+
+def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    print(json.dumps(data) if args.json else text, flush=True)
 
 
 def _json(t: Any) -> dict[str, Any]:

@@ -201,6 +201,26 @@ def test_cli_send_file_to_a_listener_that_auto_accepts(tmp_path: Path) -> None:
         assert any(e["event"] == "file_offered" and e["name"] == "notes.txt" for e in events)
         mine = json.loads(p2pim("files", "--profile", "alice", "--json").stdout)
         assert [(t["name"], t["state"], t["outgoing"]) for t in mine] == [("notes.txt", "done", True)]
+        # the same from inside `p2pim chat`: /send, and the transfer shows in the chat
+        chat = subprocess.Popen(
+            [tool("p2pim"), "chat", "bob", "--profile", "alice", "--json"],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert chat.stdin is not None and chat.stdout is not None
+        chat.stdin.write(f"/send {src}\n")
+        chat.stdin.flush()
+        seen = []
+        while not any(e.get("event") == "file_done" for e in seen):
+            line = chat.stdout.readline()
+            assert line, "chat ended"
+            seen.append(json.loads(line))
+        chat.stdin.write("/files\n")
+        chat.stdin.close()
+        rest = [json.loads(x) for x in chat.stdout.read().splitlines()]
+        chat.wait(20)
+        assert any(e.get("event") == "offered" and e.get("name") == "notes.txt" for e in seen)
+        listing = next(e for e in rest if e.get("event") == "files")
+        assert [t["state"] for t in listing["transfers"]] == ["done", "done"]
     finally:
         if listener is not None:
             listener.terminate()
