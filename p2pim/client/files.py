@@ -49,6 +49,7 @@ from .control import ClientError
 RESCAN_S = 3.0  # the lock holder looks for transfers accepted by another session this often
 FILE_REQS_KEPT = 4096  # relay request ids of recent chunks, to match a refusal to its offset
 MAX_FILE_SIZE = 1 << 40  # an offer beyond 1 TiB is a lie
+MAX_OPEN_OFFERS = 64  # offers one buddy may have waiting for our answer; more are dropped
 ANSWERS = {
     epb.FileAnswer.ACCEPT: "accepted",
     epb.FileAnswer.DECLINE: "declined",
@@ -238,6 +239,17 @@ class FileService:
         if len(offer.blake2b) != 32:
             self.client.messenger.problem(
                 peer, f"dropped a file offer without a hash from {peer}", self._now()
+            )
+            return True
+        open_offers = sum(1 for x in self.store.list(active=True) if x.peer == peer and x.state == "offered")
+        if open_offers >= MAX_OPEN_OFFERS and self.store.get(offer.file_id) is None:
+            self.client.counters["file_offers_dropped"] = (
+                self.client.counters.get("file_offers_dropped", 0) + 1
+            )
+            self.client.messenger.problem(
+                peer,
+                f"dropped a file offer from {peer}: {MAX_OPEN_OFFERS} of theirs wait for an answer",
+                self._now(),
             )
             return True
         name = offer.name[:1000]

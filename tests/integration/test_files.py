@@ -267,3 +267,48 @@ def test_with_a_direct_path_the_bytes_go_over_quic(tmp_path: Path) -> None:
     line = next(x for x in out.splitlines() if x.startswith("rendezvous: stopped; "))
     relayed = json.loads(line.removeprefix("rendezvous: stopped; "))["relayed"]
     assert relayed < chunks // 4  # the relay took the words (offer, accept, done), not the bytes
+
+
+def test_a_buddy_flooding_offers_fills_a_bounded_table(tmp_path: Path) -> None:
+    """80 offers from one buddy: 64 wait for an answer, the rest are dropped (counted, shown
+    once), and a text still gets through; malformed offers are acknowledged and dropped."""
+    from p2pim.client import Message
+    from p2pim.client.files import MAX_OPEN_OFFERS
+    from p2pim.messaging.ids import new_msg_id
+    from p2pim.wire import envelope_pb2 as epb
+
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+
+    async def main() -> tuple[int, int, dict[str, int]]:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        key = await a._check_peer("bob")
+        for i in range(80):
+            offer = epb.FileOffer(
+                file_id=new_msg_id(), name=f"f{i}", size=10, blake2b=b"h" * 32, chunk_size=1024
+            )
+            a._send_body("bob", key, epb.Body(file_offer=offer), f"file: f{i}")
+        for bad in (
+            epb.FileOffer(file_id=b"short", name="x", size=1, blake2b=b"h" * 32, chunk_size=1024),
+            epb.FileOffer(file_id=new_msg_id(), name="x", size=1 << 50, blake2b=b"h" * 32, chunk_size=1024),
+            epb.FileOffer(file_id=new_msg_id(), name="x", size=1, blake2b=b"", chunk_size=1024),
+        ):
+            a._send_body("bob", key, epb.Body(file_offer=bad), "file: bad")
+        await a.send("bob", "still talking")
+        await wait_for(b, lambda e: isinstance(e, Message) and e.text == "still talking", 20)
+        offered = len(b.transfers())
+        while a.delivery.items:  # every offer acknowledged, dropped ones too
+            await asyncio.sleep(0.05)
+        counters = dict(b.counters)
+        events = len([t for t in b.transfers() if t.state == "offered"])
+        await a.close()
+        await b.close()
+        return offered, events, counters
+
+    try:
+        offered, waiting, counters = asyncio.run(main())
+    finally:
+        srv.stop()
+    assert offered == waiting == MAX_OPEN_OFFERS
+    assert counters["file_offers_dropped"] == 80 - MAX_OPEN_OFFERS
