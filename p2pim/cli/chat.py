@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
     either way and checks ``client.connected``), or "no" (``body`` connects itself).
     """
     from p2pim.client import Client, ClientError, Unreachable
-    from p2pim.client.files import download_dir
+    from p2pim.files.service import download_dir
     from p2pim.messaging.store import ClientStore
     from p2pim.profile import Profile, ProfileError
 

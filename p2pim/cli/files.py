@@ -68,7 +68,7 @@ def cmd_accept(args: argparse.Namespace) -> int:
 
     async def body(c: Any) -> int:
         c.reconnect = True
-        t = await c.accept_file(c.files.find(args.id).file_id, args.dir)
+        t = await c.accept_file(c.find_file(args.id).file_id, args.dir)
         _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name} from {t.peer}: saving to {t.path}")
         if args.no_wait:
             return 0
@@ -82,7 +82,7 @@ def cmd_decline(args: argparse.Namespace) -> int:
     from .chat import _run
 
     async def body(c: Any) -> int:
-        t = await c.decline_file(c.files.find(args.id).file_id)
+        t = await c.decline_file(c.find_file(args.id).file_id)
         _out(args, {"event": "declined", **_json(t)}, f"declined {t.name} from {t.peer}")
         return 0
 
@@ -93,7 +93,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from .chat import _run
 
     async def body(c: Any) -> int:
-        t = await c.cancel_file(c.files.find(args.id).file_id)
+        t = await c.cancel_file(c.find_file(args.id).file_id)
         _out(
             args,
             {"event": "cancelled", **_json(t)},
@@ -196,13 +196,13 @@ async def chat_command(c: Any, args: argparse.Namespace, line: str) -> None:
         t = await c.send_file(args.user, rest)
         _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
     elif word == "/accept":
-        t = await c.accept_file(c.files.find(rest).file_id, getattr(args, "dir", None))
+        t = await c.accept_file(c.find_file(rest).file_id, getattr(args, "dir", None))
         _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name}: saving to {t.path}")
     elif word == "/decline":
-        t = await c.decline_file(c.files.find(rest).file_id)
+        t = await c.decline_file(c.find_file(rest).file_id)
         _out(args, {"event": "declined", **_json(t)}, f"declined {t.name}")
     elif word == "/cancel":
-        t = await c.cancel_file(c.files.find(rest).file_id)
+        t = await c.cancel_file(c.find_file(rest).file_id)
         _out(args, {"event": "cancelled", **_json(t)}, f"cancelled {t.name}")
     else:
         rows = [t for t in c.transfers() if t.peer == args.user][-20:]
@@ -235,7 +235,7 @@ def _json(t: Any) -> dict[str, Any]:
 
 
 def _size(n: int) -> str:
-    from p2pim.client.files import human_size
+    from p2pim.files.service import human_size
 
     return human_size(n)
 

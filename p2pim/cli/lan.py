@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .render import event_line, print_history
@@ -43,6 +44,8 @@ def add_parser(sub: Any) -> None:
     lan.add_argument(
         "--linger", type=float, default=10.0, help="at end of input, wait this long for receipts"
     )
+    lan.add_argument("--auto-accept", action="store_true", help="accept every p2pim peer's file offer")
+    lan.add_argument("--dir", type=Path, help="where files go (default $XDG_DOWNLOAD_DIR or ~/Downloads)")
     lsub = lan.add_subparsers(dest="lan_action")
     p = lsub.add_parser("send", parents=[common], help="send one message to NAME on the LAN")
     p.add_argument("peer")
@@ -185,6 +188,10 @@ async def _main(args: argparse.Namespace, profile: Any, store: Any, name: str) -
             return await _peers(args, node)
         if args.lan_action == "send":
             return await _send(args, node)
+        from p2pim.files.service import download_dir
+
+        auto = (args.dir or download_dir()) if args.auto_accept else None
+        node.enable_files(profile.path, auto)
         return await _interactive(args, node, name)
     finally:
         await node.close()
@@ -253,12 +260,16 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
     else:
         print(
             f"on the LAN as {name} (port {node.core.data_port}; {', '.join(node.addresses) or 'no address'})."
-            " Type NAME: text, or /to NAME then text; /peers; /who; /quit",
+            " Type NAME: text, or /to NAME then text; /peers; /who; /send [NAME] PATH; /accept ID;"
+            " /decline ID; /cancel ID; /files; /quit",
             flush=True,
         )
     target: list[str | None] = [None]
 
     async def on_line(line: str) -> bool:
+        if line.strip().split(" ")[0] in FILE_COMMANDS:
+            await _file_command(args, node, line.strip(), target[0])
+            return True
         target[0] = _command(args, node, line, target[0], lc)
         return target[0] != "/quit"
 
@@ -272,6 +283,52 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
     finally:
         if args.json:
             _print(args, {"event": "stats", **node.core.counters}, "")
+
+
+FILE_COMMANDS = ("/send", "/accept", "/decline", "/cancel", "/files")
+
+
+async def _file_command(args: argparse.Namespace, node: Any, line: str, target: str | None) -> None:
+    """Files with p2pim peers on the LAN (encrypted; IP Messenger attachments are not yet)."""
+    from p2pim.files.service import TransferError, human_size
+    from p2pim.lan.core import LanError
+
+    from .files import _json
+
+    files = node.files
+    word, _, rest = line.partition(" ")
+    rest = rest.strip()
+    try:
+        if word == "/send":
+            who, _, path = rest.partition(" ")
+            if not path or not node.core.known(who):
+                who, path = target or "", rest
+            if not who or not path:
+                raise TransferError("/send NAME PATH (or /to NAME first, then /send PATH)")
+            t = await files.send(who, path)
+            _print(
+                args, {"event": "offered", **_json(t)}, f"offered {t.name} ({human_size(t.size)}) to {who}"
+            )
+        elif word == "/files":
+            rows = [t for t in files.store.list() if files.mine(t)][-20:]
+            if args.json:
+                _print(args, {"event": "files", "transfers": [_json(t) for t in rows]}, "")
+            for t in rows if not args.json else ():
+                way = "to" if t.outgoing else "from"
+                peer = t.peer.removeprefix("lan:")
+                print(
+                    f"  {t.file_id.hex()[:8]}  {way} {peer}: {t.name} ({human_size(t.size)}) {t.state}",
+                    flush=True,
+                )
+        elif not rest:
+            raise TransferError(f"{word} ID (see /files)")
+        else:
+            act = {"/accept": files.accept, "/decline": files.decline, "/cancel": files.cancel}[word]
+            found = files.find(rest)
+            t = await (act(found.file_id, args.dir) if word == "/accept" else act(found.file_id))
+            _print(args, {"event": word[1:], **_json(t)}, f"{word[1:]}: {t.name} ({t.state})")
+    except (TransferError, LanError) as exc:
+        print(f"p2pim: {exc}", file=sys.stderr, flush=True)
 
 
 def _command(args: argparse.Namespace, node: Any, line: str, target: str | None, lc: Any) -> str | None:

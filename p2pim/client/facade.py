@@ -32,7 +32,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
 from types import TracebackType
 from typing import Any
@@ -42,6 +42,7 @@ from websockets.asyncio.client import ClientConnection
 
 from ..driver import Driver
 from ..files.frames import is_file_frame
+from ..files.service import FileService, TransferError
 from ..files.store import Transfer
 from ..identity import fingerprint, valid_public_key
 from ..messaging.core import Messenger, Verdict
@@ -66,7 +67,7 @@ from .events import (
     PresenceChange,
     Problem,
 )
-from .files import FileService
+from .files import ClientHost
 from .keys import KeyRing
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,10 @@ class Client:
         self.control = Control(server, self._on_push, self._on_reply, self._lost, self.counters)
         self._driver = Driver(self.messenger, self._transmit, self._emit)
         self.files = FileService(
-            self, self._emit, run=(not quiet) if transfers is None else transfers, auto_accept=auto_accept
+            ClientHost(self),
+            self._emit,
+            run=(not quiet) if transfers is None else transfers,
+            auto_accept=auto_accept,
         )
         self._store_reqs: dict[int, bytes] = {}
         self._relay_reqs: OrderedDict[int, bytes] = OrderedDict()
@@ -527,20 +531,29 @@ class Client:
     # -- files ------------------------------------------------------------------------
 
     async def send_file(self, peer: str, path: str | FsPath) -> Transfer:
-        """Offer a file to ``peer``; the bytes go once they accept (see :mod:`.files`)."""
-        return await self.files.send(peer, path)
+        """Offer a file to ``peer``; the bytes go once they accept (see :mod:`p2pim.files.service`)."""
+        with _as_client_error():
+            return await self.files.send(peer, path)
 
     async def accept_file(self, file_id: bytes, directory: FsPath | None = None) -> Transfer:
-        return await self.files.accept(file_id, directory)
+        with _as_client_error():
+            return await self.files.accept(file_id, directory)
 
     async def decline_file(self, file_id: bytes) -> Transfer:
-        return await self.files.decline(file_id)
+        with _as_client_error():
+            return await self.files.decline(file_id)
 
     async def cancel_file(self, file_id: bytes) -> Transfer:
-        return await self.files.cancel(file_id)
+        with _as_client_error():
+            return await self.files.cancel(file_id)
+
+    def find_file(self, prefix: str) -> Transfer:
+        """The transfer whose id starts with ``prefix`` (as `p2pim files` shows it)."""
+        with _as_client_error():
+            return self.files.find(prefix)
 
     def transfers(self, active: bool = False) -> list[Transfer]:
-        return self.files.store.list(active=active)
+        return [t for t in self.files.store.list(active=active) if self.files.mine(t)]
 
     def _account_name(self) -> str:
         saved = self.store.account()
@@ -613,7 +626,8 @@ class Client:
 
     def _on_reply(self, frame: pb.Frame) -> bool:
         """Answers to relays and stores the messaging core sent; False for other replies."""
-        if self.files.refused(frame.id, frame.error):
+        slow_down = frame.error.code == pb.RATE_LIMITED
+        if self.files.refused(frame.id, slow_down, frame.error.retry_after_ms / 1000):
             return True
         if frame.id in self._store_reqs:
             msg_id = self._store_reqs.pop(frame.id)
@@ -714,6 +728,14 @@ class Client:
         if self.store.contact(sender) is None and self.connected:
             await self._refresh_buddies()
         return self.messenger.receive(data, via, asyncio.get_running_loop().time(), sender=sender).verdict
+
+
+@contextlib.contextmanager
+def _as_client_error() -> Iterator[None]:
+    try:
+        yield
+    except TransferError as exc:
+        raise ClientError(pb.BAD_REQUEST, str(exc)) from None
 
 
 def _path_view(path: Path | None) -> tuple[str, str, float | None]:

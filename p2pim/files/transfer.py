@@ -73,6 +73,8 @@ class _Out:
     paused: float = 0.0  # nothing sent before this (refused by the relay, or told to stop)
     sent_max: int = 0  # bytes below this went out before: sending them again counts as resent
     hold: int = 0  # after a road change, nothing new goes until the receiver has this much
+    held: float = 0.0  # since when (a hold that outlives STALL is let go: what it waits for is lost)
+    quiet: bool = False  # a road died: nothing goes until the receiver says where it is (or STALL)
     direct: int = 0  # bytes sent over QUIC
     resent: int = 0
     shown: float = -1e18
@@ -87,6 +89,7 @@ class _In:
     asked: float = -1e18  # when we last said Want
     rewound: float = -1e18
     dup: int = 0  # bytes that came twice
+    spoke: bool = False  # we have said Want at least once since we started running it
     direct: int = 0  # bytes taken in that came over QUIC
     shown: float = -1e18
 
@@ -130,7 +133,7 @@ class Transfers:
                 self._out[t.file_id] = _Out(t, t.durable, t.durable, now, sent_max=t.durable)
             else:
                 start = self.disk.resume(t)
-                self._in[t.file_id] = _In(t, start, start, now)
+                self._in[t.file_id] = _In(t, start, start, now - WANT_IDLE)  # say where we are at once
         except FileError as exc:
             self._fail(t, str(exc), now)
 
@@ -152,7 +155,8 @@ class Transfers:
     def road(self, peer: str, road: str, lost: bool, now: float) -> None:
         """Frames to ``peer`` go by ``road`` from now on. ``lost``: the old road died with
         what was in flight on it, so the sender goes back to what the receiver has and
-        the receiver asks at once. Else (the relay still delivers) the sender waits until
+        the receiver says where it is on the new road (the sender waits for that word).
+        Else (the relay still delivers) the sender waits until
         the receiver has what it sent on the old road before sending on the new one, so
         chunks do not overtake each other (the receiver takes them in order only)."""
         if self._roads.get(peer, RELAY) == road:
@@ -165,12 +169,12 @@ class Transfers:
             if o.t.peer == peer:
                 o.heard = now
                 if lost:
-                    o.next = o.expect
+                    o.next, o.quiet = o.expect, True
                 else:
-                    o.hold = o.next
+                    o.hold, o.held = o.next, now
         for i in self._in.values():
-            if i.t.peer == peer and lost:
-                self._ask(i, now, rewind=False)  # where we are; the sender has gone back itself
+            if i.t.peer == peer:
+                self._ask(i, now, rewind=lost)  # where we are, on the new road
 
     def peers(self) -> set[str]:
         """Peers with a transfer running."""
@@ -190,10 +194,12 @@ class Transfers:
         return replace(item.t, resent=item.t.resent + resent)
 
     def refused(self, file_id: bytes, offset: int, retry_s: float, now: float) -> None:
-        """The relay refused the chunk at ``offset`` (slow down): send it again after ``retry_s``."""
+        """The chunk at ``offset`` did not go (the relay refused it, or there was no road):
+        send it again after ``retry_s``."""
         o = self._out.get(file_id)
         if o is not None:
             o.next = min(o.next, max(o.expect, offset))
+            o.hold = min(o.hold, o.next)  # it never went: nothing to wait for on the old road
             o.paused = max(o.paused, now + retry_s)
 
     def running(self) -> list[tuple[Transfer, int]]:
@@ -227,7 +233,7 @@ class Transfers:
             inflight[o.t.peer] = inflight.get(o.t.peer, 0) + max(0, o.next - o.expect)
         for o in list(self._out.values()):
             peer = o.t.peer
-            if peer not in self._online or now < o.paused or o.expect < o.hold:
+            if peer not in self._online or now < o.paused or o.expect < o.hold or o.quiet:
                 continue
             road = self._roads.get(peer, RELAY)
             while o.next < o.t.size and inflight[peer] < WINDOWS[road]:
@@ -254,8 +260,10 @@ class Transfers:
             if o.t.peer in self._online:
                 if o.paused:
                     dues.append(o.paused)
-                if o.next > o.expect and self._roads.get(o.t.peer) != QUIC:
+                if (o.next > o.expect and self._roads.get(o.t.peer) != QUIC) or o.quiet:
                     dues.append(o.heard + STALL)
+                if o.expect < o.hold:
+                    dues.append(o.held + STALL)
         for i in self._in.values():
             if i.t.peer in self._online:
                 dues.append(max(i.heard, i.asked) + WANT_IDLE)
@@ -265,12 +273,18 @@ class Transfers:
         for o in self._out.values():
             if o.paused and now >= o.paused:
                 o.paused = 0.0
+            if o.quiet and now >= o.heard + STALL:
+                o.quiet = False  # the receiver never said: go on from what it last had
+            if o.expect < o.hold and now >= o.held + STALL:
+                o.hold, o.next = 0, o.expect  # what the old road had never came: send it again
             stalled = o.next > o.expect and now >= o.heard + STALL
             if o.t.peer in self._online and stalled and self._roads.get(o.t.peer) != QUIC:
                 o.next, o.heard, o.hold = o.expect, now, 0  # the receiver went quiet: from what it has
         for i in self._in.values():
             if i.t.peer in self._online and now >= max(i.heard, i.asked) + WANT_IDLE:
-                self._ask(i, now, rewind=True)
+                # The first word only says where we are (a sender ahead of it goes back by
+                # itself); later ones, after silence, ask for what may have been lost.
+                self._ask(i, now, rewind=i.spoke)
 
     def next_event(self) -> FileEvent | None:
         return self._events.popleft() if self._events else None
@@ -327,7 +341,7 @@ class Transfers:
         self._next_waiting(now)
 
     def _ask(self, i: _In, now: float, rewind: bool) -> None:
-        i.asked = now
+        i.asked, i.spoke = now, True
         want = fpb.Want(file_id=i.t.file_id, durable=i.durable, expect=i.expect, rewind=rewind)
         self._frame(i.t.peer, fpb.FileFrame(want=want))
 
@@ -341,17 +355,19 @@ class Transfers:
         if w.durable > w.expect or w.expect > o.t.size:
             self.counters["file_frames_bad"] += 1
             return
-        o.heard = now
+        o.heard, o.quiet = now, False
         # QUIC delivers what it took, in order, or its link dies (and we go back then): a
         # receiver asking again only because chunks are slow to come must not make us queue
-        # the window a second time. Only a receiver that has *less* than it said (it was
-        # restarted) sends us back on QUIC.
+        # the window a second time. A receiver that has *less* than it said (it was
+        # restarted) sends us back on any road, whether it asks to or not.
         reliable = self._roads.get(peer) == QUIC
-        rewind = w.rewind and (not reliable or w.expect < o.expect)
+        rewind = (w.rewind and not reliable) or w.expect < o.expect
         o.expect = w.expect if rewind else max(o.expect, w.expect)
         if w.durable > o.t.durable:
             self.store.set_durable(o.t.file_id, w.durable, self.clock_ms())
             o.t = replace(o.t, durable=w.durable)
+        if rewind:
+            o.hold = 0  # the receiver said where it is: nothing on an old road to wait for
         if rewind or o.next < o.expect:
             o.next = o.expect
         self._progress(o.t, o.expect, now, o)

@@ -163,6 +163,9 @@ class LanCore:
             "name_conflicts": 0,
         }
     )
+    # QUIC packets on the data socket (file bytes between p2pim peers): the shell sets it
+    # when it runs transfers (and ``messenger.bodies`` for the offers and answers).
+    on_quic: Callable[[bytes, Addr], None] | None = None
     _sends: list[Datagram] = field(default_factory=list)
     _events: deque[LanEvent] = field(default_factory=deque)
     _ever: set[str] = field(default_factory=set)  # names seen this run (bounded)
@@ -221,6 +224,8 @@ class LanCore:
             self._on_announce(data, src, now)
         elif data[:4] == DATA_MAGIC and len(data) <= MAX_DATA:
             self._on_data(data[4:], src, now)
+        elif sock == "data" and data[:1] and data[0] & 0x40 and self.on_quic is not None:
+            self.on_quic(data, src)  # RFC 9443: QUIC's fixed bit, once our magics are ruled out
         else:
             self.counters["garbage"] += 1
 

@@ -17,11 +17,14 @@ import fcntl
 import socket
 import struct
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from ..driver import Driver
+from ..files.service import FileService
 from ..messaging.events import Problem
 from ..sansio import Datagram
-from .core import LanCore, LanEvent
+from .core import PREFIX, LanCore, LanEvent, PeerGone, PeerUp
 
 SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8919
 IFF_UP, IFF_BROADCAST = 0x1, 0x2
@@ -62,8 +65,9 @@ class LanNode:
         self.interface = interface
         self.discovery_port = discovery_port
         self.ipmsg_port = ipmsg_port
-        self.events: asyncio.Queue[LanEvent] = asyncio.Queue()
-        self._driver = Driver(core, self._send, self.events.put_nowait)
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self._driver = Driver(core, self._send, self._on_event)
+        self.files: FileService | None = None
         self._started = False
         ifaces = interfaces()
         if interface is not None:
@@ -117,12 +121,40 @@ class LanNode:
         self._driver.attach(channel, sock)
         return sock
 
+    def enable_files(self, lock_dir: Path, auto_accept: Path | None = None) -> FileService:
+        """Take file offers and move files with p2pim peers (QUIC on the data socket)."""
+        from .files import LanHost
+
+        files = FileService(
+            LanHost(self, lock_dir), self.events.put_nowait, auto_accept=auto_accept, prefix=PREFIX
+        )
+        self.core.messenger.bodies = files.on_body
+        self.core.on_quic = lambda data, src: files.on_quic("data", data, src)
+        self.files = files
+        files.start()
+        return files
+
+    def _on_event(self, event: LanEvent) -> None:
+        if self.files is not None and isinstance(event, (PeerUp, PeerGone)) and event.peer.kind == "p2pim":
+            self.files.online(event.peer.name, isinstance(event, PeerUp))
+            self.files.path_changed(event.peer.name)
+        self.events.put_nowait(event)
+
     async def close(self) -> None:
         """Say goodbye (EXIT, BR_EXIT), then close."""
+        if self.files is not None:
+            await self.files.close()
         if self._started:
             self.core.stop()
             self._driver.kick()
         await self._driver.close()
+
+    def kick(self) -> None:
+        """The core was fed from outside (a file offer queued): send what it has now."""
+        self._driver.kick()
+
+    def socket(self, channel: str) -> socket.socket | None:
+        return self._driver.sockets.get(channel)
 
     def send(self, to: str, text: str) -> bytes:
         msg_id = self.core.send(to, text, asyncio.get_running_loop().time())

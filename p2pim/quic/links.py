@@ -134,7 +134,10 @@ class QuicLinks:
             return
         if link is not None and (link.sock, link.addr) == (sock, addr):
             return
-        if link is not None and link.up:  # a NAT gave the path a new port: the link follows it
+        if link is not None and link.up and not link.client:
+            # A NAT gave the client a new port: its connection goes on there. (A client whose
+            # server moved opens a new connection below: the server may be a new process,
+            # which would never answer the old one.)
             self._move(link, sock, addr)
             self._expect[(sock, addr)] = peer
             return
@@ -179,6 +182,8 @@ class QuicLinks:
 
     def receive_datagram(self, sock: Any, data: bytes, addr: Any, now: float) -> None:
         link = self._by_addr.get((sock, addr))
+        if link is not None and _initial(data) and not self._ours(link, data):
+            link = None  # a new connection from there (the peer restarted): it replaces the old
         if link is None:
             peer = self._expect.get((sock, addr))
             live = self._links.get(peer) if peer is not None else None
@@ -255,6 +260,18 @@ class QuicLinks:
         link = _Link(peer, sock, addr, conn, False, now)
         self._add(link)
         return link
+
+    @staticmethod
+    def _ours(link: _Link, data: bytes) -> bool:
+        """An Initial packet of ``link``'s own connection (its client's first flight, or a
+        retransmission of it), not of a new one."""
+        if link.client:
+            return True
+        try:
+            dcid = pull_quic_header(data, 0, 8)[3]
+        except ValueError:
+            return True  # junk: let the connection drop it
+        return dcid in (link.conn.original_destination_connection_id, link.conn.host_cid)
 
     def _move(self, link: _Link, sock: Any, addr: Addr) -> None:
         self._by_addr.pop((link.sock, link.addr), None)

@@ -273,7 +273,7 @@ def test_a_buddy_flooding_offers_fills_a_bounded_table(tmp_path: Path) -> None:
     """80 offers from one buddy: 64 wait for an answer, the rest are dropped (counted, shown
     once), and a text still gets through; malformed offers are acknowledged and dropped."""
     from p2pim.client import Message
-    from p2pim.client.files import MAX_OPEN_OFFERS
+    from p2pim.files.service import MAX_OPEN_OFFERS
     from p2pim.messaging.ids import new_msg_id
     from p2pim.wire import envelope_pb2 as epb
 

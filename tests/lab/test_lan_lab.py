@@ -4,6 +4,7 @@ document (tests/lab/ipmsg_peer.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -272,3 +273,52 @@ def test_thousands_of_forged_peers_are_bounded_and_real_peers_still_chat(lan: tu
             if p is not None and p.proc.poll() is None:
                 p.proc.kill()
                 p.proc.wait(5)
+
+
+def test_a_file_between_lan_peers_over_quic_also_across_a_restart(lan: tuple[Topology, str]) -> None:
+    """/send in `p2pim lan`: bob auto-accepts, the bytes go over QUIC on the LAN data sockets
+    (no server anywhere), the receiver is killed mid-file and resumes, the file is whole."""
+    import hashlib
+
+    topo, tmp = lan
+    src = Path(tmp) / "slides.pdf"
+    src.write_bytes(os.urandom(48 * 1024 * 1024))
+    dl = Path(tmp) / "dl"
+    env_b = {**os.environ, "XDG_DATA_HOME": f"{tmp}/bob"}
+    bob_argv = [tool("p2pim"), "lan", "--json", "--name", "bob", "--interval", INTERVAL, "--auto-accept",
+                "--dir", str(dl)]  # fmt: skip
+    procs: list[JsonProcess] = []
+    try:
+        alice = _lan(topo, tmp, "h1", "alice")
+        procs.append(alice)
+        bob = JsonProcess(topo, "h1b", bob_argv, env_b)
+        procs.append(bob)
+        assert alice.wait(_up("bob"), 10) is not None
+        alice.type(f"/send bob {src}")
+        assert bob.wait(lambda e: e.get("event") == "file_offered", 10) is not None
+        db = Path(tmp) / "bob" / "p2pim" / "profiles" / "default" / "lan.db"
+        durable = 0
+        deadline = time.monotonic() + 30
+        while durable < 8 * 1024 * 1024 and time.monotonic() < deadline:  # 8 MiB safe, then kill -9
+            time.sleep(0.01)
+            with contextlib.suppress(sqlite3.Error, TypeError):
+                durable = sqlite3.connect(db).execute("SELECT durable FROM transfers").fetchone()[0]
+        assert 0 < durable < src.stat().st_size
+        bob.proc.kill()
+        bob.proc.wait(5)
+        bob = JsonProcess(topo, "h1b", bob_argv, env_b)
+        procs.append(bob)
+        assert bob.wait(lambda e: e.get("event") == "file_done", 60) is not None, bob.log[-5:]
+        done = next(e for _, e in bob.log if e.get("event") == "file_done")
+        assert alice.wait(lambda e: e.get("event") == "file_done", 20) is not None
+        sent = next(e for _, e in alice.log if e.get("event") == "file_done")
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(5)
+    got = Path(str(done["path"]))
+    assert got.parent == dl
+    assert hashlib.blake2b(got.read_bytes()).digest() == hashlib.blake2b(src.read_bytes()).digest()
+    assert int(done["direct"]) > 0  # QUIC carried it: on the LAN there is no other road
+    assert int(sent["resent"]) + int(done["resent"]) <= 5 * 1024 * 1024  # resumed, not restarted
