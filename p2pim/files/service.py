@@ -404,6 +404,8 @@ class FileService:
         except FrameError:
             self.host.counters["file_frames_bad"] += 1
             return
+        self.links.lost_by_peer(sender, self._now())  # it would use our link if it had one
+        self.quic.kick()
         self.core.receive_datagram(RELAY, plain, self._row(sender), self._now())
         self.driver.kick()
 

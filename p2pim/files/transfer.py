@@ -28,6 +28,7 @@ counted and dropped, never trusted, never fatal to other transfers.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -75,6 +76,8 @@ class _Out:
     hold: int = 0  # after a road change, nothing new goes until the receiver has this much
     held: float = 0.0  # since when (a hold that outlives STALL is let go: what it waits for is lost)
     quiet: bool = False  # a road died: nothing goes until the receiver says where it is (or STALL)
+    epoch: int = 0  # the receiver's run whose Wants we take, and the last one's number
+    seq: int = -1
     direct: int = 0  # bytes sent over QUIC
     resent: int = 0
     shown: float = -1e18
@@ -90,6 +93,8 @@ class _In:
     rewound: float = -1e18
     dup: int = 0  # bytes that came twice
     spoke: bool = False  # we have said Want at least once since we started running it
+    epoch: int = field(default_factory=lambda: int.from_bytes(os.urandom(8), "big"))
+    seq: int = 0
     direct: int = 0  # bytes taken in that came over QUIC
     shown: float = -1e18
 
@@ -341,8 +346,10 @@ class Transfers:
         self._next_waiting(now)
 
     def _ask(self, i: _In, now: float, rewind: bool) -> None:
-        i.asked, i.spoke = now, True
-        want = fpb.Want(file_id=i.t.file_id, durable=i.durable, expect=i.expect, rewind=rewind)
+        i.asked, i.spoke, i.seq = now, True, i.seq + 1
+        want = fpb.Want(
+            file_id=i.t.file_id, durable=i.durable, expect=i.expect, rewind=rewind, epoch=i.epoch, seq=i.seq
+        )
         self._frame(i.t.peer, fpb.FileFrame(want=want))
 
     # -- sender -----------------------------------------------------------------------
@@ -355,6 +362,9 @@ class Transfers:
         if w.durable > w.expect or w.expect > o.t.size:
             self.counters["file_frames_bad"] += 1
             return
+        if w.epoch == o.epoch and w.seq <= o.seq:
+            return  # an older word that came by the slower road: we know better already
+        o.epoch, o.seq = w.epoch, w.seq
         o.heard, o.quiet = now, False
         # QUIC delivers what it took, in order, or its link dies (and we go back then): a
         # receiver asking again only because chunks are slow to come must not make us queue

@@ -51,6 +51,7 @@ IDLE_TIMEOUT = 20.0  # a link nobody uses (or whose path died) closes after this
 HANDSHAKE_TIMEOUT = 5.0  # a link not up by then is given up (the relay carries on)
 MIN_INITIAL = 1200  # RFC 9000 §14.1: a client's Initial is at least this big
 MAX_LINKS = 256
+LINK_SETTLE = 2.0  # a peer may still use the relay this long after our link came up
 MAX_EVENTS = 10_000
 
 Addr = tuple[str, int]
@@ -91,6 +92,7 @@ class _Link:
     client: bool
     started: float
     up: bool = False
+    up_at: float = 0.0  # when it came up (by the time of the last packet that moved it)
     rx: bytearray = field(default_factory=bytearray)
     stream: int = 0
 
@@ -119,6 +121,7 @@ class QuicLinks:
         self._expect: dict[tuple[Any, Addr], str] = {}  # server side: where each buddy's path is
         self._events: deque[LinkEvent] = deque()
         self._closing: list[_Link] = []  # closed here: their CONNECTION_CLOSE still goes out once
+        self._now = 0.0  # the time of what is being handled (for up_at)
 
     # -- what the shell says ----------------------------------------------------------------
 
@@ -165,6 +168,13 @@ class QuicLinks:
         link = self._links.get(peer)
         return link is not None and link.up
 
+    def lost_by_peer(self, peer: str, now: float) -> None:
+        """``peer`` sends by another road although our link has long been up: it has lost
+        its end (it restarted, or its side timed out). Ours goes too, and a new one follows."""
+        link = self._links.get(peer)
+        if link is not None and link.up and now >= link.up_at + LINK_SETTLE:
+            self._close(link, "the peer no longer has this link")
+
     def send(self, peer: str, data: bytes) -> bool:
         """Queue a frame for ``peer``; False if there is no link up (use the relay)."""
         link = self._links.get(peer)
@@ -194,10 +204,12 @@ class QuicLinks:
                 link = self._accept(sock, data, addr, now)
             if link is None:
                 return
+        self._now = now
         link.conn.receive_datagram(data, addr, now)
         self._drain(link, now)
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
+        self._now = now
         out = []
         for link in self._closing:
             out += [Datagram(link.sock, data, addr) for data, addr in link.conn.datagrams_to_send(now)]
@@ -215,6 +227,7 @@ class QuicLinks:
         return min(dues) if dues else None
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         for link in list(self._links.values()):
             if not link.up and now >= link.started + HANDSHAKE_TIMEOUT:
                 self._close(link, "no QUIC handshake")
@@ -345,7 +358,7 @@ class QuicLinks:
         return True
 
     def _up(self, link: _Link) -> None:
-        link.up = True
+        link.up, link.up_at = True, self._now
         self._emit(LinkUp(link.peer))
 
     def _close(self, link: _Link, reason: str) -> None:

@@ -94,10 +94,18 @@ class Want(_message.Message):
     DURABLE_FIELD_NUMBER: _builtins.int
     EXPECT_FIELD_NUMBER: _builtins.int
     REWIND_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     file_id: _builtins.bytes
     durable: _builtins.int
     expect: _builtins.int
     rewind: _builtins.bool
+    epoch: _builtins.int
+    """Wants may come by two roads (relay and QUIC) and overtake each other: the sender
+    ignores one older than the last it took from the same run of the receiver (`epoch`,
+    random per run: a new epoch is a restarted receiver).
+    """
+    seq: _builtins.int
     def __init__(
         self,
         *,
@@ -105,10 +113,12 @@ class Want(_message.Message):
         durable: _builtins.int = ...,
         expect: _builtins.int = ...,
         rewind: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "expect", b"expect", "file_id", b"file_id", "rewind", b"rewind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable", b"durable", "epoch", b"epoch", "expect", b"expect", "file_id", b"file_id", "rewind", b"rewind", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
