@@ -32,6 +32,16 @@ BLOCK = 64 * 1024
 ALPN = ["bench"]
 
 
+async def _take(reader: asyncio.StreamReader, size: int) -> None:
+    """Read until ``size`` bytes came (or the stream ended)."""
+    got = 0
+    while got < size:
+        data = await reader.read(1 << 20)
+        if not data:
+            return
+        got += len(data)
+
+
 async def quic_server(port: int, size: int) -> None:
     key = SigningKey.generate()
     cfg = QuicConfiguration(is_client=False, alpn_protocols=ALPN, max_datagram_size=MAX_DATAGRAM)
@@ -42,12 +52,7 @@ async def quic_server(port: int, size: int) -> None:
 
     def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def take() -> None:
-            got = 0
-            while got < size:
-                data = await reader.read(1 << 20)
-                if not data:
-                    break
-                got += len(data)
+            await _take(reader, size)
             writer.write(b"ok")
             await asyncio.sleep(0.5)  # let the answer leave
             done.set()
@@ -85,12 +90,7 @@ async def tcp_server(port: int, size: int) -> None:
     done = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got = 0
-        while got < size:
-            data = await reader.read(1 << 20)
-            if not data:
-                break
-            got += len(data)
+        await _take(reader, size)
         writer.write(b"ok")
         await writer.drain()
         writer.close()

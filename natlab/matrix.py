@@ -244,6 +244,22 @@ def start_pair(
     return server, envs
 
 
+def stop_all(topo: Topology, procs: Sequence[JsonProcess], server: subprocess.Popen[str] | None) -> None:
+    """Kill what is left of ``procs``, stop the server (SIGTERM, then SIGKILL), take the
+    topology down: every scenario ends this way, also on failure."""
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(5)
+    if server is not None and server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    topo.down()
+
+
 def run_scenario(
     a: NatProfile | str,
     b: NatProfile | str,
@@ -326,17 +342,7 @@ def run_scenario(
         except (LabError, OSError, subprocess.SubprocessError) as exc:
             result.error = str(exc)
         finally:
-            for chat in chats:
-                if chat.proc.poll() is None:
-                    chat.proc.kill()
-                    chat.proc.wait(5)
-            if server is not None and server.poll() is None:
-                server.terminate()
-                try:
-                    server.wait(10)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-            topo.down()
+            stop_all(topo, chats, server)
     result.seconds = round(time.monotonic() - started, 2)
     return result
 

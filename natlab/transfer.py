@@ -29,6 +29,7 @@ from .matrix import (
     new_prefix,
     profile,
     start_pair,
+    stop_all,
 )
 from .profiles import NatProfile
 from .topology import Topology, standard
@@ -153,17 +154,7 @@ def run_transfer(
                         }
                         result.log.append(f"{when - t0:7.2f} {who}: {ev['event']} {detail}")
             result.log.sort()
-            for p in procs:
-                if p.proc.poll() is None:
-                    p.proc.kill()
-                    p.proc.wait(5)
-            if server is not None and server.poll() is None:
-                server.terminate()
-                try:
-                    server.wait(10)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-            topo.down()
+            stop_all(topo, procs, server)
     return result
 
 
