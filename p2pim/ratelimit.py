@@ -32,26 +32,28 @@ class RateLimiter:
 
     def allow(self, key: Hashable, now: float) -> bool:
         """Take one token for ``key``; False when its bucket is empty."""
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        tokens = self._refill(key, now)
         allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
+        self._keep(key, tokens - 1.0 if allowed else tokens, now)
         return allowed
 
     def charge(self, key: Hashable, now: float, cost: float) -> float:
         """Take ``cost`` tokens even if ``key`` has fewer (its bucket goes into debt); returns
         how long until the debt is paid off (0 if there was none). For shaping, not refusing:
         the caller lets the event through and then waits that long before the next."""
+        tokens = self._refill(key, now) - cost
+        self._keep(key, tokens, now)
+        return -tokens / self.rate if tokens < 0 else 0.0
+
+    def _refill(self, key: Hashable, now: float) -> float:
+        """``key``'s tokens now (taken out of the table: :meth:`_keep` puts them back, last)."""
         tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate) - cost
+        return min(self.burst, tokens + (now - last) * self.rate)
+
+    def _keep(self, key: Hashable, tokens: float, now: float) -> None:
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
-        return -tokens / self.rate if tokens < 0 else 0.0
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
     either way and checks ``client.connected``), or "no" (``body`` connects itself).
     """
     from p2pim.client import Client, ClientError, Unreachable
-    from p2pim.files.service import download_dir
+    from p2pim.files.disk import download_dir
     from p2pim.messaging.store import ClientStore
     from p2pim.profile import Profile, ProfileError
 
@@ -458,7 +458,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "outbox": outbox,
             "port_mapping": portmap,
             "buddies": listed,
-            "transfers": [files._json(t) for t in c.transfers(active=True)],
+            "transfers": [files.transfer_json(t) for t in c.transfers(active=True)],
         }
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
@@ -482,8 +482,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(f"file transfers: {len(active) or 'none'} open" + (" (p2pim files)" if active else ""))
         for t in active:
             way = f"to {t.peer}" if t.outgoing else f"from {t.peer}"
-            state = f"{files._pct(t.durable, t.size)} there" if t.state == "accepted" else t.state
-            lines.append(f"  {t.file_id.hex()[:8]}  {way}: {t.name} ({files._size(t.size)}) {state}")
+            state = f"{files.percent(t.durable, t.size)} there" if t.state == "accepted" else t.state
+            lines.append(f"  {t.file_id.hex()[:8]}  {way}: {t.name} ({files.human_size(t.size)}) {state}")
         _out(args, data, "\n".join(lines))
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 
@@ -596,6 +596,7 @@ def _ms(rtt: float | None) -> float | None:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat with one buddy: stdin lines out, everything that happens printed."""
     from p2pim import client as cl
+    from p2pim.files.service import TransferError
 
     async def body(c: cl.Client) -> int:
         c.reconnect = True
@@ -614,12 +615,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if text.strip() == "/quit":
                 return False
             try:
-                if text.startswith("/") and text.split()[0] in files.CHAT_COMMANDS:
-                    await files.chat_command(c, args, text)
+                if text.startswith("/") and text.split()[0] in files.FILE_COMMANDS:
+                    await files.file_command(args, c.files, text, args.user, lambda _: False, args.user)
                 else:
                     pending.add(await c.send(args.user, text))
             except cl.ClientError as exc:
                 print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
+            except TransferError as exc:
+                print(f"p2pim: {exc}", file=sys.stderr, flush=True)
             return True
 
         async def on_event(ev: Any) -> None:

@@ -13,10 +13,16 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from p2pim.files.disk import human_size
 
 from .render import event_line
+
+if TYPE_CHECKING:
+    from p2pim.files.service import FileService
 
 FINAL_EVENTS = ("FileDone", "FileFailed")
 
@@ -46,7 +52,11 @@ def cmd_send_file(args: argparse.Namespace) -> int:
         c.reconnect = True  # it may run long: a lost connection comes back, the transfer goes on
         offers = [await c.send_file(args.user, path) for path in args.paths]
         for t in offers:
-            _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
+            _out(
+                args,
+                {"event": "offered", **transfer_json(t)},
+                f"offered {t.name} ({human_size(t.size)}) to {args.user}",
+            )
         if args.no_wait:
             return 0
         if args.user not in c.messenger.delivery.online:
@@ -69,7 +79,11 @@ def cmd_accept(args: argparse.Namespace) -> int:
     async def body(c: Any) -> int:
         c.reconnect = True
         t = await c.accept_file(c.find_file(args.id).file_id, args.dir)
-        _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name} from {t.peer}: saving to {t.path}")
+        _out(
+            args,
+            {"event": "accepted", **transfer_json(t)},
+            f"accepted {t.name} from {t.peer}: saving to {t.path}",
+        )
         if args.no_wait:
             return 0
         ok = await _follow(args, c, {t.file_id})
@@ -83,7 +97,7 @@ def cmd_decline(args: argparse.Namespace) -> int:
 
     async def body(c: Any) -> int:
         t = await c.decline_file(c.find_file(args.id).file_id)
-        _out(args, {"event": "declined", **_json(t)}, f"declined {t.name} from {t.peer}")
+        _out(args, {"event": "declined", **transfer_json(t)}, f"declined {t.name} from {t.peer}")
         return 0
 
     return _run(args, body)
@@ -96,7 +110,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         t = await c.cancel_file(c.find_file(args.id).file_id)
         _out(
             args,
-            {"event": "cancelled", **_json(t)},
+            {"event": "cancelled", **transfer_json(t)},
             f"cancelled {t.name} ({'to' if t.outgoing else 'from'} {t.peer})",
         )
         return 0
@@ -121,7 +135,7 @@ def cmd_files(args: argparse.Namespace) -> int:
     if not args.all:
         rows = [t for i, t in enumerate(rows) if not t.final or i >= len(rows) - 20]
     if args.json:
-        print(json.dumps([_json(t) for t in rows]))
+        print(json.dumps([transfer_json(t) for t in rows]))
         return 0
     if not rows:
         print("no file transfers")
@@ -129,12 +143,12 @@ def cmd_files(args: argparse.Namespace) -> int:
         arrow = f"to {t.peer}" if t.outgoing else f"from {t.peer}"
         state = t.state
         if t.state == "accepted":
-            state = f"{_pct(t.durable, t.size)} on {'their' if t.outgoing else 'our'} disk"
+            state = f"{percent(t.durable, t.size)} on {'their' if t.outgoing else 'our'} disk"
         elif t.state == "offered" and not t.outgoing:
             state = f"offered: p2pim accept {t.file_id.hex()[:8]}"
         where = f"  {t.path}" if t.path and (t.outgoing or t.state == "done") else ""
         detail = f" ({t.detail})" if t.detail and t.state in ("failed", "cancelled") else ""
-        print(f"{t.file_id.hex()[:8]}  {arrow:<16} {t.name} ({_size(t.size)})  {state}{detail}{where}")
+        print(f"{t.file_id.hex()[:8]}  {arrow:<16} {t.name} ({human_size(t.size)})  {state}{detail}{where}")
     return 0
 
 
@@ -156,7 +170,9 @@ async def _follow(args: argparse.Namespace, c: Any, ids: set[bytes]) -> bool:
             elif tty:
                 rate = ev.done / max(1e-3, time.monotonic() - started)
                 eta = (ev.size - ev.done) / rate if rate else 0
-                line = f"\r{ev.name}: {_pct(ev.done, ev.size)} {_size(int(rate))}/s ETA {eta:.0f} s   "
+                line = (
+                    f"\r{ev.name}: {percent(ev.done, ev.size)} {human_size(int(rate))}/s ETA {eta:.0f} s   "
+                )
                 print(line, end="", file=sys.stderr, flush=True)
             continue
         if tty:
@@ -175,51 +191,69 @@ async def _follow(args: argparse.Namespace, c: Any, ids: set[bytes]) -> bool:
     return ok
 
 
-CHAT_COMMANDS = {
-    "/send": "/send PATH: offer a file to this buddy",
-    "/accept": "/accept ID: accept an offered file (ID as shown with the offer)",
+FILE_COMMANDS = {
+    "/send": "/send [NAME] PATH: offer a file (to this buddy in chat; to NAME, or the /to peer, on the LAN)",
+    "/accept": "/accept ID: accept an offered file (ID as shown with the offer, or by /files)",
     "/decline": "/decline ID",
     "/cancel": "/cancel ID: stop a transfer",
-    "/files": "/files: transfers with this buddy",
+    "/files": "/files: the last transfers",
 }
 
 
-async def chat_command(c: Any, args: argparse.Namespace, line: str) -> None:
-    """A file command typed in `p2pim chat`; what it did is printed like an event."""
-    from p2pim.client import ClientError
+async def file_command(
+    args: argparse.Namespace,
+    files: FileService,
+    line: str,
+    to: str | None,
+    known: Callable[[str], bool],
+    only: str | None = None,
+) -> None:
+    """A file command typed in `p2pim chat` or `p2pim lan` (``files``: that session's
+    service); what it did is printed like an event. ``to``: who a bare ``/send PATH`` goes
+    to; ``known(name)``: whether ``/send NAME PATH`` names a peer; ``only``: list the
+    transfers with this peer only. Raises :class:`TransferError` (or the host's error)."""
+    from p2pim.files.service import TransferError
 
     word, _, rest = line.strip().partition(" ")
     rest = rest.strip()
     if word != "/files" and not rest:
-        raise ClientError(0, CHAT_COMMANDS[word])
+        raise TransferError(FILE_COMMANDS[word])
     if word == "/send":
-        t = await c.send_file(args.user, rest)
-        _out(args, {"event": "offered", **_json(t)}, f"offered {t.name} ({_size(t.size)}) to {args.user}")
-    elif word == "/accept":
-        t = await c.accept_file(c.find_file(rest).file_id, getattr(args, "dir", None))
-        _out(args, {"event": "accepted", **_json(t)}, f"accepted {t.name}: saving to {t.path}")
-    elif word == "/decline":
-        t = await c.decline_file(c.find_file(rest).file_id)
-        _out(args, {"event": "declined", **_json(t)}, f"declined {t.name}")
-    elif word == "/cancel":
-        t = await c.cancel_file(c.find_file(rest).file_id)
-        _out(args, {"event": "cancelled", **_json(t)}, f"cancelled {t.name}")
-    else:
-        rows = [t for t in c.transfers() if t.peer == args.user][-20:]
+        who, _, path = rest.partition(" ")
+        if not path or not known(who):
+            who, path = to or "", rest
+        if not who:
+            raise TransferError("/send NAME PATH (or /to NAME first, then /send PATH)")
+        t = await files.send(who, path)
+        _out(
+            args,
+            {"event": "offered", **transfer_json(t)},
+            f"offered {t.name} ({human_size(t.size)}) to {who}",
+        )
+    elif word == "/files":
+        rows = [t for t in files.store.list() if files.mine(t)]
+        rows = [t for t in rows if only is None or files.peer_of(t) == only][-20:]
         if args.json:
-            print(json.dumps({"event": "files", "transfers": [_json(t) for t in rows]}), flush=True)
+            print(json.dumps({"event": "files", "transfers": [transfer_json(t) for t in rows]}), flush=True)
         for t in rows if not args.json else ():
-            way = "to" if t.outgoing else "from"
-            print(
-                f"  {t.file_id.hex()[:8]}  {way} {t.peer}: {t.name} ({_size(t.size)}) {t.state}", flush=True
-            )
+            way = f"{'to' if t.outgoing else 'from'} {files.peer_of(t)}"
+            print(f"  {t.file_id.hex()[:8]}  {way}: {t.name} ({human_size(t.size)}) {t.state}", flush=True)
+    else:
+        file_id = files.find(rest).file_id
+        if word == "/accept":
+            t = await files.accept(file_id, getattr(args, "dir", None))
+            _out(args, {"event": "accepted", **transfer_json(t)}, f"accepted {t.name}: saving to {t.path}")
+        else:
+            done = {"/decline": "declined", "/cancel": "cancelled"}[word]
+            t = await (files.decline(file_id) if word == "/decline" else files.cancel(file_id))
+            _out(args, {"event": done, **transfer_json(t)}, f"{done} {t.name}")
 
 
 def _out(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
 
 
-def _json(t: Any) -> dict[str, Any]:
+def transfer_json(t: Any) -> dict[str, Any]:
     return {
         "id": t.file_id.hex(),
         "peer": t.peer,
@@ -234,13 +268,7 @@ def _json(t: Any) -> dict[str, Any]:
     }
 
 
-def _size(n: int) -> str:
-    from p2pim.files.service import human_size
-
-    return human_size(n)
-
-
-def _pct(done: int, size: int) -> str:
+def percent(done: int, size: int) -> str:
     return f"{100 * done / size:.0f}%" if size else "100%"
 
 

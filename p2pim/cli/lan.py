@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import files
 from .render import event_line, print_history
 
 EXIT_NOT_FOUND = 3
@@ -188,7 +189,7 @@ async def _main(args: argparse.Namespace, profile: Any, store: Any, name: str) -
             return await _peers(args, node)
         if args.lan_action == "send":
             return await _send(args, node)
-        from p2pim.files.service import download_dir
+        from p2pim.files.disk import download_dir
 
         auto = (args.dir or download_dir()) if args.auto_accept else None
         node.enable_files(profile.path, auto)
@@ -267,7 +268,7 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
     target: list[str | None] = [None]
 
     async def on_line(line: str) -> bool:
-        if line.strip().split(" ")[0] in FILE_COMMANDS:
+        if line.strip().split(" ")[0] in files.FILE_COMMANDS:
             await _file_command(args, node, line.strip(), target[0])
             return True
         target[0] = _command(args, node, line, target[0], lc)
@@ -285,48 +286,13 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
             _print(args, {"event": "stats", **node.core.counters}, "")
 
 
-FILE_COMMANDS = ("/send", "/accept", "/decline", "/cancel", "/files")
-
-
 async def _file_command(args: argparse.Namespace, node: Any, line: str, target: str | None) -> None:
     """Files with p2pim peers on the LAN (encrypted; IP Messenger attachments are not yet)."""
-    from p2pim.files.service import TransferError, human_size
+    from p2pim.files.service import TransferError
     from p2pim.lan.core import LanError
 
-    from .files import _json
-
-    files = node.files
-    word, _, rest = line.partition(" ")
-    rest = rest.strip()
     try:
-        if word == "/send":
-            who, _, path = rest.partition(" ")
-            if not path or not node.core.known(who):
-                who, path = target or "", rest
-            if not who or not path:
-                raise TransferError("/send NAME PATH (or /to NAME first, then /send PATH)")
-            t = await files.send(who, path)
-            _print(
-                args, {"event": "offered", **_json(t)}, f"offered {t.name} ({human_size(t.size)}) to {who}"
-            )
-        elif word == "/files":
-            rows = [t for t in files.store.list() if files.mine(t)][-20:]
-            if args.json:
-                _print(args, {"event": "files", "transfers": [_json(t) for t in rows]}, "")
-            for t in rows if not args.json else ():
-                way = "to" if t.outgoing else "from"
-                peer = t.peer.removeprefix("lan:")
-                print(
-                    f"  {t.file_id.hex()[:8]}  {way} {peer}: {t.name} ({human_size(t.size)}) {t.state}",
-                    flush=True,
-                )
-        elif not rest:
-            raise TransferError(f"{word} ID (see /files)")
-        else:
-            act = {"/accept": files.accept, "/decline": files.decline, "/cancel": files.cancel}[word]
-            found = files.find(rest)
-            t = await (act(found.file_id, args.dir) if word == "/accept" else act(found.file_id))
-            _print(args, {"event": word[1:], **_json(t)}, f"{word[1:]}: {t.name} ({t.state})")
+        await files.file_command(args, node.files, line, target, node.core.known)
     except (TransferError, LanError) as exc:
         print(f"p2pim: {exc}", file=sys.stderr, flush=True)
 

@@ -125,7 +125,7 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
 
 def _file_event(ev: Any, stamp: str) -> tuple[dict[str, Any], str]:
     from p2pim.files import events as fe
-    from p2pim.files.service import human_size
+    from p2pim.files.disk import human_size
 
     data = {"event": _FILE_EVENTS[type(ev).__name__], **{k: v for k, v in vars(ev).items() if k != "file_id"}}
     data["id"] = ev.file_id.hex()

@@ -33,11 +33,7 @@ class ClientHost:
         self.client._driver.kick()
 
     def peer_key(self, peer: str) -> bytes | None:
-        """A mutual buddy's pinned key, unless the server offers another one we have not trusted."""
-        contact = self.store.contact(peer)
-        if contact is None or contact.offered_key is not None or peer not in self.client.keys.mutual:
-            return None
-        return contact.identity_key
+        return self.client.keys.direct_key(peer)
 
     def reachable(self, peer: str) -> bool:
         return peer in self.client.messenger.delivery.online

@@ -30,6 +30,14 @@ class KeyRing:
         contact = self.store.contact(name)
         return None if contact is None else Keys(contact.identity_key, contact.offered_key)
 
+    def direct_key(self, name: str) -> bytes | None:
+        """A mutual buddy's pinned key, unless the server offers another one not yet trusted:
+        who may send us file frames, and whose QUIC link we take."""
+        contact = self.store.contact(name)
+        if contact is None or contact.offered_key is not None or name not in self.mutual:
+            return None
+        return contact.identity_key
+
     def for_disco(self) -> dict[bytes, str]:
         """Pinned keys of mutual buddies: nobody else may probe us or send to us directly."""
         return {k: u for k, u in self.store.keys().items() if u in self.mutual and valid_public_key(k)}

@@ -68,6 +68,23 @@ def unique_path(directory: Path, name: str, own_part: str = "") -> Path:
     raise FileError(f"no free name for {name} in {directory}")
 
 
+def human_size(n: int) -> str:
+    """Bytes for people: "6.3 MB" (powers of 1000, as file managers show them)."""
+    if n < 1000:
+        return f"{n} B"
+    size = n / 1000
+    for unit in ("KB", "MB"):
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def download_dir() -> Path:
+    """``$XDG_DOWNLOAD_DIR``, else ``~/Downloads``."""
+    return Path(os.environ.get("XDG_DOWNLOAD_DIR") or Path.home() / "Downloads")
+
+
 def free_space(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 

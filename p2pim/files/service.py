@@ -40,16 +40,27 @@ from ..identity import Identity
 from ..messaging.core import Opened
 from ..messaging.delivery import Via
 from ..messaging.ids import new_msg_id
-from ..messaging.store import ClientStore
+from ..messaging.store import ClientStore, owned_by
 from ..quic.links import FrameIn, LinkEvent, LinkUp, QuicLinks
 from ..sansio import Datagram
 from ..wire import envelope_pb2 as epb
-from ..wire import files_pb2 as fpb
-from .disk import PART, Disk, FileError, file_hash, free_space, safe_name, unique_path
+from ..wire.limits import ID_SIZE
+from .disk import (
+    HASH_SIZE,
+    PART,
+    Disk,
+    FileError,
+    download_dir,
+    file_hash,
+    free_space,
+    human_size,
+    safe_name,
+    unique_path,
+)
 from .events import FileAnswered, FileDone, FileEvent, FileFailed, FileOffered
 from .frames import FrameBoxes, FrameError
 from .store import Transfer, TransferStore
-from .transfer import CHUNK, QUIC, RELAY, Transfers
+from .transfer import CHUNK, MAX_CHUNK, QUIC, RELAY, FrameOut, Transfers
 
 RESCAN_S = 3.0  # the lock holder looks for transfers accepted by another session this often
 NO_ROAD_RETRY_S = 1.0  # a chunk with no road to go by (no relay, no link yet) is tried again then
@@ -63,20 +74,6 @@ ANSWERS = {
     epb.FileAnswer.DONE: "done",
     epb.FileAnswer.FAILED: "failed",
 }
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
-
-
-def download_dir() -> Path:
-    """``$XDG_DOWNLOAD_DIR``, else ``~/Downloads``."""
-    return Path(os.environ.get("XDG_DOWNLOAD_DIR") or Path.home() / "Downloads")
 
 
 class TransferError(Exception):
@@ -148,6 +145,7 @@ class FileService:
         self._lock_fd: int | None = None
         self._want_run = run
         self._rescan: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # auto-accepts under way
         for key in ("file_frames_refused", "file_frames_bad", "file_offers_dropped"):
             host.counters.setdefault(key, 0)
 
@@ -159,9 +157,13 @@ class FileService:
         """The host's name for a table row's peer."""
         return row.removeprefix(self.prefix)
 
+    def peer_of(self, t: Transfer) -> str:
+        """The host's name for ``t``'s peer."""
+        return self._peer(t.peer)
+
     def mine(self, t: Transfer) -> bool:
         """A transfer with one of this host's peers (the table is shared by internet and LAN)."""
-        return t.peer.startswith(self.prefix) and (bool(self.prefix) or ":" not in t.peer)
+        return owned_by(t.peer, self.prefix)
 
     @property
     def moving(self) -> bool:
@@ -299,15 +301,18 @@ class FileService:
 
     def _offered(self, peer: str, offer: epb.FileOffer, opened: Opened) -> bool:
         now_ms = _now_ms()
-        if len(offer.file_id) != 16 or offer.size > MAX_FILE_SIZE or not 0 < offer.chunk_size <= 64 * 1024:
+        if (
+            len(offer.file_id) != ID_SIZE
+            or offer.size > MAX_FILE_SIZE
+            or not 0 < offer.chunk_size <= MAX_CHUNK
+        ):
             self.host.problem(peer, f"dropped a malformed file offer from {peer}")
             return True  # acknowledged, and nothing more: it will not get better
-        if len(offer.blake2b) != 32:
+        if len(offer.blake2b) != HASH_SIZE:
             self.host.problem(peer, f"dropped a file offer without a hash from {peer}")
             return True
         row = self._row(peer)
-        open_offers = sum(1 for x in self.store.list(active=True) if x.peer == row and x.state == "offered")
-        if open_offers >= MAX_OPEN_OFFERS and self.store.get(offer.file_id) is None:
+        if self.store.count(row, "offered") >= MAX_OPEN_OFFERS and self.store.get(offer.file_id) is None:
             self.host.counters["file_offers_dropped"] += 1
             self.host.problem(peer, f"dropped a file offer from {peer}: {MAX_OPEN_OFFERS} of theirs wait")
             return True
@@ -321,7 +326,9 @@ class FileService:
             return False
         self.emit(FileOffered(peer, t.file_id, name, t.size))
         if self.auto_accept is not None:
-            asyncio.get_running_loop().create_task(self._auto(t))
+            task = asyncio.get_running_loop().create_task(self._auto(t))
+            self._tasks.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self._tasks.discard)
         return True
 
     async def _auto(self, t: Transfer) -> None:
@@ -453,7 +460,7 @@ class FileService:
             self.core.road(row, RELAY, lost=True, now=now)
         self.driver.kick()
 
-    def _transmit(self, dg: Datagram) -> None:
+    def _transmit(self, dg: FrameOut) -> None:
         peer = self._peer(dg.addr)
         if dg.sock == QUIC and self.links.send(peer, dg.data):
             self.quic.kick()
@@ -462,13 +469,12 @@ class FileService:
         if key is None:
             return
         frame_id = self.host.relay(peer, self.boxes.seal(key, dg.data))
-        frame = fpb.FileFrame.FromString(dg.data)
         if frame_id is None:  # no relay now (or here, on the LAN): this chunk did not go
-            if frame.HasField("chunk"):
-                self.core.refused(frame.chunk.file_id, frame.chunk.offset, NO_ROAD_RETRY_S, self._now())
+            if dg.chunk is not None:
+                self.core.refused(*dg.chunk, NO_ROAD_RETRY_S, self._now())
             return
-        if frame.HasField("chunk"):
-            self._reqs[frame_id] = (frame.chunk.file_id, frame.chunk.offset)
+        if dg.chunk is not None:
+            self._reqs[frame_id] = dg.chunk
             if len(self._reqs) > FILE_REQS_KEPT:
                 self._reqs.popitem(last=False)
 

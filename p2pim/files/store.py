@@ -133,6 +133,11 @@ class TransferStore:
         ).fetchall()
         return [_row(r) for r in rows]
 
+    def count(self, peer: str, state: str) -> int:
+        """How many transfers with ``peer`` are in ``state`` (open offers, for their bound)."""
+        row = self.conn.execute("SELECT COUNT(*) FROM transfers WHERE peer = ? AND state = ?", (peer, state))
+        return int(row.fetchone()[0])
+
     def move(self, file_id: bytes, state: str, now_ms: int, detail: str = "", **fields: object) -> bool:
         """Move to ``state`` if that is forward from where it is (True), also setting ``fields``
         (``path``, ``part``); a late or repeated word is ignored (False)."""

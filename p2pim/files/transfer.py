@@ -32,12 +32,12 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from ..sansio import Datagram
 from ..wire import files_pb2 as fpb
+from ..wire.limits import ID_SIZE
 from .disk import CHUNK_HASH_SIZE, Disk, FileError, chunk_hash
 from .events import FileDone, FileEvent, FileFailed, FileProgress
 from .store import Transfer, TransferStore
@@ -63,6 +63,17 @@ MAX_EVENTS = 10_000
 MAX_STOPS = 1024  # remembered "not running here" answers (a stranger's ids must not grow us)
 RELAY, QUIC = "relay", "quic"
 WINDOWS = {RELAY: WINDOW, QUIC: QUIC_WINDOW}
+
+
+class FrameOut(NamedTuple):
+    """A :class:`~p2pim.sansio.Datagram` (road, serialized frame, peer) that also says which
+    chunk it carries, so the shell can hand a chunk that did not go back to :meth:`Transfers.refused`
+    without parsing the frame again."""
+
+    sock: str
+    data: bytes
+    addr: str
+    chunk: tuple[bytes, int] | None = None  # (file_id, offset) of a chunk frame
 
 
 @dataclass
@@ -116,7 +127,7 @@ class Transfers:
         self._waiting: deque[Transfer] = deque()
         self._online: set[str] = set()
         self._roads: dict[str, str] = {}  # peer -> QUIC while a link is up (default: the relay)
-        self._send: list[Datagram] = []
+        self._send: list[FrameOut] = []
         self._events: deque[FileEvent] = deque()
         self._stops: dict[bytes, float] = {}
         if self.clock_ms is None:
@@ -232,7 +243,7 @@ class Transfers:
         else:
             self.counters["file_frames_bad"] += 1
 
-    def datagrams_to_send(self, now: float) -> list[Datagram]:
+    def datagrams_to_send(self, now: float) -> list[FrameOut]:
         inflight: dict[str, int] = {}
         for o in self._out.values():
             inflight[o.t.peer] = inflight.get(o.t.peer, 0) + max(0, o.next - o.expect)
@@ -249,7 +260,8 @@ class Transfers:
                     self._fail(o.t, str(exc), now)
                     break
                 chunk = fpb.Chunk(file_id=o.t.file_id, offset=o.next, data=data, hash=chunk_hash(data))
-                self._send.append(Datagram(road, fpb.FileFrame(chunk=chunk).SerializeToString(), peer))
+                frame = fpb.FileFrame(chunk=chunk).SerializeToString()
+                self._send.append(FrameOut(road, frame, peer, (o.t.file_id, o.next)))
                 if o.next < o.sent_max:
                     o.resent += n
                 o.direct += n if road == QUIC else 0
@@ -407,7 +419,7 @@ class Transfers:
         """A frame for a transfer not running here: say so, now and then, so the other side
         stops; a finished transfer says "done" (its Stop may have been lost)."""
         self.counters["file_frames_unknown"] += 1
-        t = self.store.get(file_id) if len(file_id) == 16 else None
+        t = self.store.get(file_id) if len(file_id) == ID_SIZE else None
         if t is None or t.peer != peer or now - self._stops.get(file_id, -1e18) < STOP_EVERY:
             return
         if len(self._stops) >= MAX_STOPS:
@@ -417,7 +429,7 @@ class Transfers:
 
     def _frame(self, peer: str, frame: fpb.FileFrame) -> None:
         if peer in self._online:
-            self._send.append(Datagram(self._roads.get(peer, RELAY), frame.SerializeToString(), peer))
+            self._send.append(FrameOut(self._roads.get(peer, RELAY), frame.SerializeToString(), peer))
 
     def _fail(self, t: Transfer, reason: str, now: float) -> None:
         """This side cannot go on with ``t``; the shell tells the peer (a FAILED envelope)."""

@@ -429,12 +429,16 @@ class LanCore:
             self._announce(announce.ANSWER, addr)
 
     def _keys(self, name: str, via: Via) -> Keys | None:
-        """A pinned key, else the key the peer announced (the message pins it)."""
+        key = self.key_of(name)
+        return Keys(key) if key is not None else None
+
+    def key_of(self, name: str) -> bytes | None:
+        """A p2pim peer's pinned key, else the key it announced (a message pins it)."""
         contact = self.store.contact(PREFIX + name)
         if contact is not None:
-            return Keys(contact.identity_key)
+            return contact.identity_key
         peer = self.peers.get(name)
-        return Keys(peer.key) if peer is not None and peer.kind == "p2pim" else None
+        return peer.key if peer is not None and peer.kind == "p2pim" else None
 
     def _on_data(self, data: bytes, src: Addr, now: float) -> None:
         got = self.messenger.receive(data, Via.LAN, now, reply_to=src)

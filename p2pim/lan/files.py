@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..messaging.events import Problem
 from ..wire import envelope_pb2 as epb
-from .core import PREFIX, LanError
+from .core import LanError
 
 if TYPE_CHECKING:
     from .node import LanNode
@@ -27,7 +27,7 @@ class LanHost:
         self.lock_dir = lock_dir
 
     async def check_peer(self, peer: str) -> bytes:
-        key = self._key(peer)
+        key = self.core.key_of(peer)
         if key is None:
             raise LanError(f"no p2pim peer called {peer!r} here (p2pim lan peers); files go encrypted only")
         here = self.core.find(peer)
@@ -45,15 +45,7 @@ class LanHost:
         self.node.events.put_nowait(Problem(message))
 
     def peer_key(self, peer: str) -> bytes | None:
-        return self._key(peer)
-
-    def _key(self, peer: str) -> bytes | None:
-        """The pinned key of a p2pim peer, else the one it announces here."""
-        contact = self.store.contact(PREFIX + peer)
-        if contact is not None:
-            return contact.identity_key
-        here = self.core.peers.get(peer)
-        return here.key if here is not None and here.kind == "p2pim" else None
+        return self.core.key_of(peer)
 
     def reachable(self, peer: str) -> bool:
         here = self.core.peers.get(peer)

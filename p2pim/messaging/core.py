@@ -30,7 +30,7 @@ from ..wire import envelope_pb2 as epb
 from .delivery import INTERNET, Delivery, Failed, Finished, Policy, Transmit, Via
 from .envelope import EnvelopeError, Opened, open_envelope, parse_envelope, receipt_body, seal
 from .events import Message, MessagingEvent, Outcome, Problem, Receipt
-from .store import ClientStore
+from .store import ClientStore, owned_by
 
 # Bad input from one sender (garbage relayed, forged envelopes) is counted always and
 # shown once, then as one summary line per this many seconds: a flood must not
@@ -109,7 +109,7 @@ class Messenger:
         self._events: deque[MessagingEvent] = deque()
         self._problems: dict[str, tuple[float, int]] = {}  # sender -> (last shown, dropped since)
         for row in store.outbox():  # typed before a crash or while the peer was away
-            if row.peer.startswith(prefix) and (prefix or ":" not in row.peer):
+            if owned_by(row.peer, prefix):
                 self.delivery.add(row.msg_id, row.peer.removeprefix(prefix), row.envelope, row.receipt)
 
     # -- out ------------------------------------------------------------------------

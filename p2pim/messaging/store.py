@@ -90,6 +90,12 @@ MAX_NUMBERINGS = 4096  # rows kept in ipmsg_numbering (anyone on the LAN can cla
 STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
 
 
+def owned_by(name: str, prefix: str) -> bool:
+    """A peer name in the shared database that belongs to the owner whose names carry
+    ``prefix`` ("lan:" for the LAN node; "" for the internet client, whose names have no colon)."""
+    return name.startswith(prefix) and (bool(prefix) or ":" not in name)
+
+
 @dataclass(frozen=True)
 class Contact:
     username: str

@@ -49,6 +49,7 @@ MAX_FRAME = 256 * 1024  # a bigger frame from a peer is a protocol error: the li
 MAX_DATAGRAM = 1280  # QUIC's packet size: fits IPv6's minimum MTU and tunnels
 IDLE_TIMEOUT = 20.0  # a link nobody uses (or whose path died) closes after this
 HANDSHAKE_TIMEOUT = 5.0  # a link not up by then is given up (the relay carries on)
+CID_LENGTH = 8  # bytes in our connection ids: how to read the header of a packet with no link
 MIN_INITIAL = 1200  # RFC 9000 §14.1: a client's Initial is at least this big
 MAX_LINKS = 256
 LINK_SETTLE = 2.0  # a peer may still use the relay this long after our link came up
@@ -92,7 +93,7 @@ class _Link:
     client: bool
     started: float
     up: bool = False
-    up_at: float = 0.0  # when it came up (by the time of the last packet that moved it)
+    up_at: float = 0.0  # when it came up
     rx: bytearray = field(default_factory=bytearray)
     stream: int = 0
 
@@ -112,6 +113,7 @@ class QuicLinks:
             "quic_frames_in",
             "quic_frames_out",
             "quic_moved",
+            "quic_events_dropped",
         ):
             counters.setdefault(key, 0)
         self._cert = X509Certificate(certificate(identity.signing_key))
@@ -121,7 +123,6 @@ class QuicLinks:
         self._expect: dict[tuple[Any, Addr], str] = {}  # server side: where each buddy's path is
         self._events: deque[LinkEvent] = deque()
         self._closing: list[_Link] = []  # closed here: their CONNECTION_CLOSE still goes out once
-        self._now = 0.0  # the time of what is being handled (for up_at)
 
     # -- what the shell says ----------------------------------------------------------------
 
@@ -159,6 +160,7 @@ class QuicLinks:
                 server_name="p2pim",
                 max_datagram_size=MAX_DATAGRAM,
                 idle_timeout=IDLE_TIMEOUT,
+                connection_id_length=CID_LENGTH,
             )
             conn = QuicConnection(configuration=cfg)
             conn.connect(addr, now)
@@ -204,12 +206,10 @@ class QuicLinks:
                 link = self._accept(sock, data, addr, now)
             if link is None:
                 return
-        self._now = now
         link.conn.receive_datagram(data, addr, now)
         self._drain(link, now)
 
     def datagrams_to_send(self, now: float) -> list[Datagram]:
-        self._now = now
         out = []
         for link in self._closing:
             out += [Datagram(link.sock, data, addr) for data, addr in link.conn.datagrams_to_send(now)]
@@ -227,7 +227,6 @@ class QuicLinks:
         return min(dues) if dues else None
 
     def handle_timer(self, now: float) -> None:
-        self._now = now
         for link in list(self._links.values()):
             if not link.up and now >= link.started + HANDSHAKE_TIMEOUT:
                 self._close(link, "no QUIC handshake")
@@ -253,7 +252,7 @@ class QuicLinks:
             self.counters["quic_refused"] += 1
             return None
         try:
-            header = pull_quic_header(data, 0, 8)
+            header = pull_quic_header(data, 0, CID_LENGTH)
         except ValueError:
             self.counters["quic_bad"] += 1
             return None
@@ -261,7 +260,11 @@ class QuicLinks:
         if old is not None:
             self._close(old, "the peer opened a new link")
         cfg = QuicConfiguration(
-            is_client=False, alpn_protocols=[ALPN], max_datagram_size=MAX_DATAGRAM, idle_timeout=IDLE_TIMEOUT
+            is_client=False,
+            alpn_protocols=[ALPN],
+            max_datagram_size=MAX_DATAGRAM,
+            idle_timeout=IDLE_TIMEOUT,
+            connection_id_length=CID_LENGTH,
         )
         cfg.certificate = self._cert
         cfg.private_key = Ed25519PrivateKey(self._pkcs8)
@@ -281,7 +284,7 @@ class QuicLinks:
         if link.client:
             return True
         try:
-            dcid = pull_quic_header(data, 0, 8)[3]
+            dcid = pull_quic_header(data, 0, CID_LENGTH)[3]
         except ValueError:
             return True  # junk: let the connection drop it
         return dcid in (link.conn.original_destination_connection_id, link.conn.host_cid)
@@ -302,16 +305,16 @@ class QuicLinks:
             if self._links.get(link.peer) is not link:
                 return
             if isinstance(ev, qe.HandshakeCompleted) and link.client:
-                self._client_ready(link)
+                self._client_ready(link, now)
             elif isinstance(ev, qe.StreamDataReceived) and ev.stream_id == link.stream:
                 link.rx += ev.data
-                if not self._frames(link):
+                if not self._frames(link, now):
                     return
             elif isinstance(ev, qe.ConnectionTerminated):
                 self._forget(link, ev.reason_phrase or f"closed ({ev.error_code})")
                 return
 
-    def _client_ready(self, link: _Link) -> None:
+    def _client_ready(self, link: _Link, now: float) -> None:
         cert = link.conn.tls.peer_certificate if link.conn.tls else None
         key = self.keys(link.peer)
         if cert is None or key is None or public_key_of(cert.public_key()) != key:
@@ -321,9 +324,9 @@ class QuicLinks:
         link.stream = link.conn.get_next_available_stream_id()
         signed = self.identity.signing_key.sign(HELLO + key + link.conn.original_destination_connection_id)
         link.conn.send_stream_data(link.stream, HELLO_KIND + signed.signature)
-        self._up(link)
+        self._up(link, now)
 
-    def _frames(self, link: _Link) -> bool:
+    def _frames(self, link: _Link, now: float) -> bool:
         """Take whole frames out of ``link.rx``; False if the link was closed for a bad one."""
         while link.rx:
             if not link.up:  # the server's first message from a client is its hello
@@ -340,7 +343,7 @@ class QuicLinks:
                     self.counters["quic_bad"] += 1
                     self._close(link, "the QUIC client did not prove its key")
                     return False
-                self._up(link)
+                self._up(link, now)
                 continue
             if len(link.rx) < 5:
                 return True
@@ -357,8 +360,8 @@ class QuicLinks:
             self._emit(FrameIn(link.peer, data))
         return True
 
-    def _up(self, link: _Link) -> None:
-        link.up, link.up_at = True, self._now
+    def _up(self, link: _Link, now: float) -> None:
+        link.up, link.up_at = True, now
         self._emit(LinkUp(link.peer))
 
     def _close(self, link: _Link, reason: str) -> None:
@@ -374,8 +377,10 @@ class QuicLinks:
             self._emit(LinkDown(link.peer, reason))
 
     def _emit(self, event: LinkEvent) -> None:
-        if len(self._events) < MAX_EVENTS:
-            self._events.append(event)
+        if len(self._events) >= MAX_EVENTS:
+            self.counters["quic_events_dropped"] += 1
+            return
+        self._events.append(event)
 
 
 def _initial(data: bytes) -> bool:

@@ -5,6 +5,7 @@ temporary directory, frames moved between them by the test (lost, bad, or cut of
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -278,15 +279,17 @@ def _deliver(src: Side, dst: Side, now: float, relay_lag: list, lose_quic: bool 
     return moved
 
 
-def test_a_new_faster_road_does_not_let_chunks_overtake_those_on_the_old_one(tmp_path: Path) -> None:
-    alice, bob, offer = pair(tmp_path)
+def run_two_roads(
+    alice: Side, bob: Side, file_id: bytes, at: int, change: Callable[[float, list], None]
+) -> float:
+    """Both ways until both sides are done (or 60 s), the relay a round slower than QUIC;
+    ``change(now, lag)`` once, when bob has more than ``at`` bytes on disk. Returns the time."""
     lag: list = []
-    now, switched = 0.0, False
+    now, changed = 0.0, False
     while not all(any(isinstance(e, FileDone) for e in x.events) for x in (alice, bob)) and now < 60:
-        if not switched and (bob.transfers.get(offer.file_id).durable or 0) > SIZE // 4:  # type: ignore[union-attr]
-            for side, peer in ((alice, "bob"), (bob, "alice")):
-                side.core.road(peer, "quic", lost=False, now=now)  # the link came up
-            switched = True
+        if not changed and (bob.transfers.get(file_id).durable or 0) > at:  # type: ignore[union-attr]
+            change(now, lag)
+            changed = True
         due, lag[:] = list(lag), []
         for dst, dg, name in due:
             dst.core.receive_datagram(dg.sock, dg.data, name, now)
@@ -295,7 +298,19 @@ def test_a_new_faster_road_does_not_let_chunks_overtake_those_on_the_old_one(tmp
             now += 0.01
             alice.core.handle_timer(now)
             bob.core.handle_timer(now)
-    assert switched and file_hash(done(bob).path) == offer.blake2b
+    assert changed
+    return now
+
+
+def test_a_new_faster_road_does_not_let_chunks_overtake_those_on_the_old_one(tmp_path: Path) -> None:
+    alice, bob, offer = pair(tmp_path)
+
+    def link_up(now: float, lag: list) -> None:
+        for side, peer in ((alice, "bob"), (bob, "alice")):
+            side.core.road(peer, "quic", lost=False, now=now)
+
+    run_two_roads(alice, bob, offer.file_id, SIZE // 4, link_up)
+    assert file_hash(done(bob).path) == offer.blake2b
     assert done(bob).resent == 0 and done(alice).resent == 0  # nothing sent twice
 
 
@@ -303,23 +318,14 @@ def test_a_road_that_dies_with_chunks_on_it_costs_at_most_its_window(tmp_path: P
     alice, bob, offer = pair(tmp_path, size=QUIC_WINDOW * 3)
     for side, peer in ((alice, "bob"), (bob, "alice")):
         side.core.road(peer, "quic", lost=False, now=0.0)
-    lag: list = []
-    now, died = 0.0, False
-    while not all(any(isinstance(e, FileDone) for e in x.events) for x in (alice, bob)) and now < 60:
-        if not died and (bob.transfers.get(offer.file_id).durable or 0) > QUIC_WINDOW:  # type: ignore[union-attr]
-            for _ in range(3):  # what is in flight on the link now is lost with it
-                _deliver(alice, bob, now, lag, lose_quic=True)
-            for side, peer in ((alice, "bob"), (bob, "alice")):
-                side.core.road(peer, "relay", lost=True, now=now)
-            died = True
-        due, lag[:] = list(lag), []
-        for dst, dg, name in due:
-            dst.core.receive_datagram(dg.sock, dg.data, name, now)
-        moved = _deliver(alice, bob, now, lag) | _deliver(bob, alice, now, lag)
-        if not moved and not due:
-            now += 0.01
-            alice.core.handle_timer(now)
-            bob.core.handle_timer(now)
-    assert died and file_hash(done(bob).path) == offer.blake2b
+
+    def link_dies(now: float, lag: list) -> None:
+        for _ in range(3):  # what is in flight on the link now is lost with it
+            _deliver(alice, bob, now, lag, lose_quic=True)
+        for side, peer in ((alice, "bob"), (bob, "alice")):
+            side.core.road(peer, "relay", lost=True, now=now)
+
+    now = run_two_roads(alice, bob, offer.file_id, QUIC_WINDOW, link_dies)
+    assert file_hash(done(bob).path) == offer.blake2b
     assert 0 < done(alice).resent <= QUIC_WINDOW
     assert now < STALL  # the lost window was sent again at once, not after a stall
