@@ -66,7 +66,7 @@ RESCAN_S = 3.0  # the lock holder looks for transfers accepted by another sessio
 NO_ROAD_RETRY_S = 1.0  # a chunk with no road to go by (no relay, no link yet) is tried again then
 FILE_REQS_KEPT = 4096  # relay request ids of recent chunks, to match a refusal to its offset
 MAX_FILE_SIZE = 1 << 40  # an offer beyond 1 TiB is a lie
-MAX_OPEN_OFFERS = 64  # offers one buddy may have waiting for our answer; more are dropped
+MAX_OPEN_OFFERS = 64  # offers one buddy may have waiting for our answer or running; more are dropped
 ANSWERS = {
     epb.FileAnswer.ACCEPT: "accepted",
     epb.FileAnswer.DECLINE: "declined",
@@ -312,7 +312,8 @@ class FileService:
             self.host.problem(peer, f"dropped a file offer without a hash from {peer}")
             return True
         row = self._row(peer)
-        if self.store.count(row, "offered") >= MAX_OPEN_OFFERS and self.store.get(offer.file_id) is None:
+        unfinished = self.store.count(row, "offered") + self.store.count(row, "accepted")
+        if unfinished >= MAX_OPEN_OFFERS and self.store.get(offer.file_id) is None:
             self.host.counters["file_offers_dropped"] += 1
             self.host.problem(peer, f"dropped a file offer from {peer}: {MAX_OPEN_OFFERS} of theirs wait")
             return True
@@ -375,8 +376,9 @@ class FileService:
     def _run(self, file_id: bytes) -> None:
         t = self.store.get(file_id)
         if self.moving and t is not None and t.state == "accepted":
-            self.core.run(t, self._now())
+            # Reachable first: a transfer that is complete at once (an empty file) says so.
             self.core.online(t.peer, self.host.reachable(self._peer(t.peer)), self._now())
+            self.core.run(t, self._now())
             self.path_changed(self._peer(t.peer))
             self.driver.kick()
 

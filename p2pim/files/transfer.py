@@ -149,7 +149,9 @@ class Transfers:
                 self._out[t.file_id] = _Out(t, t.durable, t.durable, now, sent_max=t.durable)
             else:
                 start = self.disk.resume(t)
-                self._in[t.file_id] = _In(t, start, start, now - WANT_IDLE)  # say where we are at once
+                i = self._in[t.file_id] = _In(t, start, start, now - WANT_IDLE)  # say where we are at once
+                if start == t.size:  # an empty file, or all of it on disk before a crash
+                    self._complete(i, now)
         except FileError as exc:
             self._fail(t, str(exc), now)
 

@@ -76,8 +76,8 @@ def pair(tmp_path: Path, size: int = SIZE, data: bytes | None = None) -> tuple[S
     for side, peer in ((alice, "bob"), (bob, "alice")):
         t = side.transfers.get(fid)
         assert t is not None
-        side.core.run(t, 0.0)
         side.core.online(peer, True, 0.0)
+        side.core.run(t, 0.0)
     return alice, bob, offer
 
 
@@ -329,3 +329,10 @@ def test_a_road_that_dies_with_chunks_on_it_costs_at_most_its_window(tmp_path: P
     assert file_hash(done(bob).path) == offer.blake2b
     assert 0 < done(alice).resent <= QUIC_WINDOW
     assert now < STALL  # the lost window was sent again at once, not after a stall
+
+
+def test_an_empty_file_arrives_too(tmp_path: Path) -> None:
+    alice, bob, offer = pair(tmp_path, size=0, data=b"")
+    run(alice, bob)
+    assert Path(done(bob).path).read_bytes() == b""
+    assert done(alice).path == offer.path
