@@ -23,6 +23,7 @@ from .render import event_line
 
 if TYPE_CHECKING:
     from p2pim.files.service import FileService
+    from p2pim.lan.files import LanFiles
 
 FINAL_EVENTS = ("FileDone", "FileFailed")
 
@@ -202,7 +203,7 @@ FILE_COMMANDS = {
 
 async def file_command(
     args: argparse.Namespace,
-    files: FileService,
+    files: FileService | LanFiles,
     line: str,
     to: str | None,
     known: Callable[[str], bool],

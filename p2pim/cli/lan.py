@@ -192,7 +192,7 @@ async def _main(args: argparse.Namespace, profile: Any, store: Any, name: str) -
         from p2pim.files.disk import download_dir
 
         auto = (args.dir or download_dir()) if args.auto_accept else None
-        node.enable_files(profile.path, auto)
+        await node.enable_files(profile.path, auto)
         return await _interactive(args, node, name)
     finally:
         await node.close()
@@ -287,7 +287,7 @@ async def _interactive(args: argparse.Namespace, node: Any, name: str) -> int:
 
 
 async def _file_command(args: argparse.Namespace, node: Any, line: str, target: str | None) -> None:
-    """Files with p2pim peers on the LAN (encrypted; IP Messenger attachments are not yet)."""
+    """Files with p2pim peers on the LAN (encrypted) and IP Messenger peers (attachments)."""
     from p2pim.files.service import TransferError
     from p2pim.lan.core import LanError
 

@@ -130,7 +130,8 @@ def _file_event(ev: Any, stamp: str) -> tuple[dict[str, Any], str]:
     data = {"event": _FILE_EVENTS[type(ev).__name__], **{k: v for k, v in vars(ev).items() if k != "file_id"}}
     data["id"] = ev.file_id.hex()
     if isinstance(ev, fe.FileOffered):
-        line = f"{ev.peer} offers {ev.name!r} ({human_size(ev.size)}): p2pim accept {ev.file_id.hex()[:8]}"
+        plain = "" if ev.encrypted else " [IP Messenger: unencrypted, no hash]"
+        line = f"{ev.peer} offers {ev.name!r} ({human_size(ev.size)}){plain}: accept {ev.file_id.hex()[:8]}"
         return data, f"[{stamp}] {line}"
     if isinstance(ev, fe.FileAnswered):
         return data, f"[{stamp}] * {ev.peer} {ev.kind} {ev.name}" + (f": {ev.reason}" if ev.reason else "")
@@ -140,6 +141,11 @@ def _file_event(ev: Any, stamp: str) -> tuple[dict[str, Any], str]:
         moved = (
             f"sent {ev.name} to {ev.peer}" if ev.outgoing else f"received {ev.name} from {ev.peer}: {ev.path}"
         )
+        if not ev.encrypted:
+            return (
+                data,
+                f"[{stamp}] * {moved} ({human_size(ev.size)} over IP Messenger, unencrypted: size checked)",
+            )
         road = "direct (QUIC)" if ev.direct >= ev.size else "partly direct" if ev.direct else "via the relay"
         return data, f"[{stamp}] * {moved} ({human_size(ev.size)} {road}, whole: hash checked)"
     return data, f"[{stamp}] ! {ev.name}: {ev.reason}"

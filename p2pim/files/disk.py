@@ -89,6 +89,35 @@ def free_space(directory: Path) -> int:
     return shutil.disk_usage(directory).free
 
 
+def source(path: str | Path) -> tuple[Path, os.stat_result]:
+    """A file to offer: its absolute path and its stat, if it is a regular file we can read."""
+    src = Path(path).expanduser().absolute()
+    try:
+        st = src.stat()
+        if not src.is_file():
+            raise FileError(f"{src} is not a regular file")
+        with open(src, "rb"):
+            pass
+    except OSError as exc:
+        raise FileError(f"{src}: {exc.strerror}") from None
+    return src, st
+
+
+def new_part(directory: Path, name: str, size: int) -> str:
+    """Claim the ``.part`` file for an accepted file ``name`` of ``size`` bytes in
+    ``directory`` (made if need be): created empty, so the name is ours."""
+    where = directory.expanduser().absolute()
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if free_space(where) < size:
+            raise FileError(f"not enough space in {where} for {name} ({human_size(size)})")
+        part = str(unique_path(where, safe_name(name))) + PART
+        os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise FileError(f"{where}: {exc.strerror}") from None
+    return part
+
+
 class Disk:
     """The file system side of transfers, for :class:`p2pim.files.transfer.Transfers`.
 
@@ -156,12 +185,14 @@ class Disk:
         except OSError as exc:
             raise FileError(f"{t.part}: {exc.strerror}") from None
 
-    def finish(self, t: Transfer) -> str:
+    def finish(self, t: Transfer, check: bool = True) -> str:
         """Check the whole ``.part`` against the offered hash and give it its final name
-        (free at this moment); returns that path. On a mismatch the ``.part`` is removed."""
+        (free at this moment); returns that path. On a mismatch the ``.part`` is removed.
+        ``check=False`` only for peers that send no hash (IP Messenger): the caller counted
+        the size."""
         self.close(t)
         try:
-            ok = file_hash(t.part) == t.blake2b
+            ok = not check or file_hash(t.part) == t.blake2b
         except OSError as exc:
             raise FileError(f"{t.part}: {exc.strerror}") from None
         if not ok:

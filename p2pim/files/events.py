@@ -13,6 +13,7 @@ class FileOffered:
     file_id: bytes
     name: str  # as the sender named it (sanitized only when accepted)
     size: int
+    encrypted: bool = True  # False: an IP Messenger peer's (plain TCP, no hash)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class FileDone:
     size: int
     resent: int = 0  # bytes that went (or came) twice: what resuming cost
     direct: int = 0  # bytes that went (or came) over QUIC on the punched path, this session
+    encrypted: bool = True  # False: with an IP Messenger peer (plain TCP; only the size checked)
 
 
 @dataclass(frozen=True)

@@ -45,18 +45,7 @@ from ..quic.links import FrameIn, LinkEvent, LinkUp, QuicLinks
 from ..sansio import Datagram
 from ..wire import envelope_pb2 as epb
 from ..wire.limits import ID_SIZE
-from .disk import (
-    HASH_SIZE,
-    PART,
-    Disk,
-    FileError,
-    download_dir,
-    file_hash,
-    free_space,
-    human_size,
-    safe_name,
-    unique_path,
-)
+from .disk import HASH_SIZE, Disk, FileError, download_dir, file_hash, human_size, new_part, safe_name, source
 from .events import FileAnswered, FileDone, FileEvent, FileFailed, FileOffered
 from .frames import FrameBoxes, FrameError
 from .store import Transfer, TransferStore
@@ -205,15 +194,10 @@ class FileService:
 
     async def send(self, peer: str, path: str | Path) -> Transfer:
         """Offer ``path`` to ``peer`` (also an offline buddy: the offer waits on the server)."""
-        src = Path(path).expanduser().absolute()
         try:
-            st = src.stat()
-            if not src.is_file():
-                raise TransferError(f"{src} is not a regular file")
-            with open(src, "rb"):
-                pass
-        except OSError as exc:
-            raise TransferError(f"{src}: {exc.strerror}") from None
+            src, st = source(path)
+        except FileError as exc:
+            raise TransferError(str(exc)) from None
         key = await self.host.check_peer(peer)
         digest = await asyncio.to_thread(file_hash, src)
         if os.stat(src).st_mtime_ns != st.st_mtime_ns:
@@ -232,13 +216,9 @@ class FileService:
         t = self._incoming(file_id, "offered")
         where = (directory or download_dir()).expanduser().absolute()
         try:
-            where.mkdir(parents=True, exist_ok=True)
-            if free_space(where) < t.size:
-                raise TransferError(f"not enough space in {where} for {t.name} ({human_size(t.size)})")
-            part = str(unique_path(where, safe_name(t.name))) + PART
-            os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # the name is ours
-        except (OSError, FileError) as exc:
-            raise TransferError(f"{where}: {getattr(exc, 'strerror', None) or exc}") from None
+            part = new_part(where, t.name, t.size)
+        except FileError as exc:
+            raise TransferError(str(exc)) from None
         try:
             key = await self.host.check_peer(self._peer(t.peer))
         except Exception:

@@ -40,8 +40,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
+from ..bounded import keep, seen
 from ..identity import Identity, fingerprint
 from ..messaging.core import Keys, Messenger, Verdict
 from ..messaging.delivery import LAN, Via
@@ -52,7 +52,7 @@ from ..paths.disco import DATA_MAGIC
 from ..sansio import Datagram
 from ..wire import lan_pb2 as lpb
 from . import announce, ipmsg
-from .ipmsg_messages import IpmsgMessages, called
+from .ipmsg_messages import IpmsgMessages, attached, called
 
 Addr = tuple[str, int]
 DISCOVERY_PORT = 2426
@@ -132,7 +132,27 @@ class PeerChanged:
     away_changed: bool = False
 
 
-LanEvent = PeerUp | PeerGone | PeerChanged | MessagingEvent
+@dataclass(frozen=True)
+class IpmsgFilesOffered:
+    """An IP Messenger peer attached ``files`` to its SENDMSG ``packetno`` (``digest``: that
+    packet's id, the same when it comes again): for the shell's IP Messenger transfers."""
+
+    sender: str
+    addr: Addr
+    packetno: int
+    files: tuple[ipmsg.Attachment, ...]
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class IpmsgFilesReleased:
+    """An IP Messenger peer will not fetch the file we offered as ``file_id`` (RELEASEFILES)."""
+
+    sender: str
+    file_id: bytes
+
+
+LanEvent = PeerUp | PeerGone | PeerChanged | MessagingEvent | IpmsgFilesOffered | IpmsgFilesReleased
 
 
 @dataclass
@@ -301,8 +321,11 @@ class LanCore:
             if isinstance(dest, tuple):
                 self._sends.append(Datagram("discovery", DATA_MAGIC + t.item.envelope, dest))
         command = ipmsg.SENDMSG | ipmsg.SENDCHECKOPT | ipmsg.UTF8OPT
-        for addr, no, text in self.ipmsg.transmits(now, self._ipmsg_addr, self._next_packetno):
-            data = ipmsg.encode(no, self.name, self.host, command, text + b"\0")
+        for addr, no, kept in self.ipmsg.transmits(now, self._ipmsg_addr, self._next_packetno):
+            if attached(kept):  # a file offer: its extra is kept whole
+                data = ipmsg.encode(no, self.name, self.host, command | ipmsg.FILEATTACHOPT, kept)
+            else:
+                data = ipmsg.encode(no, self.name, self.host, command, kept + b"\0")
             self._sends.append(Datagram("ipmsg", data, addr))
         sends, self._sends = self._sends, []
         return sends
@@ -345,7 +368,7 @@ class LanCore:
             self.messenger.presence(peer.name, False)
         self._events.append(PeerGone(peer, reason))
         if peer.kind == "p2pim" and not peer.pinned and not peer.key_changed:
-            _keep(self._recent, peer.name, peer.key, MAX_PEERS)
+            keep(self._recent, peer.name, peer.key, MAX_PEERS)
 
     def _pin(self, peer: LanPeer) -> None:
         """Keep ``peer``'s key in the profile: from now on another key for its name is a warning."""
@@ -376,8 +399,8 @@ class LanCore:
         old = self.peers.get(heard.name)
         contact = self.store.contact(PREFIX + heard.name)
         if contact is not None and contact.identity_key != heard.key:
-            seen = self.store.see_key(PREFIX + heard.name, heard.key, self.clock_ms())
-            if seen == "changed" and (old is None or not old.key_changed):
+            pinned = self.store.see_key(PREFIX + heard.name, heard.key, self.clock_ms())
+            if pinned == "changed" and (old is None or not old.key_changed):
                 self._events.append(
                     Problem(
                         f"{heard.name} now announces a different key ({fingerprint(heard.key)}; pinned "
@@ -391,7 +414,7 @@ class LanCore:
         if contact is None and old is not None and old.key != heard.key:
             # Two keys claim one name and neither is pinned: the one here first keeps it.
             self.counters["name_conflicts"] += 1
-            if not _seen(self._conflicts, heard.key):
+            if not seen(self._conflicts, heard.key, MAX_REMEMBERED):
                 self._events.append(
                     Problem(
                         f"another key ({fingerprint(heard.key)}) also announces itself as {heard.name}: "
@@ -402,7 +425,7 @@ class LanCore:
         if heard.at_ms <= self._last_at.get(heard.key, -1):
             self.counters["replayed"] += 1  # also after it left: an old ENTRY must not bring it back
             return
-        _keep(self._last_at, heard.key, heard.at_ms, MAX_REMEMBERED)
+        keep(self._last_at, heard.key, heard.at_ms, MAX_REMEMBERED)
         if heard.kind == announce.EXIT:
             if old is not None:
                 self._gone(old, "left")
@@ -422,7 +445,7 @@ class LanCore:
         )
         self.peers[heard.name] = peer
         if old is None or old.addr != addr:
-            self._events.append(PeerUp(peer, _seen(self._ever, heard.name)))
+            self._events.append(PeerUp(peer, seen(self._ever, heard.name, MAX_REMEMBERED)))
             self.messenger.presence(heard.name, True)
             self.messenger.resend_now(heard.name)  # it is (back) here: send now
         if heard.kind == announce.ENTRY:
@@ -485,6 +508,27 @@ class LanCore:
             raise LanError(f"message too long for IP Messenger ({size} bytes; at most {ipmsg.MAX_PACKET})")
         return self.ipmsg.send(name, text, now)
 
+    def ipmsg_peer(self, to: str) -> str:
+        """The full name of the IP Messenger peer ``to`` names (here, or talked with before)."""
+        if not self.ipmsg_enabled:
+            raise LanError("IP Messenger is off (--no-ipmsg, or its port is taken)")
+        peer = self.find(to)
+        name = peer.name if peer is not None else self._known_ipmsg(to)
+        if name is None or (peer is not None and peer.kind != "ipmsg"):
+            raise LanError(f"no IP Messenger peer called {to!r} (p2pim lan peers)")
+        return name
+
+    def file_request(self, packetno: int, number: int) -> bytes:
+        """A GETFILEDATA (for TCP) for file ``number`` of an IP Messenger peer's SENDMSG
+        ``packetno``, from its first byte."""
+        extra = ipmsg.file_request_extra(packetno, number, 0)
+        return ipmsg.encode(self._next_packetno(), self.name, self.host, ipmsg.GETFILEDATA, extra) + b"\0"
+
+    def release(self, addr: Addr, packetno: int) -> None:
+        """Tell an IP Messenger peer we will not fetch the files of its packet ``packetno``."""
+        if self.ipmsg_enabled:
+            self._ipmsg(addr, ipmsg.RELEASEFILES, str(packetno).encode())
+
     def _on_ipmsg(self, data: bytes, src: Addr, now: float) -> None:
         if not self.ipmsg_enabled:
             return
@@ -518,9 +562,22 @@ class LanCore:
             if peer is None:  # here, but unlisted (its entry was lost): ask who it is
                 self._ipmsg(src, ipmsg.BR_ENTRY | ipmsg.CAPUTF8OPT | ipmsg.UTF8OPT, self._entry())
             sender = peer.name if peer is not None else self._ipmsg_name_at(src, pkt.user)
+            if pkt.has(ipmsg.FILEATTACHOPT):
+                self._attachments(pkt, data, src, sender)
+                if not pkt.text():
+                    return  # files only (iptux sends them with no text)
             message = self.ipmsg.incoming(pkt, data, src[0], sender)
             if message is not None:
                 self._events.append(message)
+        elif mode == ipmsg.RELEASEFILES:
+            sender = peer.name if peer is not None else self._ipmsg_name_at(src, pkt.user)
+            try:
+                released = self.ipmsg.released(src[0], int(pkt.extra.rstrip(b"\0").decode("ascii")))
+            except (UnicodeDecodeError, ValueError):
+                self.counters["ipmsg_malformed"] += 1
+                return
+            if released is not None:
+                self._events.append(IpmsgFilesReleased(sender, released))
         elif mode == ipmsg.RECVMSG:
             try:
                 acked = int(pkt.extra.decode("ascii"))
@@ -528,6 +585,16 @@ class LanCore:
                 self.counters["ipmsg_malformed"] += 1
                 return
             self.ipmsg.acked(src[0], acked)
+
+    def _attachments(self, pkt: ipmsg.Packet, data: bytes, src: Addr, sender: str) -> None:
+        try:
+            files = ipmsg.attachments(pkt)
+        except ipmsg.IpmsgError:
+            self.counters["ipmsg_malformed"] += 1
+            return
+        if files:
+            digest = self.ipmsg.digest(src[0], data)
+            self._events.append(IpmsgFilesOffered(sender, src, pkt.packetno, tuple(files), digest))
 
     def _ipmsg_entry(
         self, pkt: ipmsg.Packet, src: Addr, old: LanPeer | None, now: float, restarted: bool
@@ -546,10 +613,10 @@ class LanCore:
         if old is not None and old.name != name:
             del self.peers[old.name]
         self.peers[name] = peer
-        _keep(self._ipmsg_names, src[0], name, MAX_PEERS)
+        keep(self._ipmsg_names, src[0], name, MAX_PEERS)
         self.ipmsg.rename(src[0], name)  # what waits for this address goes to this name
         if old is None or restarted:
-            self._events.append(PeerUp(peer, _seen(self._ever, name)))
+            self._events.append(PeerUp(peer, seen(self._ever, name, MAX_REMEMBERED)))
             self.ipmsg.presence(name, True)  # kept messages (and unanswered ones) go now
         renamed = before if before is not None and before != name else ""
         away_changed = old is not None and old.away != away
@@ -560,26 +627,3 @@ class LanCore:
 def _ipmsg_name(nick: str, src: Addr) -> str:
     """How an IP Messenger peer is listed: its nickname (or user) and its address."""
     return f"{nick.replace('@', '_')}@{src[0]}"
-
-
-K = TypeVar("K")
-V = TypeVar("V")
-
-
-def _seen(seen: set[K], item: K) -> bool:
-    """Note ``item`` in ``seen`` (forgotten all at once past :data:`MAX_REMEMBERED`); True if
-    it was there already."""
-    if item in seen:
-        return True
-    if len(seen) >= MAX_REMEMBERED:
-        seen.clear()
-    seen.add(item)
-    return False
-
-
-def _keep(table: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
-    """Set ``table[key]``, the newest last; past ``bound`` entries the oldest goes."""
-    table[key] = value
-    table.move_to_end(key)
-    if len(table) > bound:
-        table.popitem(last=False)

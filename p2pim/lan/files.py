@@ -1,6 +1,8 @@
-"""The LAN node as a :class:`~p2pim.files.service.FileHost`: files between `p2pim lan`
-peers, over a QUIC link on the LAN data sockets (no server, so no relay: a peer that is
-not here waits, and its transfers go on when it is back)."""
+"""Files on the LAN: the LAN node as a :class:`~p2pim.files.service.FileHost` (files
+between `p2pim lan` peers, over a QUIC link on the LAN data sockets; no server, so no
+relay: a peer that is not here waits, and its transfers go on when it is back), and
+:class:`LanFiles`, which puts those and IP Messenger attachments
+(:mod:`p2pim.lan.ipmsg_files`) behind one face for ``/send /accept /decline /cancel /files``."""
 
 from __future__ import annotations
 
@@ -9,11 +11,14 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..files.service import FileService, TransferError
+from ..files.store import Transfer
 from ..messaging.events import Problem
 from ..wire import envelope_pb2 as epb
-from .core import LanError
+from .core import LanCore, LanError
 
 if TYPE_CHECKING:
+    from .ipmsg_files import IpmsgFiles
     from .node import LanNode
 
 
@@ -63,3 +68,57 @@ class LanHost:
 
     def relay(self, peer: str, data: bytes) -> int | None:
         return None  # no server on the LAN
+
+
+class LanFiles:
+    """p2pim peers' transfers (:attr:`p2p`) and IP Messenger peers' (:attr:`ipmsg`, None
+    with IP Messenger off): which one a command is for follows from the peer it names."""
+
+    def __init__(self, core: LanCore, p2p: FileService, ipmsg: IpmsgFiles | None) -> None:
+        self.core = core
+        self.p2p = p2p
+        self.ipmsg = ipmsg
+        self.store = p2p.store  # one table for both
+
+    def _of(self, t: Transfer) -> FileService | IpmsgFiles:
+        return self.ipmsg if self.ipmsg is not None and self.ipmsg.mine(t) else self.p2p
+
+    def mine(self, t: Transfer) -> bool:
+        return self.p2p.mine(t) or (self.ipmsg is not None and self.ipmsg.mine(t))
+
+    def peer_of(self, t: Transfer) -> str:
+        return self._of(t).peer_of(t)
+
+    async def send(self, peer: str, path: str | Path) -> Transfer:
+        here = self.core.find(peer)
+        p2pim = here.kind == "p2pim" if here is not None else self.core.key_of(peer) is not None
+        if p2pim or self.ipmsg is None:
+            return await self.p2p.send(peer, path)
+        return await self.ipmsg.send(peer, path)
+
+    def find(self, prefix: str) -> Transfer:
+        found = [t for t in self.store.find(prefix) if self.mine(t)]
+        if len(found) != 1:
+            what = "no transfer" if not found else f"{len(found)} transfers"
+            raise TransferError(f"{what} with an id starting {prefix!r} (see /files)")
+        return found[0]
+
+    async def accept(self, file_id: bytes, directory: Path | None = None) -> Transfer:
+        return await self._for(file_id).accept(file_id, directory)
+
+    async def decline(self, file_id: bytes) -> Transfer:
+        return await self._for(file_id).decline(file_id)
+
+    async def cancel(self, file_id: bytes) -> Transfer:
+        return await self._for(file_id).cancel(file_id)
+
+    def _for(self, file_id: bytes) -> FileService | IpmsgFiles:
+        t = self.store.get(file_id)
+        if t is None:
+            raise TransferError("no such transfer")
+        return self._of(t)
+
+    async def close(self) -> None:
+        if self.ipmsg is not None:
+            await self.ipmsg.close()
+        await self.p2p.close()

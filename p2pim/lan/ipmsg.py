@@ -1,8 +1,11 @@
 """IP Messenger (Draft-9) packets: ``ver:packetno:user:host:command:extra`` on UDP 2425.
 
-Only what chatting needs: BR_ENTRY / ANSENTRY / BR_EXIT / BR_ABSENCE to know
-who is here, SENDMSG (with SENDCHECKOPT) answered by RECVMSG, and UTF8OPT.
-IP Messenger, iptux and FeiQ all speak this. There is no encryption in it:
+What chatting needs: BR_ENTRY / ANSENTRY / BR_EXIT / BR_ABSENCE to know who is
+here, SENDMSG (with SENDCHECKOPT) answered by RECVMSG, and UTF8OPT; and file
+attachments: a SENDMSG with FILEATTACHOPT lists files after its text
+(:func:`attachments`), the receiver fetches each over TCP on the same port
+number with GETFILEDATA (:func:`file_request`), or says RELEASEFILES when it
+will not. IP Messenger, iptux and FeiQ all speak this. There is no encryption in it:
 p2pim shows these peers and their messages as unencrypted.
 
 Parsing is strict, because anything on the LAN can send to this port: the
@@ -33,15 +36,22 @@ ANSENTRY = 0x03
 BR_ABSENCE = 0x04
 SENDMSG = 0x20
 RECVMSG = 0x21
+GETFILEDATA = 0x60  # over TCP: "packet:file:offset" (hex), answered by the file's bytes
+RELEASEFILES = 0x61  # "packet" (decimal): the receiver will not fetch that packet's files
+GETDIRFILES = 0x62  # a directory: not offered by p2pim, and refused when offered to it
 
 ABSENCEOPT = 0x00000100  # with the entry commands: "away" (not to iptux, see absence())
 SENDCHECKOPT = 0x00000100  # with SENDMSG: please answer RECVMSG
 BROADCASTOPT = 0x00000400
 AUTORETOPT = 0x00002000  # an automatic answer: do not answer it
+FILEATTACHOPT = 0x00200000  # with SENDMSG: files listed after the text
 UTF8OPT = 0x00800000  # this packet's text is UTF-8
 CAPUTF8OPT = 0x01000000  # this client understands UTF-8
 
 MODE_MASK = 0xFF
+FILE_REGULAR, FILE_DIR = 0x1, 0x2  # low byte of an attachment's attributes
+MAX_ATTACHMENTS = 64  # files in one packet that are looked at
+MAX_FILE_REQUEST = 1024  # bytes of a GETFILEDATA request (it is ~60)
 
 
 class IpmsgError(ValueError):
@@ -146,3 +156,93 @@ def encode(packetno: int, user: str, host: str, command: int, extra: bytes = b""
 
 def entry_extra(nickname: str, group: str = "") -> bytes:
     return nickname.encode() + b"\0" + group.encode() + b"\0"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One file of a FILEATTACHOPT SENDMSG: ``fileID:name:size:mtime:attr[:ext...]``."""
+
+    file_id: int
+    name: str
+    size: int
+    mtime: int
+    attr: int
+
+    @property
+    def regular(self) -> bool:
+        return self.attr & MODE_MASK == FILE_REGULAR
+
+
+def attachments(pkt: Packet) -> list[Attachment]:
+    """The files a FILEATTACHOPT SENDMSG offers (after the NUL that ends its text).
+
+    Entries end with BEL (``\\a``; some clients put ':' around it); a ':' in a name is
+    doubled. The file id is decimal, size, mtime and attributes hex, as IP Messenger and
+    iptux write them. An entry that does not parse is an :class:`IpmsgError`.
+    """
+    _, _, listing = pkt.extra.partition(b"\0")
+    out: list[Attachment] = []
+    for raw in listing.rstrip(b"\0").split(b"\a"):
+        raw = raw.strip(b":")
+        if not raw:
+            continue
+        if len(out) == MAX_ATTACHMENTS:
+            raise IpmsgError("too many attachments")
+        fields = _split_escaped(raw)
+        if len(fields) < 5:
+            raise IpmsgError("attachment without five fields")
+        try:
+            file_id = int(fields[0], 10)
+            size, mtime, attr = (int(f, 16) for f in fields[2:5])
+        except ValueError:
+            raise IpmsgError("attachment numbers") from None
+        if not (0 <= file_id < 2**32 and 0 <= size < 2**63 and 0 <= mtime < 2**64 and 0 <= attr < 2**32):
+            raise IpmsgError("attachment numbers out of range")
+        name = decode_text(fields[1], pkt.has(UTF8OPT))
+        if not name:
+            raise IpmsgError("attachment without a name")
+        out.append(Attachment(file_id, name, size, mtime, attr))
+    return out
+
+
+def _split_escaped(raw: bytes) -> list[bytes]:
+    """Split on ':' where '::' is a literal ':' (only names have one)."""
+    fields, current, i = [], bytearray(), 0
+    while i < len(raw):
+        if raw[i : i + 2] == b"::":
+            current += b":"
+            i += 2
+        elif raw[i : i + 1] == b":":
+            fields.append(bytes(current))
+            current = bytearray()
+            i += 1
+        else:
+            current.append(raw[i])
+            i += 1
+    fields.append(bytes(current))
+    return fields
+
+
+def attachment_extra(text: str, files: list[Attachment]) -> bytes:
+    """A SENDMSG's extra with ``files`` attached (send with FILEATTACHOPT)."""
+    listing = b"".join(
+        b"%d:%s:%x:%x:%x:\a" % (f.file_id, f.name.replace(":", "::").encode(), f.size, f.mtime, f.attr)
+        for f in files
+    )
+    return text.encode() + b"\0" + listing + b"\0"
+
+
+def file_request(pkt: Packet) -> tuple[int, int, int]:
+    """(packet number, file id, offset) of a GETFILEDATA: hex ``packet:file:offset``."""
+    fields = pkt.extra.rstrip(b"\0").split(b":")
+    if len(fields) < 2 or any(not f or len(f) > 16 for f in fields[:3]):
+        raise IpmsgError("bad file request")
+    try:
+        numbers = [int(f, 16) for f in fields[:3]]
+    except ValueError:
+        raise IpmsgError("bad file request") from None
+    return numbers[0], numbers[1], numbers[2] if len(numbers) > 2 else 0
+
+
+def file_request_extra(packetno: int, file_id: int, offset: int) -> bytes:
+    return b"%x:%x:%x" % (packetno, file_id, offset)

@@ -35,6 +35,7 @@ import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
+from ..bounded import keep
 from ..messaging.core import settle
 from ..messaging.delivery import IPMSG, Delivery, Transmit
 from ..messaging.events import Message, MessagingEvent
@@ -66,6 +67,8 @@ class IpmsgMessages:
         # ip -> (numbering, written to the store yet); least recently used first
         self._numberings: OrderedDict[str, tuple[int, bool]] = OrderedDict()
         self._events: deque[MessagingEvent] = deque()
+        # (ip, packet number) -> msg_id of file offers sent in this run, for a RELEASEFILES
+        self._offers: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         for row in store.outbox():  # typed before a crash, or while the peer was away
             if row.peer.startswith(PREFIX):
                 self.delivery.add(row.msg_id, row.peer.removeprefix(PREFIX), row.envelope, receipt=False)
@@ -76,10 +79,18 @@ class IpmsgMessages:
         """Keep ``text`` for ``peer`` ("nick@ip"); it goes while the peer is here."""
         now_ms = self.clock_ms()
         msg_id = new_msg_id(now_ms)
-        data = text.encode()
-        self.store.queue_outgoing(msg_id, PREFIX + peer, text, data, now_ms, now_ms)
-        self.delivery.add(msg_id, peer, data, receipt=False, now=now)
+        self._keep(msg_id, peer, text, text.replace("\0", " ").encode(), now)
         return msg_id
+
+    def attach(self, peer: str, msg_id: bytes, files: list[ipmsg.Attachment], line: str, now: float) -> None:
+        """Keep a file offer (a SENDMSG with FILEATTACHOPT, ``line`` in the history) for ``peer``;
+        it goes like a text. ``msg_id`` is the transfer's id: a RELEASEFILES names it."""
+        self._keep(msg_id, peer, line, ipmsg.attachment_extra("", files), now)
+
+    def _keep(self, msg_id: bytes, peer: str, line: str, data: bytes, now: float) -> None:
+        now_ms = self.clock_ms()
+        self.store.queue_outgoing(msg_id, PREFIX + peer, line, data, now_ms, now_ms)
+        self.delivery.add(msg_id, peer, data, receipt=False, now=now)
 
     def transmits(
         self, now: float, where: Callable[[str], Addr | None], number: Callable[[], int]
@@ -100,6 +111,8 @@ class IpmsgMessages:
                     del self._by_number[sent]
                 key = (addr[0], number() if sent is None else sent[1])
                 self._sent[item.msg_id], self._by_number[key] = key, item.msg_id
+                if attached(item.envelope):
+                    keep(self._offers, key, item.msg_id, MAX_ADDRESSES)
                 out.append((addr, key[1], item.envelope))
             else:  # delivered (its RECVMSG came)
                 if (done := self._sent.pop(item.msg_id, None)) is not None:
@@ -113,6 +126,10 @@ class IpmsgMessages:
         msg_id = self._by_number.get((ip, packetno))
         if msg_id is not None:
             self.delivery.delivered([msg_id])  # the next transmits() finishes it
+
+    def released(self, ip: str, packetno: int) -> bytes | None:
+        """The file offer (its msg_id) that a RELEASEFILES for ``packetno`` from ``ip`` declines."""
+        return self._offers.pop((ip, packetno), None)
 
     def rename(self, ip: str, new: str) -> None:
         """The peer at ``ip`` is now called ``new``: what waits for any name there is for it."""
@@ -153,13 +170,18 @@ class IpmsgMessages:
         old = self._numbering(ip)
         self._remember(ip, max(self.clock_ms(), old + 1), False)
 
-    def incoming(self, pkt: ipmsg.Packet, data: bytes, ip: str, sender: str) -> Message | None:
-        """A SENDMSG (answered by the caller): the message to show, or None for a duplicate."""
+    def digest(self, ip: str, data: bytes) -> bytes:
+        """The id of the packet ``data`` from ``ip`` in its current numbering (the numbering is
+        written to the store first, so the id is the same after a restart)."""
         numbering = self._numbering(ip)
         if not self._numberings[ip][1]:
             self.store.set_numbering(ip, numbering, self.clock_ms())
             self._remember(ip, numbering, True)
-        digest = hashlib.blake2b(f"{ip}\0{numbering}\0".encode() + data, digest_size=16).digest()
+        return hashlib.blake2b(f"{ip}\0{numbering}\0".encode() + data, digest_size=16).digest()
+
+    def incoming(self, pkt: ipmsg.Packet, data: bytes, ip: str, sender: str) -> Message | None:
+        """A SENDMSG (answered by the caller): the message to show, or None for a duplicate."""
+        digest = self.digest(ip, data)
         text, now_ms = pkt.text(), self.clock_ms()
         if not self.store.add_incoming(digest, PREFIX + sender, text, now_ms, now_ms):
             self.counters["ipmsg_duplicates"] += 1
@@ -179,6 +201,11 @@ class IpmsgMessages:
         self._numberings.move_to_end(ip)
         if len(self._numberings) > MAX_ADDRESSES:
             self._numberings.popitem(last=False)
+
+
+def attached(data: bytes) -> bool:
+    """Is this kept SENDMSG a file offer? (Texts are kept without NUL; offers have one.)"""
+    return b"\0" in data
 
 
 def called(name: str, names: Iterable[str]) -> list[str]:

@@ -3,7 +3,9 @@
 Three UDP sockets: the discovery port (shared by every p2pim on the host,
 SO_REUSEADDR, so each one hears broadcasts), an own data port (envelopes and
 direct answers; announced), and IP Messenger's 2425 (one program per host can
-have it; if it is taken, IP Messenger compatibility is off with a warning).
+have it; if it is taken, IP Messenger compatibility is off with a warning);
+with files, also IP Messenger's TCP 2425, where its clients fetch what we
+attached (:mod:`p2pim.lan.ipmsg_files`).
 Broadcasts go to each interface's subnet broadcast address and to
 255.255.255.255; ``interface`` limits all of it to one interface
 (SO_BINDTODEVICE).
@@ -18,13 +20,16 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..driver import Driver
 from ..files.service import FileService
 from ..messaging.events import Problem
 from ..sansio import Datagram
-from .core import PREFIX, LanCore, LanEvent, PeerGone, PeerUp
+from .core import PREFIX, IpmsgFilesOffered, IpmsgFilesReleased, LanCore, LanEvent, PeerGone, PeerUp
+
+if TYPE_CHECKING:
+    from .files import LanFiles
 
 SIOCGIFFLAGS, SIOCGIFADDR, SIOCGIFBRDADDR = 0x8913, 0x8915, 0x8919
 IFF_UP, IFF_BROADCAST = 0x1, 0x2
@@ -67,7 +72,7 @@ class LanNode:
         self.ipmsg_port = ipmsg_port
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self._driver = Driver(core, self._send, self._on_event)
-        self.files: FileService | None = None
+        self.files: LanFiles | None = None
         self._started = False
         ifaces = interfaces()
         if interface is not None:
@@ -106,38 +111,67 @@ class LanNode:
         return self.core.data_port
 
     def _open(self, channel: str, port: int, reuse: bool) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = self._socket(socket.SOCK_DGRAM, port, reuse)
+        # Replies to our broadcasts come to the data socket; it is the same protocol as discovery.
+        self._driver.attach(channel, sock)
+        return sock
+
+    def _socket(self, kind: int, port: int, reuse: bool) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, kind)
         try:
             if reuse:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            if kind == socket.SOCK_DGRAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if self.interface is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.interface.encode())
             sock.bind(("0.0.0.0", port))
         except OSError:
             sock.close()
             raise
-        # Replies to our broadcasts come to the data socket; it is the same protocol as discovery.
-        self._driver.attach(channel, sock)
         return sock
 
-    def enable_files(self, lock_dir: Path, auto_accept: Path | None = None) -> FileService:
-        """Take file offers and move files with p2pim peers (QUIC on the data socket)."""
-        from .files import LanHost
+    async def enable_files(self, lock_dir: Path, auto_accept: Path | None = None) -> LanFiles:
+        """Take file offers and move files: with p2pim peers (QUIC on the data socket;
+        ``auto_accept`` theirs) and with IP Messenger peers (TCP; always asked)."""
+        from .files import LanFiles, LanHost
+        from .ipmsg_files import IpmsgFiles
 
-        files = FileService(
+        p2p = FileService(
             LanHost(self, lock_dir), self.events.put_nowait, auto_accept=auto_accept, prefix=PREFIX
         )
-        self.core.messenger.bodies = files.on_body
-        self.core.on_quic = lambda data, src: files.on_quic("data", data, src)
-        self.files = files
-        files.start()
-        return files
+        self.core.messenger.bodies = p2p.on_body
+        self.core.on_quic = lambda data, src: p2p.on_quic("data", data, src)
+        p2p.start()
+        ipmsg = None
+        if self.core.ipmsg_enabled:
+            ipmsg = IpmsgFiles(self, p2p.store, self.events.put_nowait)
+            await ipmsg.start(self._tcp_listener())
+        self.files = LanFiles(self.core, p2p, ipmsg)
+        return self.files
+
+    def _tcp_listener(self) -> socket.socket | None:
+        """IP Messenger's TCP port, where its clients fetch the files we offer them."""
+        try:
+            sock = self._socket(socket.SOCK_STREAM, self.ipmsg_port, reuse=True)
+        except OSError as exc:
+            self.events.put_nowait(
+                Problem(
+                    f"IP Messenger's TCP port {self.ipmsg_port} is taken ({exc.strerror}): no files to them"
+                )
+            )
+            return None
+        sock.listen(16)
+        return sock
 
     def _on_event(self, event: LanEvent) -> None:
+        if isinstance(event, (IpmsgFilesOffered, IpmsgFilesReleased)):
+            if self.files is not None and self.files.ipmsg is not None:
+                self.files.ipmsg.on_event(event)
+            return  # not taking files now (lan send, lan peers): it will offer them again
         if self.files is not None and isinstance(event, (PeerUp, PeerGone)) and event.peer.kind == "p2pim":
-            self.files.online(event.peer.name, isinstance(event, PeerUp))
-            self.files.path_changed(event.peer.name)
+            self.files.p2p.online(event.peer.name, isinstance(event, PeerUp))
+            self.files.p2p.path_changed(event.peer.name)
         self.events.put_nowait(event)
 
     async def close(self) -> None:

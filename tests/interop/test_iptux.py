@@ -15,7 +15,12 @@ default), so both directions are checked on the real program's terms:
   reuses a packet number of its first run: p2pim must show it, not drop it
   as a duplicate;
 * iptux back under a new nickname: p2pim says who it was, and the message
-  kept for the old name goes to it.
+  kept for the old name goes to it;
+* files both ways: p2pim's offer appears in iptux's chat window, its user
+  clicks Accept and picks the folder, and iptux fetches it over TCP; iptux's
+  user attaches a file (Ctrl+S) and sends it, p2pim shows the offer as
+  unencrypted and fetches it after `/accept`. Byte for byte, nothing written
+  before acceptance.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class Iptux:
 
     def window(self, title: str, timeout: float = 10) -> str:
         """The id of the visible window whose title matches ``title``."""
-        found = wait_for(lambda: self.xdotool("search", "--onlyvisible", "--name", title).split(), timeout)
+        found = wait_for(lambda: self.windows(title), timeout)
         assert found, f"no iptux window {title!r}"
         return found[0]
 
@@ -96,6 +101,34 @@ class Iptux:
         """Type ``text`` in the chat window with ``peer_title`` and press Enter (sends)."""
         self.xdotool("windowfocus", "--sync", self.window(peer_title), "type", "--delay", "15", text)
         self.xdotool("key", "Return")
+
+    def accept_files(self, peer_title: str) -> None:
+        """Click Accept above "Files to be received" in the chat window, then take the
+        folder the chooser proposes (iptux's home). The window is given a fixed place and
+        size first, so the button is where it always is on this iptux."""
+        window = self.window(peer_title)
+        self.xdotool("windowsize", "--sync", window, "1000", "500")
+        self.xdotool("windowmove", "--sync", window, "0", "0")
+        chooser: object = None
+        for _ in range(3):  # a click before the layout settled misses: try again
+            self.xdotool("mousemove", "--window", window, "985", "77", "click", "1")
+            chooser = wait_for(lambda: self.windows("Please select a folder"), 3)
+            if chooser:
+                break
+        assert chooser, "iptux did not ask where to save (the Accept button was not hit)"
+        self.xdotool("windowfocus", "--sync", self.window("Please select a folder"), "key", "Return")
+
+    def attach(self, peer_title: str, path: Path) -> None:
+        """Attach ``path`` in the chat window (Ctrl+S, the file chooser) and send (Enter)."""
+        self.xdotool("windowfocus", "--sync", self.window(peer_title), "key", "ctrl+s")
+        chooser = self.window("Choose enclosure files")
+        self.xdotool("windowfocus", "--sync", chooser, "key", "ctrl+l", "type", "--delay", "15", str(path))
+        self.xdotool("key", "Return")
+        assert wait_for(lambda: not self.windows("Choose enclosure files"), 5), "the file chooser stayed"
+        self.xdotool("windowfocus", "--sync", self.window(peer_title), "key", "Return")
+
+    def windows(self, title: str) -> list[str]:
+        return self.xdotool("search", "--onlyvisible", "--name", title).split()
 
     def shown(self) -> list[tuple[str, str]]:
         """(nickname, text) of every message iptux showed, from its own chat log."""
@@ -151,10 +184,10 @@ class Lan:
     tux: Iptux
     started: list[JsonProcess]
 
-    def alice(self) -> JsonProcess:
+    def alice(self, *more: str) -> JsonProcess:
         """`p2pim lan --json` as alice on h1, ready."""
         env = {**os.environ, "XDG_DATA_HOME": str(self.tmp / "alice")}
-        argv = [tool("p2pim"), "lan", "--json", "--name", "alice", "--interval", "1", "--linger", "5"]
+        argv = [tool("p2pim"), "lan", "--json", "--name", "alice", "--interval", "1", "--linger", "5", *more]
         proc = JsonProcess(self.topo, "h1", argv, env)
         self.started.append(proc)
         assert proc.wait(lambda e: e.get("event") == "ready", 15) is not None, "p2pim lan did not start"
@@ -332,3 +365,64 @@ def test_iptux_back_under_a_new_nickname_gets_the_message_kept_for_the_old_one(l
         10,
     )
     assert wait_for(lambda: tux.shown() == [("alice", kept)], 5), tux.shown()
+
+
+def _event(alice: JsonProcess, kind: str, **fields: object) -> dict[str, object]:
+    """The first ``kind`` event with ``fields`` (waited for)."""
+
+    def match(e: dict[str, object]) -> bool:
+        return e.get("event") == kind and all(e.get(k) == v for k, v in fields.items())
+
+    assert alice.wait(match, 30) is not None, f"no {kind} {fields}: {[e for _, e in alice.log][-5:]}"
+    return next(e for _, e in alice.log if match(e))
+
+
+def test_files_go_both_ways_with_iptux_whole_and_only_once_accepted(lan: Lan) -> None:
+    tux = lan.tux
+    tux.configure(nick_name="tux", open_chat=True, use_enter_key=True, record_log=True)
+    downloads = lan.tmp / "alice downloads"
+    alice = lan.alice("--dir", str(downloads))
+    tux.start()
+    assert alice.wait(_tux_up(False), 10) is not None
+    # -- p2pim -> iptux: a word first (iptux opens a chat window for a text, not for a file),
+    # then the offer, listed in that window; iptux's user accepts ---------------------------
+    alice.type("tux: the report follows")
+    tux.window("Talk with alice")
+    ours = lan.tmp / "报告 final.bin"
+    ours.write_bytes(os.urandom(3_000_000))
+    alice.type(f"/send tux {ours}")
+    offer = _event(alice, "offered")
+    assert _event(alice, "outcome", state="delivered", msg_id=offer["id"])  # iptux's RECVMSG
+    tux.accept_files("Talk with alice")
+    done = _event(alice, "file_done", outgoing=True)
+    assert (done["name"], done["size"], done["encrypted"]) == (ours.name, 3_000_000, False)
+    received = tux.home / ours.name
+    assert wait_for(lambda: received.exists() and received.stat().st_size == 3_000_000, 10), list(
+        tux.home.iterdir()
+    )
+    assert received.read_bytes() == ours.read_bytes()
+    # -- iptux -> p2pim: attached in iptux, shown as unencrypted, fetched once accepted --
+    theirs = tux.home / "from tux.dat"
+    theirs.write_bytes(os.urandom(2_500_000))
+    tux.attach("Talk with alice", theirs)
+    offered = _event(alice, "file_offered")
+    assert (offered["peer"], offered["name"], offered["size"], offered["encrypted"]) == (
+        TUX,
+        "from tux.dat",
+        2_500_000,
+        False,
+    )
+    assert not downloads.exists()  # nothing written before it is accepted
+    alice.type(f"/accept {str(offered['id'])[:8]}")
+    got = _event(alice, "file_done", outgoing=False)
+    assert got["path"] == str(downloads / "from tux.dat")
+    assert (downloads / "from tux.dat").read_bytes() == theirs.read_bytes()
+    assert sorted(p.name for p in downloads.iterdir()) == ["from tux.dat"]  # no .part left
+    alice.type("/quit")
+    alice.finish(15)
+    rows = json.loads(lan.p2pim("lan", "history", "tux", "--json", "--name", "alice").stdout)
+    assert [(r["from"], r["text"]) for r in rows] == [
+        ("alice", "the report follows"),
+        ("alice", f"file: {ours.name} (3.0 MB)"),
+        (TUX, "file: from tux.dat (2.5 MB)"),
+    ]

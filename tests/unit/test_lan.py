@@ -545,3 +545,124 @@ def test_messages_from_many_forged_addresses_are_capped_in_total(tmp_path: Path)
     # a second later there is room again for a real client's resend
     core.receive_datagram("ipmsg", tux_msg(7, "real"), TUX, 2.0)
     assert texts(poll(core, 2.0)[1]) == ["real"]
+
+
+# -- IP Messenger file attachments ------------------------------------------------------------
+
+#: what iptux 0.8.3 sent when its user attached a file and pressed Enter (captured in natlab):
+#: no text, no SENDCHECKOPT, no UTF8OPT, file id decimal, the rest hex, BEL after each entry
+IPTUX_ATTACHMENT = b"1_iptux 0.8.3:8:root:vm:2097184:\x0010000:outgoing.bin:30d40:6b16cdbb:1:\x07\x00"
+
+
+def test_attachments_as_iptux_and_ip_messenger_write_them() -> None:
+    pkt = ipmsg.parse(IPTUX_ATTACHMENT)
+    assert pkt.mode == ipmsg.SENDMSG and pkt.has(ipmsg.FILEATTACHOPT) and pkt.text() == ""
+    assert ipmsg.attachments(pkt) == [ipmsg.Attachment(10000, "outgoing.bin", 200000, 0x6B16CDBB, 1)]
+    # IP Messenger: extended attributes after the five fields, ':' doubled in a name, "\a:" between
+    data = b"1:5:u:h:%d:see these\0" % (ipmsg.SENDMSG | ipmsg.FILEATTACHOPT | ipmsg.UTF8OPT)
+    data += "0:a::b 报告.txt:400:5f000000:1:14=5f000000:16=5f000001:\a:1:dir:0:5f000000:2:\a\0".encode()
+    pkt = ipmsg.parse(data)
+    files = ipmsg.attachments(pkt)
+    assert [(f.file_id, f.name, f.size, f.regular) for f in files] == [
+        (0, "a:b 报告.txt", 0x400, True),
+        (1, "dir", 0, False),
+    ]
+    assert pkt.text() == "see these"
+    # ours round-trip, and iptux's parser would read them the same way (the same five fields)
+    ours = ipmsg.attachment_extra("", [ipmsg.Attachment(7, "x:y ✓.bin", 3, 9, ipmsg.FILE_REGULAR)])
+    again = ipmsg.parse(ipmsg.encode(1, "a", "h", ipmsg.SENDMSG | ipmsg.FILEATTACHOPT, ours))
+    assert ipmsg.attachments(again) == [ipmsg.Attachment(7, "x:y ✓.bin", 3, 9, 1)]
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [b"x:name:1:1:1:\a", b"1:name:zz:1:1:\a", b"1::1:1:1:\a", b"1:n:1:1\a", b"-1:n:1:1:1:\a",
+     b"1:n:" + b"f" * 17 + b":1:1:\a", b"".join(b"%d:n:1:1:1:\a" % i for i in range(65))],
+)  # fmt: skip
+def test_malformed_attachments_raise_ipmsg_error(listing: bytes) -> None:
+    pkt = ipmsg.parse(b"1:5:u:h:%d:\0" % (ipmsg.SENDMSG | ipmsg.FILEATTACHOPT) + listing)
+    with pytest.raises(ipmsg.IpmsgError):
+        ipmsg.attachments(pkt)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_attachment_and_file_request_parsers_never_fail_otherwise(listing: bytes) -> None:
+    for extra in (b"text\0" + listing, listing):
+        pkt = ipmsg.Packet(1, "u", "h", ipmsg.SENDMSG | ipmsg.FILEATTACHOPT, extra)
+        with contextlib.suppress(ipmsg.IpmsgError):
+            ipmsg.attachments(pkt)
+        with contextlib.suppress(ipmsg.IpmsgError):
+            ipmsg.file_request(pkt)
+
+
+def test_file_requests_as_iptux_sends_them() -> None:
+    # captured: iptux asking p2pim for file 7 of packet 101 (hex 65), from byte 0
+    pkt = ipmsg.parse(b"1_iptux 0.8.3:7:root:vm:96:65:7:0\0".rstrip(b"\0"))
+    assert pkt.mode == ipmsg.GETFILEDATA and ipmsg.file_request(pkt) == (101, 7, 0)
+    ours = ipmsg.parse(ipmsg.encode(3, "a", "h", ipmsg.GETFILEDATA, ipmsg.file_request_extra(101, 7, 4096)))
+    assert ipmsg.file_request(ours) == (101, 7, 4096)
+    for bad in (b"", b"65", b"65:zz:0", b"65::0", b"65:7:" + b"1" * 17):
+        with pytest.raises(ipmsg.IpmsgError):
+            ipmsg.file_request(ipmsg.Packet(1, "u", "h", ipmsg.GETFILEDATA, bad))
+
+
+def test_iptux_attachments_are_an_event_once_per_packet_and_answered(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.start(0.0)
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 0.1)
+    poll(core, 0.1)
+    offers = []
+    for t in (0.2, 0.3):  # the same packet twice: the same id both times
+        core.receive_datagram("ipmsg", IPTUX_ATTACHMENT, TUX, t)
+        sends, events = poll(core, t)
+        offers += [e for e in events if isinstance(e, ipmsg_core.IpmsgFilesOffered)]
+        assert not texts(events)  # no text: no empty message in the history
+        assert not ipmsg_out(sends, ipmsg.RECVMSG)  # iptux asked for no answer
+    assert [(o.sender, o.packetno, o.files[0].name) for o in offers] == [
+        ("tux@10.0.0.7", 8, "outgoing.bin")
+    ] * 2
+    assert offers[0].digest == offers[1].digest
+    # with a text and SENDCHECKOPT: the text is a message, and it is answered
+    with_text = tux(
+        9, ipmsg.SENDMSG | ipmsg.SENDCHECKOPT | ipmsg.FILEATTACHOPT, b"look\0" + b"1:a.txt:1:1:1:\a\0"
+    )
+    core.receive_datagram("ipmsg", with_text, TUX, 0.4)
+    sends, events = poll(core, 0.4)
+    assert (
+        texts(events) == ["look"]
+        and len([e for e in events if isinstance(e, ipmsg_core.IpmsgFilesOffered)]) == 1
+    )
+    assert [p.extra for p in ipmsg_out(sends, ipmsg.RECVMSG)] == [b"9"]
+    # a broken listing is counted, not an offer
+    core.receive_datagram("ipmsg", tux(10, ipmsg.SENDMSG | ipmsg.FILEATTACHOPT, b"\0x:y\a"), TUX, 0.5)
+    _, events = poll(core, 0.5)
+    assert not events and core.counters["ipmsg_malformed"] == 1
+
+
+def test_our_file_offer_goes_like_a_text_and_a_release_declines_it(tmp_path: Path) -> None:
+    core = _ipmsg_core(tmp_path)
+    core.start(0.0)
+    core.receive_datagram("ipmsg", tux_entry(1), TUX, 0.1)
+    poll(core, 0.1)
+    name = core.ipmsg_peer("tux")
+    file_id = bytes(range(16))
+    core.ipmsg.attach(name, file_id, [ipmsg.Attachment(5, "a.bin", 10, 1, 1)], "file: a.bin (10 B)", 0.2)
+    sends, _ = poll(core, 0.2)
+    [offer] = ipmsg_out(sends, ipmsg.SENDMSG)
+    assert offer.has(ipmsg.FILEATTACHOPT | ipmsg.SENDCHECKOPT) and ipmsg.attachments(offer)[0].name == "a.bin"
+    sends, _ = poll(core, core.get_timer())  # no RECVMSG yet: sent again, with the same number
+    assert [p.packetno for p in ipmsg_out(sends, ipmsg.SENDMSG)] == [offer.packetno]
+    core.receive_datagram("ipmsg", tux(3, ipmsg.RECVMSG, b"%d\0" % offer.packetno), TUX, 2.0)
+    _, events = poll(core, 2.0)
+    assert [e.state for e in events if isinstance(e, Outcome)] == ["delivered"]
+    # IP Messenger's user declines: RELEASEFILES names the packet
+    core.receive_datagram("ipmsg", tux(4, ipmsg.RELEASEFILES, b"%d" % offer.packetno), TUX, 2.1)
+    core.receive_datagram("ipmsg", tux(5, ipmsg.RELEASEFILES, b"12345"), TUX, 2.1)  # not ours: nothing
+    _, events = poll(core, 2.1)
+    assert [(e.sender, e.file_id) for e in events if isinstance(e, ipmsg_core.IpmsgFilesReleased)] == [
+        ("tux@10.0.0.7", file_id)
+    ]
+    assert [r.text for r in core.store.history("ipmsg:tux@10.0.0.7")] == ["file: a.bin (10 B)"]
+    with pytest.raises(ipmsg_core.LanError):
+        core.ipmsg_peer("nobody")
