@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import socket
 import subprocess
@@ -138,3 +140,17 @@ def rendezvous(tmp_path: Path) -> Iterator[RendezvousProcess]:
     srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
     yield srv
     srv.stop()
+
+
+@contextlib.contextmanager
+def small_disk(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("1m") at ``where``: a disk that really fills up. Mounting needs
+    root (as in CI, and as the lab tests need); elsewhere the test is skipped with why."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from p2pim.files.disk import PART, file_hash
-from p2pim.files.events import FileAnswered, FileDone, FileOffered
+from p2pim.files.events import FileAnswered, FileDone, FileFailed, FileOffered
 from p2pim.files.transfer import ACK_EVERY, CHUNK, QUIC_WINDOW, WINDOW
 
-from ..conftest import RendezvousProcess
+from ..conftest import RendezvousProcess, small_disk
 from .chatutil import befriend, new_user, relogin, wait_for
 
 PEER = Path(__file__).with_name("filepeer.py")
@@ -66,6 +66,39 @@ def test_an_offer_waits_for_an_away_buddy_and_the_file_arrives_whole(tmp_path: P
     sample = src.read_bytes()[4096:4160]
     for f in tmp_path.glob("server.db*"):
         assert sample not in f.read_bytes()
+
+
+def test_a_disk_that_fills_up_mid_transfer_fails_it_clearly_on_both_sides(tmp_path: Path) -> None:
+    # 512 KiB/s through the relay: the receiver's disk fills up while bytes are still coming
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2", "--relay-kbps", "512"))
+    src = tmp_path / "movie.mkv"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+
+    async def main(disk: Path) -> tuple[FileFailed, FileAnswered]:
+        a = await new_user(srv.url, tmp_path, "alice")
+        b = await new_user(srv.url, tmp_path, "bob")
+        await befriend(a, b)
+        await a.send_file("bob", src)
+        offered = await wait_for(b, lambda e: isinstance(e, FileOffered))
+        assert isinstance(offered, FileOffered)
+        await b.accept_file(offered.file_id, disk)  # 3 MiB fit in 4 MiB when it is accepted
+        (disk / "something else").write_bytes(b"x" * (3 * 1024 * 1024))  # and then they do not
+        failed = await wait_for(b, lambda e: isinstance(e, FileFailed), 30)
+        told = await wait_for(a, lambda e: isinstance(e, FileAnswered) and e.kind == "failed", 10)
+        assert isinstance(failed, FileFailed) and isinstance(told, FileAnswered)
+        assert [t.state for t in a.transfers()] == ["failed"] == [t.state for t in b.transfers()]
+        await a.close()
+        await b.close()
+        return failed, told
+
+    try:
+        with small_disk(tmp_path / "small", "4m") as disk:
+            failed, told = asyncio.run(main(disk))
+            assert sorted(p.name for p in disk.iterdir()) == ["something else"]  # no .part, no movie
+    finally:
+        srv.stop()
+    assert "No space left on device" in failed.reason
+    assert "No space left on device" in told.reason  # the sender hears why
 
 
 def test_a_declined_offer_writes_nothing_and_the_sender_hears_it(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ from p2pim.identity import Identity
 from p2pim.lan import ipmsg, ipmsg_files
 from p2pim.lan.core import IpmsgFilesOffered, LanCore
 from p2pim.messaging.store import ClientStore
+
+from ..conftest import small_disk
 
 TUX_IP, STRANGER_IP = "127.0.0.2", "127.0.0.3"
 
@@ -212,21 +213,13 @@ def test_a_sender_that_is_gone_fails_the_download_with_the_reason_and_leaves_not
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only, as in CI): a disk that really fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True)
-    try:
+def tiny(tmp_path: Path) -> Iterator[Path]:
+    with small_disk(tmp_path / "small", "1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_disk_that_fills_up_fails_the_download_clearly_and_leaves_nothing(
-    tmp_path: Path, small_disk: Path
+    tmp_path: Path, tiny: Path
 ) -> None:
     data = os.urandom(600_000)
     port = free_port()
@@ -237,8 +230,8 @@ def test_a_disk_that_fills_up_fails_the_download_clearly_and_leaves_nothing(
         sender.go.clear()  # it waits until the disk is nearly full
         server = await sender.start()
         await files.start(None)
-        await files.accept(offer(node, files, "big.iso", len(data)), small_disk)  # fits when accepted
-        (small_disk / "something else").write_bytes(b"x" * 700_000)  # and then it does not
+        await files.accept(offer(node, files, "big.iso", len(data)), tiny)  # fits when accepted
+        (tiny / "something else").write_bytes(b"x" * 700_000)  # and then it does not
         sender.go.set()
         [failed] = await until(lambda: [e for e in node.events if isinstance(e, FileFailed)])
         assert len(sender.requests) == 1  # a full disk is not tried again
@@ -248,4 +241,4 @@ def test_a_disk_that_fills_up_fails_the_download_clearly_and_leaves_nothing(
 
     failed = asyncio.run(main())
     assert "No space left on device" in failed.reason
-    assert sorted(p.name for p in small_disk.iterdir()) == ["something else"]  # no .part, no big.iso
+    assert sorted(p.name for p in tiny.iterdir()) == ["something else"]  # no .part, no big.iso
