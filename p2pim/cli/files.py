@@ -1,7 +1,7 @@
 """``p2pim send-file``, ``files``, ``accept``, ``decline``, ``cancel``.
 
-``send-file`` and ``accept`` stay until their transfers end (a progress line
-on a terminal, JSON events with ``--json``), unless ``--no-wait``; a
+``send-file`` and ``accept`` stay until their transfers end (progress bars with
+rate and time left on a terminal, JSON events with ``--json``), unless ``--no-wait``; a
 transfer left running goes on in the next ``listen`` or ``chat`` of either
 side, from where it stopped.
 """
@@ -12,16 +12,17 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from p2pim.files.disk import human_size
 
 from .render import event_line
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from p2pim.files.service import FileService
     from p2pim.lan.files import LanFiles
 
@@ -157,39 +158,73 @@ async def _follow(args: argparse.Namespace, c: Any, ids: set[bytes]) -> bool:
     """Show progress of ``ids`` until each is done or failed; True if all were done."""
     from p2pim.files import events as fe
 
-    tty = sys.stderr.isatty() and not args.json
-    started = time.monotonic()
+    bars = Bars(sys.stderr) if sys.stderr.isatty() and not args.json else None
     ok = True
-    async for ev in c.events():
-        if not isinstance(ev, (fe.FileProgress, fe.FileDone, fe.FileFailed, fe.FileAnswered)):
-            continue
-        if ev.file_id not in ids:
-            continue
-        if isinstance(ev, fe.FileProgress):
-            if args.json:
-                print(json.dumps(event_line(ev)[0]), flush=True)
-            elif tty:
-                rate = ev.done / max(1e-3, time.monotonic() - started)
-                eta = (ev.size - ev.done) / rate if rate else 0
-                line = (
-                    f"\r{ev.name}: {percent(ev.done, ev.size)} {human_size(int(rate))}/s ETA {eta:.0f} s   "
-                )
-                print(line, end="", file=sys.stderr, flush=True)
-            continue
-        if tty:
-            print(file=sys.stderr)
-        data, line = event_line(ev)
-        print(json.dumps(data) if args.json else line, flush=True)
-        if isinstance(ev, fe.FileAnswered) and ev.kind == "accepted":
-            continue
-        ok = ok and isinstance(ev, fe.FileDone)
-        ids.discard(ev.file_id)
-        if not ids:
-            await asyncio.sleep(0)  # let the "done" envelope go out
-            while c.delivery.items:
-                await asyncio.sleep(0.05)
-            return ok
+    try:
+        async for ev in c.events():
+            if not isinstance(ev, (fe.FileProgress, fe.FileDone, fe.FileFailed, fe.FileAnswered)):
+                continue
+            if ev.file_id not in ids:
+                continue
+            if isinstance(ev, fe.FileProgress):
+                if args.json:
+                    print(json.dumps(event_line(ev)[0]), flush=True)
+                elif bars is not None:
+                    bars.update(ev.file_id, ev.name, ev.done, ev.size)
+                continue
+            if bars is not None and isinstance(ev, (fe.FileDone, fe.FileFailed)):
+                bars.close(ev.file_id, ev.size if isinstance(ev, fe.FileDone) else None)
+            data, line = event_line(ev)
+            print(json.dumps(data) if args.json else line, flush=True)
+            if isinstance(ev, fe.FileAnswered) and ev.kind == "accepted":
+                continue
+            ok = ok and isinstance(ev, fe.FileDone)
+            ids.discard(ev.file_id)
+            if not ids:
+                await asyncio.sleep(0)  # let the "done" envelope go out
+                while c.delivery.items:
+                    await asyncio.sleep(0.05)
+                return ok
+    finally:
+        if bars is not None:
+            bars.close_all()
     return ok
+
+
+class Bars:
+    """One progress bar per transfer on a terminal: bytes, percent, rate and time left
+    (tqdm), drawn on ``out``; each ends when its transfer does."""
+
+    def __init__(self, out: TextIO, every_s: float = 0.2) -> None:
+        self.out = out
+        self.every_s = every_s  # redrawn at most this often
+        self._bars: dict[bytes, tqdm[Any]] = {}
+
+    def update(self, file_id: bytes, name: str, done: int, size: int) -> None:
+        bar = self._bars.get(file_id)
+        if bar is None:
+            from tqdm import tqdm  # here: the CLI starts without it
+
+            # initial: a resumed transfer's rate counts only the bytes that move now
+            bar = tqdm(
+                total=size, desc=name, unit="B", unit_scale=True, unit_divisor=1000, file=self.out,
+                initial=done, position=len(self._bars), leave=True, dynamic_ncols=True,
+                mininterval=self.every_s,
+            )  # fmt: skip
+            self._bars[file_id] = bar
+        bar.update(max(0, done - bar.n))
+
+    def close(self, file_id: bytes, done: int | None) -> None:
+        """The transfer ended: at ``done`` bytes (None: it failed, the bar stays where it was)."""
+        bar = self._bars.pop(file_id, None)
+        if bar is not None:
+            if done is not None:
+                bar.update(max(0, done - bar.n))
+            bar.close()
+
+    def close_all(self) -> None:
+        for file_id in list(self._bars):
+            self.close(file_id, None)
 
 
 FILE_COMMANDS = {

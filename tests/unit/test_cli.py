@@ -95,3 +95,25 @@ def test_lan_history_lists_conversations_and_finds_a_peer_by_nickname(
     assert "bob: from bob" in capsys.readouterr().out
     assert main(["lan", "history", "tux", "--name", "alice"]) == 2  # two peers called tux
     assert "more than one peer" in capsys.readouterr().err
+
+
+def test_transfer_progress_bars_show_bytes_rate_and_time_left() -> None:
+    import io
+    import re
+
+    from p2pim.cli.files import Bars
+
+    out = io.StringIO()
+    bars = Bars(out, every_s=0)
+    a, b = b"a" * 16, b"b" * 16
+    bars.update(a, "photo.jpg", 1_000_000, 4_000_000)  # a resumed transfer: it starts at 25%
+    bars.update(b, "notes.txt", 10, 100)
+    bars.update(a, "photo.jpg", 2_000_000, 4_000_000)
+    bars.close(a, 4_000_000)  # done: the bar reaches its end
+    bars.close(b, None)  # failed: it stays where it was
+    text = out.getvalue()
+    assert "photo.jpg:  25%" in text
+    assert re.search(r"photo\.jpg: +50%.*2\.00M/4\.00M \[[\d:]+<[\d:]+, [\d.]+[kMG]?B/s\]", text), text
+    assert re.search(r"photo\.jpg: 100%.*4\.00M/4\.00M", text), text
+    assert "notes.txt:  10%" in text and "notes.txt: 100%" not in text
+    bars.close_all()  # nothing left open
