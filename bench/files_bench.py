@@ -14,8 +14,15 @@ falls on all of them alike:
 * ``plain TCP``: the same with a TCP socket.
 
 Reports the median MB/s of ``--runs`` runs and the ratio to bare qh3 (goal: direct at
-least 80% of it). Saves JSON to bench/results/files.json. Time is from bob's accept (or
+least 80% of it), and each side's CPU per MiB (user + system, from /proc for p2pim's
+clients, the process's own clock for the references). Time is from bob's accept (or
 the reference's first byte) to the whole file there.
+
+Then resuming: a direct transfer of ``--resume-mib`` whose receiver (then, in another
+run, whose sender) is killed with SIGKILL halfway and started again: the time from the
+restart until bob has more than before the kill, and the bytes that went twice.
+
+Saves JSON to bench/results/files.json.
 """
 
 from __future__ import annotations
@@ -40,8 +47,11 @@ PEER = Path(__file__).with_name("copy_peer.py")
 PORT = 45678
 
 
-def reference(kind: str, size: int) -> float | None:
-    """Seconds for ``size`` bytes from alice's host to the public segment (``quic`` or ``tcp``)."""
+Measured = tuple[float, float | None, float | None]  # seconds, sender CPU s, receiver CPU s
+
+
+def reference(kind: str, size: int) -> Measured | None:
+    """``size`` bytes from alice's host to the public segment (``quic`` or ``tcp``)."""
     topo = standard(new_prefix(), [profile("port-restricted"), profile("full-cone", side="b")])
     server = None
     try:
@@ -56,7 +66,12 @@ def reference(kind: str, size: int) -> float | None:
             topo.cmd("h1", [sys.executable, str(PEER), f"{kind}-client", STUN_IP, str(PORT), str(size)]),
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
-        return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+        if out.returncode != 0:
+            return None
+        seconds, cpu = (float(x) for x in out.stdout.split()[-2:])
+        server.wait(10)
+        said = server.stdout.read().split()
+        return seconds, cpu, float(said[said.index("cpu") + 1]) if "cpu" in said else None
     finally:
         if server is not None and server.poll() is None:
             server.kill()
@@ -64,19 +79,39 @@ def reference(kind: str, size: int) -> float | None:
         topo.down()
 
 
-def p2pim(kind: str, size: int) -> tuple[float | None, dict[str, object]]:
+def p2pim(kind: str, size: int) -> tuple[Measured | None, dict[str, object]]:
     if kind == "direct":
         r = run_transfer("port-restricted", "full-cone", size=size)
     else:
         r = run_transfer("symmetric", "symmetric", size=size, server_args=("--relay-kbps", "100000000"))
-    ok = r.arrived and not r.error
-    return (r.seconds if ok else None), {"direct_bytes": r.direct_bytes, "error": r.error, "path": r.path}
+    ok = r.arrived and not r.error and r.seconds is not None
+    note = {"direct_bytes": r.direct_bytes, "error": r.error, "path": r.path}
+    return ((r.seconds, r.cpu_sender_s, r.cpu_receiver_s) if ok and r.seconds else None), note
+
+
+def resume(who: str, size: int) -> dict[str, object]:
+    """A direct transfer whose ``who`` ("receiver" or "sender") is killed halfway."""
+    r = run_transfer(
+        "port-restricted", "full-cone", size=size, at=(0.5,), during=lambda topo, frac: f"kill-{who}"
+    )
+    return {
+        "killed": who, "arrived": r.arrived, "error": r.error, "seconds": r.seconds,
+        "resume_s": r.resume_seconds[0] if r.resume_seconds else None,
+        "resent_sender": r.resent_sender, "resent_receiver": r.resent_receiver,
+    }  # fmt: skip
+
+
+def per_mib(cpu: list[float | None], mib: int) -> float | None:
+    """Median CPU milliseconds per MiB."""
+    known = [c for c in cpu if c is not None]
+    return round(statistics.median(known) * 1000 / mib, 1) if known else None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each (default 3)")
     parser.add_argument("--mib", type=int, default=256, help="file size in MiB (default 256)")
+    parser.add_argument("--resume-mib", type=int, default=64, help="file killed halfway, MiB (64)")
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
@@ -84,8 +119,9 @@ def main() -> int:
         return 1
     size = args.mib * 1024 * 1024
     kinds = ["p2pim direct", "p2pim relay", "bare qh3", "plain TCP"]
-    seconds: dict[str, list[float]] = {k: [] for k in kinds}
+    measured: dict[str, list[Measured]] = {k: [] for k in kinds}
     notes: dict[str, list[dict[str, object]]] = {k: [] for k in kinds}
+    resumes: list[dict[str, object]] = []
     started = time.monotonic()
     for run in range(args.runs):
         for kind in kinds:
@@ -95,24 +131,51 @@ def main() -> int:
             else:
                 took = reference("quic" if "qh3" in kind else "tcp", size)
             if took is not None:
-                seconds[kind].append(took)
-            print(f"run {run + 1} {kind:<13} {took if took is not None else 'failed'} s", flush=True)
+                measured[kind].append(took)
+            print(f"run {run + 1} {kind:<13} {took if took is not None else 'failed'}", flush=True)
+        for who in ("receiver", "sender"):
+            resumes.append(resume(who, args.resume_mib * 1024 * 1024))
+            print(f"run {run + 1} kill -9 {who}: {resumes[-1]}", flush=True)
     rows = []
-    base = statistics.median(seconds["bare qh3"]) if seconds["bare qh3"] else None
+    base = statistics.median(m[0] for m in measured["bare qh3"]) if measured["bare qh3"] else None
     print(f"\n{args.mib} MiB, median of {args.runs}")
-    print(f"{'':<14} {'MB/s':>8} {'vs bare qh3':>12} {'runs':>5}")
+    print(f"{'':<14} {'MB/s':>8} {'vs bare qh3':>12} {'CPU ms/MiB send':>16} {'recv':>6} {'runs':>5}")
     for kind in kinds:
-        times = seconds[kind]
+        times = [m[0] for m in measured[kind]]
         med = statistics.median(times) if times else None
         mbs = round(size / med / 1e6, 1) if med else None
         ratio = round(base / med, 2) if med and base else None
-        rows.append({"kind": kind, "mb_s": mbs, "vs_bare_qh3": ratio, "seconds": times, "notes": notes[kind]})
+        send_cpu = per_mib([m[1] for m in measured[kind]], args.mib)
+        recv_cpu = per_mib([m[2] for m in measured[kind]], args.mib)
+        rows.append({
+            "kind": kind, "mb_s": mbs, "vs_bare_qh3": ratio, "seconds": times,
+            "cpu_ms_per_mib_sender": send_cpu, "cpu_ms_per_mib_receiver": recv_cpu,
+            "cpu_s": [m[1:] for m in measured[kind]], "notes": notes[kind],
+        })  # fmt: skip
         print(
-            f"{kind:<14} {mbs if mbs else '-':>8} {ratio if ratio else '-':>12} {len(times):>3}/{args.runs}"
+            f"{kind:<14} {mbs if mbs else '-':>8} {ratio if ratio else '-':>12} "
+            f"{send_cpu if send_cpu is not None else '-':>16} {recv_cpu if recv_cpu is not None else '-':>6} "
+            f"{len(times):>3}/{args.runs}"
+        )
+    print(f"\nkill -9 halfway through {args.resume_mib} MiB (direct), median of {args.runs}")
+    resume_rows = []
+    for who in ("receiver", "sender"):
+        runs = [r for r in resumes if r["killed"] == who]
+        took = [float(r["resume_s"]) for r in runs if r["arrived"] and r["resume_s"] is not None]  # type: ignore[arg-type]
+        twice = [max(int(r["resent_sender"]), int(r["resent_receiver"])) for r in runs if r["arrived"]]  # type: ignore[call-overload]
+        row = {
+            "killed": who, "arrived": sum(bool(r["arrived"]) for r in runs), "runs": len(runs),
+            "resume_s": statistics.median(took) if took else None,
+            "resent_mib": round(statistics.median(twice) / 2**20, 2) if twice else None, "each": runs,
+        }  # fmt: skip
+        resume_rows.append(row)
+        print(
+            f"  {who:<9} whole {row['arrived']}/{row['runs']}, moving again {row['resume_s']} s after the "
+            f"restart, {row['resent_mib']} MiB sent twice"
         )
     OUT.parent.mkdir(exist_ok=True)
     summary = {"mib": args.mib, "runs": args.runs, "seconds": round(time.monotonic() - started)}
-    OUT.write_text(json.dumps({**summary, "rows": rows}, indent=2))
+    OUT.write_text(json.dumps({**summary, "rows": rows, "resume": resume_rows}, indent=2))
     print(f"saved {OUT}")
     return 0
 

@@ -50,6 +50,9 @@ class TransferResult:
     resent_sender: int = 0  # bytes alice sent twice (what resuming and path changes cost)
     resent_receiver: int = 0  # bytes bob got twice
     kills: int = 0
+    resume_seconds: list[float] = field(default_factory=list)  # per kill: restart -> past that point
+    cpu_sender_s: float | None = None  # CPU (user + system) of each client during the transfer
+    cpu_receiver_s: float | None = None  # (None after a kill: a new process)
     error: str = ""
     notes: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)  # paths, connections and progress, both sides
@@ -103,9 +106,11 @@ def run_transfer(
             if bob.wait(lambda e: e.get("event") == "file_offered", 30) is None:
                 raise LabError("bob never saw the offer")
             started = time.monotonic()
+            cpu0 = (_cpu(alice.proc.pid), _cpu(bob.proc.pid))
             pending = sorted(at)
             end = started + timeout
             done: dict[str, object] | None = None
+            resuming: tuple[float, int] | None = None  # (restarted at, bob's bytes before the kill)
             while done is None and time.monotonic() < end:
                 time.sleep(0.02)
                 done = next((ev for _, ev in bob.log if ev.get("event") == "file_done"), None)
@@ -113,21 +118,29 @@ def run_transfer(
                 if failed is not None:
                     raise LabError(f"transfer failed: {failed.get('reason')}")
                 have = _progress(bob)
+                if resuming is not None and (have > resuming[1] or done is not None):
+                    result.resume_seconds.append(round(time.monotonic() - resuming[0], 2))
+                    resuming = None
                 while pending and have >= pending[0] * size and during is not None:
                     pending.pop(0)
                     action = during(topo, have / size)
                     if action == "kill-receiver":
                         bob = _restart(topo, procs, bob, "h2", listen, envs["bob"])
                         names[id(bob)] = "bob (restarted)"
-                        result.kills += 1
                     elif action == "kill-sender":  # a new session resumes it (no second offer)
                         resume = [tool("p2pim"), "listen", "--json"]
                         alice = _restart(topo, procs, alice, "h1", resume, envs["alice"])
                         names[id(alice)] = "alice (restarted)"
+                    if action in ("kill-receiver", "kill-sender"):
                         result.kills += 1
+                        resuming = (time.monotonic(), have)
             if done is None:
                 raise LabError(f"no file within {timeout:g} s")
             result.seconds = round(time.monotonic() - started, 2)
+            if result.kills == 0:
+                cpu1 = (_cpu(alice.proc.pid), _cpu(bob.proc.pid))
+                result.cpu_sender_s = _spent(cpu0[0], cpu1[0])
+                result.cpu_receiver_s = _spent(cpu0[1], cpu1[1])
             result.resent_receiver = int(done.get("resent", 0))  # type: ignore[call-overload]
             result.direct_bytes = int(done.get("direct", 0))  # type: ignore[call-overload]
             path = Path(str(done.get("path")))
@@ -156,6 +169,19 @@ def run_transfer(
             result.log.sort()
             stop_all(topo, procs, server)
     return result
+
+
+def _cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return round(after - before, 2) if before is not None and after is not None else None
 
 
 def _progress(listener: JsonProcess) -> int:

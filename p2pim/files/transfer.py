@@ -166,7 +166,7 @@ class Transfers:
                         o.next = o.expect  # what was in flight on the relay may be lost
             for i in self._in.values():
                 if i.t.peer == peer:
-                    i.heard, i.asked = now, -1e18  # ask at once
+                    i.heard, i.asked = now - WANT_IDLE, -1e18  # ask at once (a restarted sender waits)
         elif not up:
             self._online.discard(peer)
 

@@ -336,3 +336,16 @@ def test_an_empty_file_arrives_too(tmp_path: Path) -> None:
     run(alice, bob)
     assert Path(done(bob).path).read_bytes() == b""
     assert done(alice).path == offer.path
+
+
+def test_a_receiver_says_where_it_is_as_soon_as_its_sender_is_back(tmp_path: Path) -> None:
+    # A restarted sender starts from the durable it last recorded, which may lag: the
+    # receiver's word (not a timer WANT_IDLE later) is what sends it to the right place.
+    _, bob, _ = pair(tmp_path)
+    bob.core.datagrams_to_send(0.0)  # its first word, at start
+    bob.core.online("alice", False, 10.0)
+    bob.core.online("alice", True, 10.0)
+    assert bob.core.get_timer() == 10.0  # due now: the driver runs it at once
+    bob.core.handle_timer(10.0)
+    frames = [fpb.FileFrame.FromString(d.data) for d in bob.core.datagrams_to_send(10.0)]
+    assert [f.WhichOneof("kind") for f in frames] == ["want"]
