@@ -251,11 +251,7 @@ class FileService:
         return self.store.get(file_id) or t
 
     def find(self, prefix: str) -> Transfer:
-        found = [t for t in self.store.find(prefix) if self.mine(t)]
-        if len(found) != 1:
-            what = "no transfer" if not found else f"{len(found)} transfers"
-            raise TransferError(f"{what} with an id starting {prefix!r} (see p2pim files)")
-        return found[0]
+        return find_one(self.store, prefix, self.mine, "p2pim files")
 
     def _incoming(self, file_id: bytes, state: str) -> Transfer:
         t = self.store.get(file_id)
@@ -473,6 +469,16 @@ class FileService:
                 line = f"{'received' if isinstance(event, FileDone) else 'failed'} {event.name}"
                 self._answer(event.peer, key, event.file_id, kind, line, reason)
         self.emit(replace(event, peer=self._peer(event.peer)))
+
+
+def find_one(store: TransferStore, prefix: str, mine: Callable[[Transfer], bool], listing: str) -> Transfer:
+    """The one transfer of ``mine`` whose id starts with ``prefix`` (how people name them);
+    else say there is none or more than one, and where they are listed."""
+    found = [t for t in store.find(prefix) if mine(t)]
+    if len(found) != 1:
+        what = "no transfer" if not found else f"{len(found)} transfers"
+        raise TransferError(f"{what} with an id starting {prefix!r} (see {listing})")
+    return found[0]
 
 
 def _now_ms() -> int:

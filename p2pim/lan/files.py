@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..files.service import FileService, TransferError
+from ..files.service import FileService, TransferError, find_one
 from ..files.store import Transfer
 from ..messaging.events import Problem
 from ..wire import envelope_pb2 as epb
@@ -97,11 +97,7 @@ class LanFiles:
         return await self.ipmsg.send(peer, path)
 
     def find(self, prefix: str) -> Transfer:
-        found = [t for t in self.store.find(prefix) if self.mine(t)]
-        if len(found) != 1:
-            what = "no transfer" if not found else f"{len(found)} transfers"
-            raise TransferError(f"{what} with an id starting {prefix!r} (see /files)")
-        return found[0]
+        return find_one(self.store, prefix, self.mine, "/files")
 
     async def accept(self, file_id: bytes, directory: Path | None = None) -> Transfer:
         return await self._for(file_id).accept(file_id, directory)

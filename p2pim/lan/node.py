@@ -168,7 +168,7 @@ class LanNode:
         if isinstance(event, (IpmsgFilesOffered, IpmsgFilesReleased)):
             if self.files is not None and self.files.ipmsg is not None:
                 self.files.ipmsg.on_event(event)
-            return  # not taking files now (lan send, lan peers): it will offer them again
+            return  # not taking files in this mode (lan send, lan peers): not kept
         if self.files is not None and isinstance(event, (PeerUp, PeerGone)) and event.peer.kind == "p2pim":
             self.files.p2p.online(event.peer.name, isinstance(event, PeerUp))
             self.files.p2p.path_changed(event.peer.name)
