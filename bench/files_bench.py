@@ -18,6 +18,11 @@ least 80% of it), and each side's CPU per MiB (user + system, from /proc for p2p
 clients, the process's own clock for the references). Time is from bob's accept (or
 the reference's first byte) to the whole file there.
 
+Other people's chats while the relay carries a file: a probe (``chat_probe.py``, a
+process of its own on the server's segment) relays 200 messages/s between 4 other buddy
+pairs through the same `rendezvous serve`, for 5 s before the transfer and for 5 s while
+a relayed (symmetric/symmetric) file moves at full speed; p50/p99 of both, side by side.
+
 Then resuming: a direct transfer of ``--resume-mib`` whose receiver (then, in another
 run, whose sender) is killed with SIGKILL halfway and started again: the time from the
 restart until bob has more than before the kill, and the bytes that went twice.
@@ -37,13 +42,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from natlab.matrix import STUN_IP, new_prefix, profile
+from natlab.matrix import CONTROL_PORT, STUN_IP, new_prefix, profile
 from natlab.netns import missing_requirements
-from natlab.topology import standard
+from natlab.topology import Topology, standard
 from natlab.transfer import run_transfer
 
 OUT = Path(__file__).parent / "results" / "files.json"
 PEER = Path(__file__).with_name("copy_peer.py")
+PROBE = Path(__file__).with_name("chat_probe.py")
+PROBE_S = 5
 PORT = 45678
 
 
@@ -101,6 +108,41 @@ def resume(who: str, size: int) -> dict[str, object]:
     }  # fmt: skip
 
 
+def others_during_relay(size: int) -> dict[str, object]:
+    """Other pairs' relayed chat latency on the same server: idle, then during a relayed file."""
+    phases: dict[str, object] = {}
+    probe: list[subprocess.Popen[str]] = []
+
+    def ask(phase: str) -> None:
+        assert probe[0].stdin is not None and probe[0].stdout is not None
+        probe[0].stdin.write(f"{phase} {PROBE_S}\n")
+        probe[0].stdin.flush()
+        phases[phase] = json.loads(probe[0].stdout.readline())
+
+    def before(topo: Topology) -> None:
+        url = f"ws://{STUN_IP}:{CONTROL_PORT}"
+        probe.append(topo.popen("rdv", [sys.executable, str(PROBE), url], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE))  # fmt: skip
+        assert probe[0].stdout is not None
+        if probe[0].stdout.readline().strip() != "ready":
+            raise RuntimeError("the chat probe did not start")
+        ask("idle")
+
+    def during(topo: Topology, fraction: float) -> None:
+        ask("transfer")
+
+    try:
+        r = run_transfer(
+            "symmetric", "symmetric", size=size, at=(0.05,), during=during, before=before,
+            server_args=("--relay-kbps", "100000000"),
+        )  # fmt: skip
+    finally:
+        for p in probe:
+            p.kill()
+            p.wait(5)
+    return {"arrived": r.arrived, "error": r.error, "mb_s": r.mb_s, "path": r.path, **phases}
+
+
 def per_mib(cpu: list[float | None], mib: int) -> float | None:
     """Median CPU milliseconds per MiB."""
     known = [c for c in cpu if c is not None]
@@ -122,6 +164,7 @@ def main() -> int:
     measured: dict[str, list[Measured]] = {k: [] for k in kinds}
     notes: dict[str, list[dict[str, object]]] = {k: [] for k in kinds}
     resumes: list[dict[str, object]] = []
+    others: list[dict[str, object]] = []
     started = time.monotonic()
     for run in range(args.runs):
         for kind in kinds:
@@ -136,6 +179,8 @@ def main() -> int:
         for who in ("receiver", "sender"):
             resumes.append(resume(who, args.resume_mib * 1024 * 1024))
             print(f"run {run + 1} kill -9 {who}: {resumes[-1]}", flush=True)
+        others.append(others_during_relay(size))
+        print(f"run {run + 1} other chats: {others[-1]}", flush=True)
     rows = []
     base = statistics.median(m[0] for m in measured["bare qh3"]) if measured["bare qh3"] else None
     print(f"\n{args.mib} MiB, median of {args.runs}")
@@ -173,9 +218,22 @@ def main() -> int:
             f"  {who:<9} whole {row['arrived']}/{row['runs']}, moving again {row['resume_s']} s after the "
             f"restart, {row['resent_mib']} MiB sent twice"
         )
+    print(f"\nother chats through the same server (200 msg/s, 4 pairs, {PROBE_S} s each), median of runs")
+    chats = {}
+    for phase in ("idle", "transfer"):
+        got = [o[phase] for o in others if isinstance(o.get(phase), dict)]
+        chats[phase] = {
+            q: statistics.median(g[q] for g in got if g[q] is not None) if got else None  # type: ignore[index]
+            for q in ("p50_ms", "p99_ms", "max_ms")
+        }
+        lost = sum(int(g["sent"]) - int(g["received"]) for g in got)  # type: ignore[index]
+        chats[phase]["lost"] = lost
+        print(f"  {phase:<9} p50 {chats[phase]['p50_ms']} ms, p99 {chats[phase]['p99_ms']} ms, "
+              f"max {chats[phase]['max_ms']} ms, lost {lost}")  # fmt: skip
     OUT.parent.mkdir(exist_ok=True)
     summary = {"mib": args.mib, "runs": args.runs, "seconds": round(time.monotonic() - started)}
-    OUT.write_text(json.dumps({**summary, "rows": rows, "resume": resume_rows}, indent=2))
+    result = {**summary, "rows": rows, "resume": resume_rows, "other_chats": chats, "other_runs": others}
+    OUT.write_text(json.dumps(result, indent=2))
     print(f"saved {OUT}")
     return 0
 

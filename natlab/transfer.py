@@ -79,8 +79,10 @@ def run_transfer(
     at: tuple[float, ...] = (0.3,),
     server_args: tuple[str, ...] = (),
     timeout: float = 300.0,
+    before: Callable[[Topology], None] | None = None,
 ) -> TransferResult:
-    """Send a ``size``-byte file of random bytes from alice (behind ``a``) to bob (behind ``b``)."""
+    """Send a ``size``-byte file of random bytes from alice (behind ``a``) to bob (behind ``b``).
+    ``before(topo)`` runs once the server and both accounts are up, before the offer."""
     pa = a if isinstance(a, NatProfile) else profile(a, routers=routers)
     pb = b if isinstance(b, NatProfile) else profile(b, routers=routers, side="b")
     result = TransferResult(pa.kind, pb.kind, size, routers.name)
@@ -93,6 +95,8 @@ def run_transfer(
             src = Path(tmp) / "payload.bin"
             digest = _random_file(src, size)
             server, envs = start_pair(topo, tmp, "h1", "h2", server_args)
+            if before is not None:
+                before(topo)
             dl = Path(tmp) / "downloads"
             listen = [tool("p2pim"), "listen", "--auto-accept", "--dir", str(dl), "--json"]
             send = [tool("p2pim"), "send-file", "bob", str(src), "--json"]

@@ -1,6 +1,10 @@
 """A file through real kernel NATs (natlab.transfer): every pair of NAT types, loss, the
 NAT's state flushed mid-transfer (the path changes under it), and kill -9 of either
-client. Each file is checked byte for byte against the original here."""
+client. Each file is checked byte for byte against the original here.
+
+256 MiB each, as users send them, except over 10% loss: Python QUIC (qh3's congestion
+control reads random loss as congestion) moves about 0.5 MB/s when each NAT drops 10%,
+so 256 MiB would take 9 minutes there; 16 MiB proves the same thing."""
 
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ def _ok(r: TransferResult) -> None:
 
 @pytest.mark.parametrize(("a", "b"), list(itertools.combinations_with_replacement(KINDS, 2)))
 def test_every_nat_pair_gets_the_file_whole(a: str, b: str) -> None:
-    # The relay at 2 MiB/s (bursts of 4 MiB), so the file outlasts the QUIC handshake
-    r = run_transfer(a, b, size=16 * MiB, server_args=("--relay-kbps", "2048"))
+    # The server as an operator runs it (the relay shaped to 8 MiB/s per user)
+    r = run_transfer(a, b, size=256 * MiB)
     _ok(r)
     assert r.resent_sender == r.resent_receiver == 0, r.as_dict()
     if a == b == "symmetric":
@@ -55,7 +59,7 @@ def test_the_nat_forgets_everything_mid_transfer() -> None:
         topo.flush_conntrack("nat1")
 
     r = run_transfer(
-        "symmetric", "full-cone", size=64 * MiB, during=flush, server_args=("--relay-kbps", "2048")
+        "symmetric", "full-cone", size=256 * MiB, during=flush, server_args=("--relay-kbps", "2048")
     )
     _ok(r)
     assert r.direct_bytes > 0 and r.path == "direct", r.as_dict()
@@ -67,7 +71,7 @@ def test_kill_9_mid_transfer_resumes(who: str) -> None:
     def kill(topo: Topology, fraction: float) -> str:
         return f"kill-{who}"
 
-    r = run_transfer("port-restricted", "restricted", size=64 * MiB, during=kill)
+    r = run_transfer("port-restricted", "restricted", size=256 * MiB, during=kill)
     _ok(r)
     assert r.kills == 1
     assert r.resent_sender + r.resent_receiver <= ONE_WINDOW, r.as_dict()
