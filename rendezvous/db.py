@@ -52,6 +52,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX offline_stored ON offline(stored_ms);
     """,
+    # 2: groups (issue 15). Membership here; what members say is sealed end to end and
+    # kept in the offline store, one row per member (``grp``: the group it came in).
+    # Membership events go the same way, with an empty sender, so each member gets
+    # messages and events in one order, exactly once.
+    """
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY,
+        gid BLOB NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE group_members (
+        group_id INTEGER NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('owner', 'admin', 'member', 'invited')),
+        PRIMARY KEY (group_id, user_id)
+    );
+    CREATE INDEX group_members_user ON group_members(user_id);
+    ALTER TABLE offline ADD COLUMN grp BLOB;
+    CREATE INDEX offline_grp ON offline(grp, recipient_id);
+    """,
 ]
 
 
@@ -80,6 +102,23 @@ class StoredEnvelope:
     sender: str
     envelope: bytes
     stored_ms: int
+    grp: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    id: int
+    gid: bytes
+    name: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class Member:
+    user_id: int
+    username: str
+    identity_key: bytes
+    role: str  # owner, admin, member, invited
 
 
 class Database:
@@ -205,13 +244,19 @@ class Database:
         return row is not None
 
     def store_offline(
-        self, recipient_id: int, sender: str, msg_id: bytes, envelope: bytes, now_ms: int
+        self,
+        recipient_id: int,
+        sender: str,
+        msg_id: bytes,
+        envelope: bytes,
+        now_ms: int,
+        grp: bytes | None = None,
     ) -> int | None:
         """Keep an envelope; returns its store id, or None when this id was already stored."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (recipient_id, sender, msg_id, envelope, now_ms),
+            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (recipient_id, sender, msg_id, envelope, now_ms, grp),
         )
         return cur.lastrowid if cur.rowcount else None
 
@@ -226,7 +271,7 @@ class Database:
     def pending_offline(self, recipient_id: int, after_id: int = 0, limit: int = -1) -> list[StoredEnvelope]:
         """Envelopes for ``recipient_id`` with a store id above ``after_id``, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, sender, envelope, stored_ms FROM offline WHERE recipient_id = ? AND id > ? "
+            "SELECT id, sender, envelope, stored_ms, grp FROM offline WHERE recipient_id = ? AND id > ? "
             "ORDER BY id LIMIT ?",
             (recipient_id, after_id, limit),
         ).fetchall()
@@ -251,6 +296,76 @@ class Database:
             "WHERE (recipient_id = ? AND sender = ?) OR (recipient_id = ? AND sender = ?)",
             (a.id, b.username, b.id, a.username),
         )
+        return cur.rowcount
+
+    # -- groups -------------------------------------------------------------------
+
+    def group(self, gid: bytes) -> Group | None:
+        row = self.conn.execute("SELECT id, gid, name, seq FROM groups WHERE gid = ?", (gid,)).fetchone()
+        return Group(int(row[0]), bytes(row[1]), str(row[2]), int(row[3])) if row else None
+
+    def add_group(self, gid: bytes, name: str, now_ms: int) -> Group:
+        cur = self.conn.execute(
+            "INSERT INTO groups (gid, name, created_ms) VALUES (?, ?, ?)", (gid, name, now_ms)
+        )
+        assert cur.lastrowid is not None
+        return Group(cur.lastrowid, gid, name, 0)
+
+    def members(self, group_id: int) -> list[Member]:
+        rows = self.conn.execute(
+            "SELECT u.id, u.username, u.identity_key, m.role FROM group_members m "
+            "JOIN users u ON u.id = m.user_id WHERE m.group_id = ? ORDER BY u.username",
+            (group_id,),
+        ).fetchall()
+        return [Member(int(r[0]), str(r[1]), bytes(r[2]), str(r[3])) for r in rows]
+
+    def set_member(self, group_id: int, user_id: int, role: str | None) -> None:
+        """Give ``user_id`` ``role`` in the group (None: out of it)."""
+        if role is None:
+            self.conn.execute(
+                "DELETE FROM group_members WHERE group_id = ? AND user_id = ?", (group_id, user_id)
+            )
+        else:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO group_members VALUES (?, ?, ?)", (group_id, user_id, role)
+            )
+
+    def rename_group(self, group_id: int, name: str) -> None:
+        self.conn.execute("UPDATE groups SET name = ? WHERE id = ?", (name, group_id))
+
+    def next_seq(self, group_id: int) -> int:
+        self.conn.execute("UPDATE groups SET seq = seq + 1 WHERE id = ?", (group_id,))
+        return int(self.conn.execute("SELECT seq FROM groups WHERE id = ?", (group_id,)).fetchone()[0])
+
+    def delete_group(self, group_id: int) -> None:
+        self.conn.execute("DELETE FROM groups WHERE id = ?", (group_id,))
+
+    def groups_of(self, user_id: int) -> list[Group]:
+        rows = self.conn.execute(
+            "SELECT g.id, g.gid, g.name, g.seq FROM groups g JOIN group_members m ON m.group_id = g.id "
+            "WHERE m.user_id = ? ORDER BY g.name, g.id",
+            (user_id,),
+        ).fetchall()
+        return [Group(int(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+    def share_group(self, a: int, b: int) -> bool:
+        """Are ``a`` and ``b`` both members (not only invited) of some group?"""
+        row = self.conn.execute(
+            "SELECT 1 FROM group_members x JOIN group_members y ON x.group_id = y.group_id "
+            "WHERE x.user_id = ? AND y.user_id = ? AND x.role != 'invited' AND y.role != 'invited' LIMIT 1",
+            (a, b),
+        ).fetchone()
+        return row is not None
+
+    def drop_group_messages(self, gid: bytes, recipient_id: int | None = None) -> int:
+        """Forget the group's messages waiting (for one recipient, or for all); its membership
+        events stay: they tell whoever they are for what happened."""
+        if recipient_id is None:
+            cur = self.conn.execute("DELETE FROM offline WHERE grp = ? AND sender != ''", (gid,))
+        else:
+            cur = self.conn.execute(
+                "DELETE FROM offline WHERE grp = ? AND recipient_id = ? AND sender != ''", (gid, recipient_id)
+            )
         return cur.rowcount
 
     def expire(self, now_ms: int, max_age_ms: int) -> int:

@@ -63,6 +63,8 @@ from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FR
 
 from .admission import bump
 from .db import Database, User
+from .errors import RequestError
+from .groups import GroupHandlers
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
 
 MAX_RELAY = 64 * 1024  # one relayed datagram
@@ -121,6 +123,10 @@ class Limits:
     # server's uplink when no direct path exists (the operator's knob: --relay-kbps).
     relay_bytes_rate: float = 8 * 1024 * 1024
     relay_bytes_burst: float = 16 * 1024 * 1024
+    # Groups: members (invited ones included) per group, and posts per member and second.
+    group_max_members: int = 256
+    group_post_rate: float = 10.0
+    group_post_burst: float = 50
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     # Enforced by the shell (rendezvous.server):
     login_deadline_s: float = 20.0  # a connection that has not logged in by then is closed
@@ -191,6 +197,10 @@ class Counters:
     offline_acked: int = 0
     offline_dropped: int = 0  # with a buddy removal
     offline_expired: int = 0  # older than offline_max_age_s
+    group_posts: int = 0
+    group_stored: int = 0  # copies of group posts kept for members
+    group_events: int = 0
+    group_quota_skipped: int = 0  # a member whose offline store was full missed a post
     # counted by the shell
     connections_refused: int = 0
     login_timeouts: int = 0
@@ -226,16 +236,6 @@ class VerifyWork:
 
 class ProtocolError(Exception):
     """The peer broke the protocol: send the error, then close its connection."""
-
-
-class RequestError(Exception):
-    """A refused request: answered with an error frame; the connection stays."""
-
-    def __init__(self, code: int, message: str, retry_after_ms: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
 
 
 def error_frame(request_id: int, code: int, message: str, retry_after_ms: int = 0) -> pb.Frame:
@@ -293,6 +293,8 @@ class Hub:
             "store": self._store,
             "offline_ack": self._offline_ack,
         }
+        self.groups = GroupHandlers(self)
+        self._handlers.update(self.groups.handlers())  # type: ignore[arg-type]
 
     # -- the core verbs (p2pim.sansio) ---------------------------------------------
 
@@ -726,7 +728,12 @@ class Hub:
         return pb.Frame(buddies=pb.BuddyList(buddies=entries))
 
     def _require_buddy(self, session: Session, name: str) -> None:
-        if name not in self.buddies.get(session.username, ()):
+        """Buddies may reach each other, and so may members of one group (their sender keys
+        go pairwise); anyone else is refused."""
+        if name in self.buddies.get(session.username, ()):
+            return
+        other = self.db.user(name) if name else None
+        if other is None or not self.db.share_group(session.user_id, other.id):
             raise RequestError(pb.NOT_A_BUDDY, f"{name or '(nobody)'} is not your buddy")
 
     # -- endpoints --------------------------------------------------------------
@@ -825,17 +832,21 @@ class Hub:
         for env in self.db.pending_offline(session.user_id, session.offline_cursor, room):
             session.offline_cursor = env.id
             session.offline_inflight.add(env.id)
-            self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms)
+            self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms, env.grp)
 
     def _push_offline(
-        self, session: Session, store_id: int, sender: str, envelope: bytes, stored_ms: int
+        self, session: Session, store_id: int, sender: str, envelope: bytes, stored_ms: int, grp: bytes | None
     ) -> None:
         self.counters.offline_delivered += 1
         self._send(
             session,
             pb.Frame(
                 offline_envelope=pb.OfflineEnvelope(
-                    store_id=store_id, sender=sender, envelope=envelope, stored_at_ms=stored_ms
+                    store_id=store_id,
+                    sender=sender,
+                    envelope=envelope,
+                    stored_at_ms=stored_ms,
+                    group=grp or b"",
                 )
             ),
         )

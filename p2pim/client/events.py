@@ -57,6 +57,29 @@ class BuddyInfo:
     key_warning: bool  # the server's key differs from the pinned one
 
 
+@dataclass(frozen=True)
+class GroupMessage:
+    group: str  # its name
+    gid: bytes
+    sender: str
+    text: str
+    msg_id: bytes
+    sent_at_ms: int
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    """A membership event: ``kind`` (created, invited, joined, declined, left, removed,
+    renamed, role, deleted), who did it (``actor``) to whom (``subject``)."""
+
+    group: str
+    gid: bytes
+    kind: str
+    actor: str
+    subject: str
+    seq: int
+
+
 Event = (
     Message
     | Receipt
@@ -72,4 +95,6 @@ Event = (
     | FileProgress
     | FileDone
     | FileFailed
+    | GroupMessage
+    | GroupChange
 )

@@ -45,7 +45,7 @@ from ..files.frames import is_file_frame
 from ..files.service import FileService, TransferError
 from ..files.store import Transfer
 from ..identity import fingerprint, valid_public_key
-from ..messaging.core import Messenger, Verdict
+from ..messaging.core import Messenger, Opened, Verdict
 from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
 from ..messaging.envelope import text_body
 from ..messaging.store import ClientStore
@@ -68,6 +68,7 @@ from .events import (
     Problem,
 )
 from .files import ClientHost
+from .groups import GroupError, Groups
 from .keys import KeyRing
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Client:
             policy=INTERNET,
             inbox=inbox,
             counters=self.counters,
-            bodies=lambda peer, opened, via: self.files.on_body(peer, opened, via),
+            bodies=self._on_body,
         )
         for via in (Via.DIRECT, Via.RELAY, Via.STORE):
             self.counters.setdefault(f"received_{via.value}", 0)
@@ -158,6 +159,7 @@ class Client:
             run=(not quiet) if transfers is None else transfers,
             auto_accept=auto_accept,
         )
+        self.groups = Groups(self)
         self._store_reqs: dict[int, bytes] = {}
         self._relay_reqs: OrderedDict[int, bytes] = OrderedDict()
         self._token = b""
@@ -203,6 +205,7 @@ class Client:
                 await task
         self._tasks.clear()
         await self._driver.close()
+        await self.groups.close()
         await self.files.close()
         if self.paths is not None:
             held = self.paths.portmap
@@ -311,6 +314,8 @@ class Client:
         if self.direct and self.paths is None:
             self._start_paths(reply.login_ok)
         await self._refresh_buddies()
+        await self.groups.refresh()
+        self.groups.start()  # what waits in the group outbox goes now
         self._logged_in.set()
         self._driver.kick()
         return reply.login_ok
@@ -490,10 +495,16 @@ class Client:
     # -- messages -----------------------------------------------------------------
 
     async def send(self, peer: str, text: str) -> bytes:
-        """Queue ``text`` for ``peer``; returns its message id once it is safely in the outbox.
+        """Queue ``text`` for ``peer`` (a buddy, or ``#group``); returns its message id once it
+        is safely in the outbox.
 
-        Works offline for a known buddy (it goes out after the next login).
+        Works offline for a known buddy or group (it goes out after the next login).
         """
+        if peer.startswith("#"):
+            try:
+                return await self.groups.send(peer, text)
+            except GroupError as exc:
+                raise ClientError(pb.NOT_A_MEMBER, str(exc)) from None
         key = await self._check_peer(peer)
         try:
             body = text_body(text)
@@ -686,11 +697,14 @@ class Client:
             await self._receive(data, Via.RELAY, sender)
         elif kind == "offline_envelope":
             off = frame.offline_envelope
-            verdict = await self._receive(off.envelope, Via.STORE, off.sender)
+            if off.group:  # a group's: its events and its members' messages
+                keep = self.groups.on_stored(off.store_id, off.sender, off.envelope) is None
+            else:
+                verdict = await self._receive(off.envelope, Via.STORE, off.sender)
+                keep = verdict is Verdict.KEPT
             # Every pushed offline envelope is answered: the server sends the next ones as we do.
             # One unreadable for good is acknowledged too, or it would sit in our store for a
             # month crowding out real ones.
-            keep = verdict is Verdict.KEPT
             answer = (
                 pb.OfflineAck(keep_ids=[off.store_id]) if keep else pb.OfflineAck(store_ids=[off.store_id])
             )
@@ -722,6 +736,17 @@ class Client:
             self._emit(BuddyChange(ev.buddy.username, BUDDY_EVENTS.get(ev.kind, "?")))
         elif kind == "error":
             self._emit(Problem(f"server: {frame.error.message}"))
+
+    def _on_body(self, peer: str, opened: Opened, via: Via) -> bool:
+        """Bodies the messaging core leaves to us: group keys, file offers and answers."""
+        if opened.body.WhichOneof("kind") == "group_key":
+            self.groups.on_key(peer, opened.body.group_key)
+            return True
+        return self.files.on_body(peer, opened, via)
+
+    def _emit_problem(self, text: str) -> None:
+        self.messenger.problem("", text, asyncio.get_running_loop().time())
+        self._driver.kick()
 
     async def _receive(self, data: bytes, via: Via, sender: str) -> Verdict:
         """An envelope the server pushed: learn an unknown sender's key first, then open it."""

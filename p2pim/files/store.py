@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from ..messaging.store import MESSAGE_COLUMNS
+
 FINAL = frozenset({"done", "declined", "cancelled", "failed"})
 NEXT = {
     "offered": frozenset({"accepted", "declined", "cancelled", "failed"}),
@@ -84,7 +86,8 @@ class TransferStore:
             if history is not None:
                 msg_id, line, sent_at_ms = history
                 cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO messages VALUES (?, ?, 0, ?, ?, ?, 'received')",
+                    f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) "
+                    "VALUES (?, ?, 0, ?, ?, ?, 'received', '')",
                     (msg_id, t.peer, line, sent_at_ms, t.created_ms),
                 )
                 if cur.rowcount == 0:

@@ -198,6 +198,8 @@ class Messenger:
             if not self.bodies(who, opened, via):
                 self.counters["duplicates"] += 1
             self._delivered(who, keys.key, env.msg_id, via, now, reply_to)
+        elif kind == "group_key" and self.bodies is not None:
+            self.bodies(who, opened, via)  # comes through the store: the offline ack is its receipt
         elif kind == "receipt":
             ids = [m for m in body.receipt.msg_ids if self.store.outgoing_peer(m) == self.prefix + who]
             state = "read" if body.receipt.kind == epb.Receipt.READ else "delivered"

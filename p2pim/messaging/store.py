@@ -84,7 +84,38 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX transfers_state ON transfers(state, created_ms);
     """,
+    """
+    ALTER TABLE messages ADD COLUMN author TEXT NOT NULL DEFAULT '';  -- a group message's sender
+    CREATE TABLE groups (               -- groups we are (or were) in (p2pim.groups.store)
+        gid BLOB PRIMARY KEY,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL,           -- the last membership event applied
+        role TEXT NOT NULL              -- ours: owner|admin|member|invited|gone
+    );
+    CREATE TABLE group_members (
+        gid BLOB NOT NULL,
+        username TEXT NOT NULL,
+        role TEXT NOT NULL,
+        PRIMARY KEY (gid, username)
+    );
+    CREATE TABLE group_keys (           -- sender keys: each member's, ours among them
+        gid BLOB NOT NULL,
+        owner TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        key BLOB NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (gid, owner, epoch)
+    );
+    CREATE TABLE group_outbox (         -- sender keys to store for members, then posts, in order
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,             -- store|post
+        target TEXT NOT NULL,           -- store: the member; post: the group id (hex)
+        msg_id BLOB NOT NULL,
+        envelope BLOB NOT NULL
+    );
+    """,
 ]
+MESSAGE_COLUMNS = "msg_id, peer, outgoing, text, sent_at_ms, at_ms, state, author"
 MAX_NUMBERINGS = 4096  # rows kept in ipmsg_numbering (anyone on the LAN can claim an address)
 
 STATE_RANK = {"queued": 0, "relayed": 1, "failed": 2, "stored": 3, "delivered": 4, "read": 5}
@@ -111,6 +142,7 @@ class HistoryRow:
     text: str
     sent_at_ms: int
     state: str
+    author: str = ""  # who wrote a received group message
 
 
 @dataclass(frozen=True)
@@ -189,11 +221,13 @@ class ClientStore:
 
     # -- history ----------------------------------------------------------------
 
-    def add_incoming(self, msg_id: bytes, peer: str, text: str, sent_at_ms: int, now_ms: int) -> bool:
+    def add_incoming(
+        self, msg_id: bytes, peer: str, text: str, sent_at_ms: int, now_ms: int, author: str = ""
+    ) -> bool:
         """Store a received text; False if this id was seen before (a duplicate)."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO messages VALUES (?, ?, 0, ?, ?, ?, 'received')",
-            (msg_id, peer, text, sent_at_ms, now_ms),
+            f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 0, ?, ?, ?, 'received', ?)",
+            (msg_id, peer, text, sent_at_ms, now_ms, author),
         )
         return cur.rowcount > 0
 
@@ -205,7 +239,7 @@ class ClientStore:
             self.conn.execute("BEGIN")
             if text is not None:
                 self.conn.execute(
-                    "INSERT INTO messages VALUES (?, ?, 1, ?, ?, ?, 'queued')",
+                    f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 1, ?, ?, ?, 'queued', '')",
                     (msg_id, peer, text, sent_at_ms, now_ms),
                 )
             self.conn.execute(
@@ -231,9 +265,10 @@ class ClientStore:
 
     def message(self, msg_id: bytes) -> HistoryRow | None:
         r = self.conn.execute(
-            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state FROM messages WHERE msg_id = ?", (msg_id,)
+            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state, author FROM messages WHERE msg_id = ?",
+            (msg_id,),
         ).fetchone()
-        return HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5]) if r else None
+        return HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5], r[6]) if r else None
 
     def unread(self, peer: str) -> list[bytes]:
         rows = self.conn.execute(
@@ -252,11 +287,11 @@ class ClientStore:
 
     def history(self, peer: str, limit: int = 50) -> list[HistoryRow]:
         rows = self.conn.execute(
-            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state FROM messages WHERE peer = ? "
+            "SELECT msg_id, peer, outgoing, text, sent_at_ms, state, author FROM messages WHERE peer = ? "
             "ORDER BY sent_at_ms DESC, rowid DESC LIMIT ?",  # same millisecond: the order written
             (peer, limit),
         ).fetchall()
-        return [HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5]) for r in reversed(rows)]
+        return [HistoryRow(bytes(r[0]), r[1], bool(r[2]), r[3], r[4], r[5], r[6]) for r in reversed(rows)]
 
     # -- outbox -----------------------------------------------------------------
 

@@ -52,6 +52,12 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     QUOTA_EXCEEDED: _ErrorCode.ValueType  # 10
     """the recipient's offline store is full"""
     INTERNAL: _ErrorCode.ValueType  # 11
+    NOT_A_MEMBER: _ErrorCode.ValueType  # 12
+    """a group request from someone who is not (or no longer) in it"""
+    NOT_ALLOWED: _ErrorCode.ValueType  # 13
+    """a group change the asker's role does not allow"""
+    GROUP_FULL: _ErrorCode.ValueType  # 14
+    """the operator's member cap"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -74,6 +80,12 @@ PEER_OFFLINE: ErrorCode.ValueType  # 9
 QUOTA_EXCEEDED: ErrorCode.ValueType  # 10
 """the recipient's offline store is full"""
 INTERNAL: ErrorCode.ValueType  # 11
+NOT_A_MEMBER: ErrorCode.ValueType  # 12
+"""a group request from someone who is not (or no longer) in it"""
+NOT_ALLOWED: ErrorCode.ValueType  # 13
+"""a group change the asker's role does not allow"""
+GROUP_FULL: ErrorCode.ValueType  # 14
+"""the operator's member cap"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _Presence:
@@ -120,6 +132,40 @@ REQUEST_RECEIVED: BuddyState.ValueType  # 3
 """they asked, we have not answered"""
 Global___BuddyState: _TypeAlias = BuddyState  # noqa: Y015
 
+class _GroupRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GroupRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GROUP_ROLE_UNSPECIFIED: _GroupRole.ValueType  # 0
+    OWNER: _GroupRole.ValueType  # 1
+    """one per group: may do everything, cannot leave without handing it over"""
+    ADMIN: _GroupRole.ValueType  # 2
+    """invites, removes members, renames"""
+    MEMBER: _GroupRole.ValueType  # 3
+    """posts, invites buddies"""
+    INVITED: _GroupRole.ValueType  # 4
+    """asked, not answered: neither reads nor posts"""
+
+class GroupRole(_GroupRole, metaclass=_GroupRoleEnumTypeWrapper):
+    """Groups (issue 15). Membership lives here, on the server, as an ordered list of
+    events per group (seq 1, 2, ...); what members say to each other is end to end:
+    each member seals its messages with its own sender key, handed to the other
+    members inside pairwise envelopes, and the server stores one copy per member.
+    """
+
+GROUP_ROLE_UNSPECIFIED: GroupRole.ValueType  # 0
+OWNER: GroupRole.ValueType  # 1
+"""one per group: may do everything, cannot leave without handing it over"""
+ADMIN: GroupRole.ValueType  # 2
+"""invites, removes members, renames"""
+MEMBER: GroupRole.ValueType  # 3
+"""posts, invites buddies"""
+INVITED: GroupRole.ValueType  # 4
+"""asked, not answered: neither reads nor posts"""
+Global___GroupRole: _TypeAlias = GroupRole  # noqa: Y015
+
 @_typing.final
 class Frame(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -139,12 +185,24 @@ class Frame(_message.Message):
     STORE_FIELD_NUMBER: _builtins.int
     OFFLINE_ACK_FIELD_NUMBER: _builtins.int
     LOOKUP_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    GROUP_CREATE_FIELD_NUMBER: _builtins.int
+    GROUP_INVITE_FIELD_NUMBER: _builtins.int
+    GROUP_ANSWER_FIELD_NUMBER: _builtins.int
+    GROUP_LEAVE_FIELD_NUMBER: _builtins.int
+    GROUP_REMOVE_FIELD_NUMBER: _builtins.int
+    GROUP_RENAME_FIELD_NUMBER: _builtins.int
+    GROUP_SET_ROLE_FIELD_NUMBER: _builtins.int
+    GROUP_DELETE_FIELD_NUMBER: _builtins.int
+    GROUP_LIST_FIELD_NUMBER: _builtins.int
+    GROUP_POST_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
     LOGIN_OK_FIELD_NUMBER: _builtins.int
     BUDDIES_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     BUDDY_EVENT_FIELD_NUMBER: _builtins.int
     RELAY_IN_FIELD_NUMBER: _builtins.int
@@ -181,6 +239,26 @@ class Frame(_message.Message):
     @_builtins.property
     def lookup_endpoints(self) -> Global___LookupEndpoints: ...
     @_builtins.property
+    def group_create(self) -> Global___GroupCreate: ...
+    @_builtins.property
+    def group_invite(self) -> Global___GroupInvite: ...
+    @_builtins.property
+    def group_answer(self) -> Global___GroupAnswer: ...
+    @_builtins.property
+    def group_leave(self) -> Global___GroupLeave: ...
+    @_builtins.property
+    def group_remove(self) -> Global___GroupRemove: ...
+    @_builtins.property
+    def group_rename(self) -> Global___GroupRename: ...
+    @_builtins.property
+    def group_set_role(self) -> Global___GroupSetRole: ...
+    @_builtins.property
+    def group_delete(self) -> Global___GroupDelete: ...
+    @_builtins.property
+    def group_list(self) -> Global___GroupListRequest: ...
+    @_builtins.property
+    def group_post(self) -> Global___GroupPost: ...
+    @_builtins.property
     def ok(self) -> Global___Ok:
         """server -> client replies"""
 
@@ -194,6 +272,10 @@ class Frame(_message.Message):
     def buddies(self) -> Global___BuddyList: ...
     @_builtins.property
     def endpoints(self) -> Global___Endpoints: ...
+    @_builtins.property
+    def group(self) -> Global___GroupInfo: ...
+    @_builtins.property
+    def groups(self) -> Global___GroupList: ...
     @_builtins.property
     def presence(self) -> Global___PresenceUpdate:
         """server -> client pushes (id 0)"""
@@ -222,22 +304,34 @@ class Frame(_message.Message):
         store: Global___Store | None = ...,
         offline_ack: Global___OfflineAck | None = ...,
         lookup_endpoints: Global___LookupEndpoints | None = ...,
+        group_create: Global___GroupCreate | None = ...,
+        group_invite: Global___GroupInvite | None = ...,
+        group_answer: Global___GroupAnswer | None = ...,
+        group_leave: Global___GroupLeave | None = ...,
+        group_remove: Global___GroupRemove | None = ...,
+        group_rename: Global___GroupRename | None = ...,
+        group_set_role: Global___GroupSetRole | None = ...,
+        group_delete: Global___GroupDelete | None = ...,
+        group_list: Global___GroupListRequest | None = ...,
+        group_post: Global___GroupPost | None = ...,
         ok: Global___Ok | None = ...,
         error: Global___Error | None = ...,
         challenge: Global___Challenge | None = ...,
         login_ok: Global___LoginOk | None = ...,
         buddies: Global___BuddyList | None = ...,
         endpoints: Global___Endpoints | None = ...,
+        group: Global___GroupInfo | None = ...,
+        groups: Global___GroupList | None = ...,
         presence: Global___PresenceUpdate | None = ...,
         buddy_event: Global___BuddyEvent | None = ...,
         relay_in: Global___RelayIn | None = ...,
         offline_envelope: Global___OfflineEnvelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "endpoints", b"endpoints", "error", b"error", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "endpoints", b"endpoints", "error", b"error", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "presence", "buddy_event", "relay_in", "offline_envelope"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "presence", "buddy_event", "relay_in", "offline_envelope"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -845,10 +939,15 @@ class OfflineEnvelope(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     ENVELOPE_FIELD_NUMBER: _builtins.int
     STORED_AT_MS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     store_id: _builtins.int
     sender: _builtins.str
     envelope: _builtins.bytes
     stored_at_ms: _builtins.int
+    group: _builtins.bytes
+    """Set for what a group brought: `envelope` is then a group Envelope (sender-key
+    sealed, signed) or, with `sender` empty, a serialized GroupEvent.
+    """
     def __init__(
         self,
         *,
@@ -856,10 +955,11 @@ class OfflineEnvelope(_message.Message):
         sender: _builtins.str = ...,
         envelope: _builtins.bytes = ...,
         stored_at_ms: _builtins.int = ...,
+        group: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "sender", b"sender", "store_id", b"store_id", "stored_at_ms", b"stored_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "group", b"group", "sender", b"sender", "store_id", b"store_id", "stored_at_ms", b"stored_at_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -895,3 +995,370 @@ class OfflineAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OfflineAck: _TypeAlias = OfflineAck  # noqa: Y015
+
+@_typing.final
+class GroupMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERNAME_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    username: _builtins.str
+    identity_key: _builtins.bytes
+    role: Global___GroupRole.ValueType
+    def __init__(
+        self,
+        *,
+        username: _builtins.str = ...,
+        identity_key: _builtins.bytes = ...,
+        role: Global___GroupRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_key", b"identity_key", "role", b"role", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupMember: _TypeAlias = GroupMember  # noqa: Y015
+
+@_typing.final
+class GroupInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    """8 random bytes, the group's id"""
+    name: _builtins.str
+    seq: _builtins.int
+    """the last membership event"""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupMember]:
+        """invited ones too"""
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        members: _abc.Iterable[Global___GroupMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "members", b"members", "name", b"name", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupInfo: _TypeAlias = GroupInfo  # noqa: Y015
+
+@_typing.final
+class GroupList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupInfo]: ...
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___GroupInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupList: _TypeAlias = GroupList  # noqa: Y015
+
+@_typing.final
+class GroupCreate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INVITE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def invite(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """buddies asked at once"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        invite: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invite", b"invite", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupCreate: _TypeAlias = GroupCreate  # noqa: Y015
+
+@_typing.final
+class GroupInvite(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    username: _builtins.str
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupInvite: _TypeAlias = GroupInvite  # noqa: Y015
+
+@_typing.final
+class GroupAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    ACCEPT_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    accept: _builtins.bool
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        accept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept", b"accept", "group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupAnswer: _TypeAlias = GroupAnswer  # noqa: Y015
+
+@_typing.final
+class GroupLeave(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupLeave: _TypeAlias = GroupLeave  # noqa: Y015
+
+@_typing.final
+class GroupRemove(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    username: _builtins.str
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        username: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRemove: _TypeAlias = GroupRemove  # noqa: Y015
+
+@_typing.final
+class GroupRename(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRename: _TypeAlias = GroupRename  # noqa: Y015
+
+@_typing.final
+class GroupSetRole(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    username: _builtins.str
+    role: Global___GroupRole.ValueType
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        username: _builtins.str = ...,
+        role: Global___GroupRole.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "role", b"role", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupSetRole: _TypeAlias = GroupSetRole  # noqa: Y015
+
+@_typing.final
+class GroupDelete(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupDelete: _TypeAlias = GroupDelete  # noqa: Y015
+
+@_typing.final
+class GroupListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupListRequest: _TypeAlias = GroupListRequest  # noqa: Y015
+
+@_typing.final
+class GroupPost(_message.Message):
+    """One group message, sealed once by its sender (see p2pim.groups.seal); the server
+    keeps a copy for every member but the sender, committed before it answers Ok.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MSG_ID_FIELD_NUMBER: _builtins.int
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    msg_id: _builtins.bytes
+    envelope: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        msg_id: _builtins.bytes = ...,
+        envelope: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "group", b"group", "msg_id", b"msg_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupPost: _TypeAlias = GroupPost  # noqa: Y015
+
+@_typing.final
+class GroupEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[GroupEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: GroupEvent._Kind.ValueType  # 0
+        CREATED: GroupEvent._Kind.ValueType  # 1
+        INVITED: GroupEvent._Kind.ValueType  # 2
+        JOINED: GroupEvent._Kind.ValueType  # 3
+        DECLINED: GroupEvent._Kind.ValueType  # 4
+        LEFT: GroupEvent._Kind.ValueType  # 5
+        REMOVED: GroupEvent._Kind.ValueType  # 6
+        RENAMED: GroupEvent._Kind.ValueType  # 7
+        ROLE: GroupEvent._Kind.ValueType  # 8
+        DELETED: GroupEvent._Kind.ValueType  # 9
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: GroupEvent.Kind.ValueType  # 0
+    CREATED: GroupEvent.Kind.ValueType  # 1
+    INVITED: GroupEvent.Kind.ValueType  # 2
+    JOINED: GroupEvent.Kind.ValueType  # 3
+    DECLINED: GroupEvent.Kind.ValueType  # 4
+    LEFT: GroupEvent.Kind.ValueType  # 5
+    REMOVED: GroupEvent.Kind.ValueType  # 6
+    RENAMED: GroupEvent.Kind.ValueType  # 7
+    ROLE: GroupEvent.Kind.ValueType  # 8
+    DELETED: GroupEvent.Kind.ValueType  # 9
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    seq: _builtins.int
+    kind: Global___GroupEvent.Kind.ValueType
+    actor: _builtins.str
+    subject: _builtins.str
+    at_ms: _builtins.int
+    @_builtins.property
+    def info(self) -> Global___GroupInfo:
+        """the group as it is after this event"""
+
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        seq: _builtins.int = ...,
+        kind: Global___GroupEvent.Kind.ValueType = ...,
+        actor: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        at_ms: _builtins.int = ...,
+        info: Global___GroupInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "at_ms", b"at_ms", "group", b"group", "info", b"info", "kind", b"kind", "seq", b"seq", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupEvent: _TypeAlias = GroupEvent  # noqa: Y015

@@ -31,6 +31,9 @@ class Envelope(_message.Message):
     RECIPIENT_FIELD_NUMBER: _builtins.int
     SENT_AT_MS_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     msg_id: _builtins.bytes
     """16 bytes: 48-bit unix ms, then 80 random bits (time-ordered)"""
     sender: _builtins.str
@@ -38,6 +41,13 @@ class Envelope(_message.Message):
     sent_at_ms: _builtins.int
     ciphertext: _builtins.bytes
     """NaCl box (sender -> recipient) of a serialized Body"""
+    group: _builtins.bytes
+    """A group message (p2pim.groups): `recipient` is empty, `ciphertext` a secretbox
+    under the sender's key for `group` in `epoch`, and `signature` the sender's
+    identity signature over everything else.
+    """
+    epoch: _builtins.int
+    signature: _builtins.bytes
     def __init__(
         self,
         *,
@@ -46,10 +56,13 @@ class Envelope(_message.Message):
         recipient: _builtins.str = ...,
         sent_at_ms: _builtins.int = ...,
         ciphertext: _builtins.bytes = ...,
+        group: _builtins.bytes = ...,
+        epoch: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "msg_id", b"msg_id", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "epoch", b"epoch", "group", b"group", "msg_id", b"msg_id", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -71,6 +84,7 @@ class Body(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     FILE_OFFER_FIELD_NUMBER: _builtins.int
     FILE_ANSWER_FIELD_NUMBER: _builtins.int
+    GROUP_KEY_FIELD_NUMBER: _builtins.int
     msg_id: _builtins.bytes
     sender: _builtins.str
     recipient: _builtins.str
@@ -83,6 +97,8 @@ class Body(_message.Message):
     def file_offer(self) -> Global___FileOffer: ...
     @_builtins.property
     def file_answer(self) -> Global___FileAnswer: ...
+    @_builtins.property
+    def group_key(self) -> Global___GroupKey: ...
     def __init__(
         self,
         *,
@@ -94,16 +110,48 @@ class Body(_message.Message):
         receipt: Global___Receipt | None = ...,
         file_offer: Global___FileOffer | None = ...,
         file_answer: Global___FileAnswer | None = ...,
+        group_key: Global___GroupKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer", "group_key"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Body: _TypeAlias = Body  # noqa: Y015
+
+@_typing.final
+class GroupKey(_message.Message):
+    """A member's sender key for a group, handed pairwise to each other member (sealed
+    like any envelope). A new epoch after every membership change: whoever left or
+    was removed never gets the keys that follow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    epoch: _builtins.int
+    key: _builtins.bytes
+    """32 bytes"""
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        epoch: _builtins.int = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "group", b"group", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupKey: _TypeAlias = GroupKey  # noqa: Y015
 
 @_typing.final
 class Text(_message.Message):

@@ -1,0 +1,136 @@
+"""The client's groups in its database (tables of migration 5 in p2pim.messaging.store):
+what the server last said of each group (name, members, our role), the sender keys we
+hold, and the group outbox (sender keys to store for members, then posts, in order)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from ..wire import control_pb2 as pb
+
+ROLE_NAMES = {pb.OWNER: "owner", pb.ADMIN: "admin", pb.MEMBER: "member", pb.INVITED: "invited"}
+MAX_PENDING_OUT = 10_000
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    gid: bytes
+    name: str
+    seq: int
+    role: str  # ours: owner, admin, member, invited, or gone (left, removed, deleted)
+
+    @property
+    def active(self) -> bool:
+        return self.role in ("owner", "admin", "member")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    id: int
+    kind: str  # "store" (a sender key for ``target``) or "post" (a message to the group ``target``)
+    target: str
+    msg_id: bytes
+    envelope: bytes
+
+
+class GroupStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    # -- groups and members ------------------------------------------------------------
+
+    def apply(self, info: pb.GroupInfo, me: str) -> GroupRow:
+        """The group as the server says it is now (after event ``info.seq``)."""
+        mine = next((ROLE_NAMES.get(m.role, "member") for m in info.members if m.username == me), "gone")
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute(
+                "INSERT OR REPLACE INTO groups VALUES (?, ?, ?, ?)", (info.group, info.name, info.seq, mine)
+            )
+            self.conn.execute("DELETE FROM group_members WHERE gid = ?", (info.group,))
+            self.conn.executemany(
+                "INSERT INTO group_members VALUES (?, ?, ?)",
+                [(info.group, m.username, ROLE_NAMES.get(m.role, "member")) for m in info.members],
+            )
+        return GroupRow(info.group, info.name, info.seq, mine)
+
+    def gone(self, gid: bytes) -> None:
+        """We are out of the group (left, removed, or it was deleted): its history stays."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("UPDATE groups SET role = 'gone' WHERE gid = ?", (gid,))
+            self.conn.execute("DELETE FROM group_members WHERE gid = ?", (gid,))
+
+    def group(self, gid: bytes) -> GroupRow | None:
+        r = self.conn.execute("SELECT gid, name, seq, role FROM groups WHERE gid = ?", (gid,)).fetchone()
+        return GroupRow(bytes(r[0]), r[1], r[2], r[3]) if r else None
+
+    def groups(self) -> list[GroupRow]:
+        rows = self.conn.execute("SELECT gid, name, seq, role FROM groups ORDER BY name, gid").fetchall()
+        return [GroupRow(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def members(self, gid: bytes) -> dict[str, str]:
+        """username -> role (invited ones too)."""
+        rows = self.conn.execute(
+            "SELECT username, role FROM group_members WHERE gid = ? ORDER BY username", (gid,)
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # -- sender keys ------------------------------------------------------------------
+
+    def add_key(self, gid: bytes, owner: str, epoch: int, key: bytes) -> bool:
+        cur = self.conn.execute(
+            "INSERT OR IGNORE INTO group_keys VALUES (?, ?, ?, ?, ?)",
+            (gid, owner, epoch, key, int(time.time() * 1000)),
+        )
+        return cur.rowcount > 0
+
+    def key(self, gid: bytes, owner: str, epoch: int) -> bytes | None:
+        r = self.conn.execute(
+            "SELECT key FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
+        ).fetchone()
+        return bytes(r[0]) if r else None
+
+    def current_key(self, gid: bytes, owner: str) -> tuple[int, bytes] | None:
+        r = self.conn.execute(
+            "SELECT epoch, key FROM group_keys WHERE gid = ? AND owner = ? ORDER BY epoch DESC LIMIT 1",
+            (gid, owner),
+        ).fetchone()
+        return (int(r[0]), bytes(r[1])) if r else None
+
+    # -- the group outbox -------------------------------------------------------------
+
+    def queue(
+        self, items: list[tuple[str, str, bytes, bytes]], history: tuple[bytes, str, str, int] | None = None
+    ) -> None:
+        """Queue (kind, target, msg_id, envelope) items, and with ``history`` (msg_id, label,
+        text, sent_at_ms) our post's history line, in one transaction."""
+        from ..messaging.store import MESSAGE_COLUMNS
+
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "INSERT INTO group_outbox (kind, target, msg_id, envelope) VALUES (?, ?, ?, ?)", items
+            )
+            if history is not None:
+                msg_id, peer, text, sent_at_ms = history
+                self.conn.execute(
+                    f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 1, ?, ?, ?, 'queued', '')",
+                    (msg_id, peer, text, sent_at_ms, sent_at_ms),
+                )
+
+    def outgoing(self, limit: int = 100) -> list[Outgoing]:
+        rows = self.conn.execute(
+            "SELECT id, kind, target, msg_id, envelope FROM group_outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [Outgoing(r[0], r[1], r[2], bytes(r[3]), bytes(r[4])) for r in rows]
+
+    def sent(self, item: Outgoing, state: str = "stored") -> None:
+        """The server took ``item`` (or refused it for good): out of the outbox, the history says so."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("DELETE FROM group_outbox WHERE id = ?", (item.id,))
+            if item.kind == "post":
+                self.conn.execute("UPDATE messages SET state = ? WHERE msg_id = ?", (state, item.msg_id))

@@ -1,0 +1,163 @@
+"""Groups through a real `rendezvous serve` on loopback: six members, two of them away,
+each message exactly once and in order for everyone; a member removed mid-conversation
+gets nothing after it and cannot open what follows even with the server's database in
+hand; no plaintext on the server."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from p2pim.client import Client, GroupChange, GroupMessage
+from p2pim.groups import seal as gseal
+from p2pim.groups.store import GroupStore
+from p2pim.wire import envelope_pb2 as epb
+
+from ..conftest import RendezvousProcess
+from .chatutil import befriend, new_user, relogin, wait_for
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
+
+
+async def team(url: str, root: Path) -> dict[str, Client]:
+    """alice's group "team" with the five others in it (they are her buddies)."""
+    clients = {n: await new_user(url, root, n) for n in NAMES}
+    alice = clients["alice"]
+    for n in NAMES[1:]:
+        await befriend(alice, clients[n])
+    await alice.groups.create("team", NAMES[1:])
+    for n in NAMES[1:]:
+        c = clients[n]
+        await wait_for(
+            c, lambda e, me=n: isinstance(e, GroupChange) and e.kind == "invited" and e.subject == me
+        )
+        await c.groups.answer("team", True)
+    for n in NAMES[1:]:  # everyone saw everyone join
+        c = clients[n]
+        await until(lambda c=c: len([m for m, r in c.groups.store.members(c.groups.find("team").gid).items()
+                                     if r != "invited"]) == 6)  # fmt: skip
+    return clients
+
+
+async def until(probe, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    end = asyncio.get_running_loop().time() + timeout
+    while not probe():
+        assert asyncio.get_running_loop().time() < end, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def texts(c: Client, gid: bytes) -> list[tuple[str, str]]:
+    """(author, text) of the group's history on ``c``, ours as ``c.username``."""
+    return [(r.author or c.username, r.text) for r in c.history(gseal.label(gid), 100)]
+
+
+def by_sender(said: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Each sender's texts in order: the order a group keeps (senders interleave freely)."""
+    out: dict[str, list[str]] = {}
+    for who, text in said:
+        out.setdefault(who, []).append(text)
+    return out
+
+
+async def messages(c: Client, n: int, timeout: float = 15.0) -> list[GroupMessage]:
+    got: list[GroupMessage] = []
+    while len(got) < n:
+        ev = await wait_for(c, lambda e: isinstance(e, GroupMessage), timeout)
+        assert isinstance(ev, GroupMessage)
+        got.append(ev)
+    return got
+
+
+def test_six_members_two_away_each_message_once_and_in_order(tmp_path: Path) -> None:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+
+    async def main() -> None:
+        clients = await team(srv.url, tmp_path)
+        gid = clients["alice"].groups.find("#team").gid
+        for away in ("dave", "erin"):
+            await clients.pop(away).close()
+        said = [("alice", f"a{i} secret words") for i in range(3)] + [
+            ("bob", f"b{i} secret words") for i in range(2)
+        ]
+        for who, text in said[:3]:
+            await clients[who].send("#team", text)
+        for who, text in said[3:]:
+            await clients[who].send("#team", text)
+        for n in ("bob", "carol", "frank"):
+            got = await messages(clients[n], len([s for s in said if s[0] != n]))
+            assert by_sender([(m.sender, m.text) for m in got]) == by_sender([s for s in said if s[0] != n])
+        for away in ("dave", "erin"):
+            clients[away] = await relogin(srv.url, tmp_path, away)
+            got = await messages(clients[away], len(said))
+            assert by_sender([(m.sender, m.text) for m in got]) == by_sender(said)  # once, in order
+        await asyncio.sleep(0.5)  # nothing comes twice
+        for n, c in clients.items():
+            assert by_sender(texts(c, gid)) == by_sender(said), n
+            assert len(texts(c, gid)) == len(said), n
+            await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        srv.stop()
+    for f in tmp_path.glob("server.db*"):  # the server holds sealed copies only
+        assert b"secret words" not in f.read_bytes()
+
+
+def test_a_removed_member_gets_nothing_after_and_cannot_open_what_follows(tmp_path: Path) -> None:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+
+    async def main() -> tuple[dict[bytes, bytes], bytes]:
+        clients = await team(srv.url, tmp_path)
+        alice, carol, frank = clients["alice"], clients["carol"], clients["frank"]
+        gid = alice.groups.find("team").gid
+        await alice.send("#team", "before: carol may read this")
+        assert [m.text for m in await messages(carol, 1)] == ["before: carol may read this"]
+        assert [m.text for m in await messages(frank, 1)] == ["before: carol may read this"]
+        await frank.close()  # frank is away: what follows waits on the server for him
+        await alice.groups.remove("team", "carol")
+        await wait_for(carol, lambda e: isinstance(e, GroupChange) and e.kind == "removed", 10)
+        await wait_for(alice, lambda e: isinstance(e, GroupChange) and e.kind == "removed", 10)
+        await alice.send("#team", "after: not for carol")
+        await clients["bob"].send("#team", "after, from bob: not for carol")
+        got = await messages(clients["dave"], 3)
+        assert by_sender([(m.sender, m.text) for m in got]) == {
+            "alice": ["before: carol may read this", "after: not for carol"],
+            "bob": ["after, from bob: not for carol"],
+        }
+        await asyncio.sleep(0.5)
+        assert [r.text for r in carol.history(gseal.label(gid), 100)] == ["before: carol may read this"]
+        with_keys = {
+            (owner, epoch): key
+            for owner in NAMES
+            for epoch in range(1, 5)
+            if (key := GroupStore(carol.store.conn).key(gid, owner, epoch)) is not None
+        }
+        assert carol.groups.store.group(gid).role == "gone"  # type: ignore[union-attr]
+        for c in clients.values():
+            if c is not frank:
+                await c.close()
+        return {k[0].encode() + bytes([k[1]]): v for k, v in with_keys.items()}, gid
+
+    try:
+        carols_keys, gid = asyncio.run(main())
+    finally:
+        srv.stop()
+    # Carol with every key she ever had and the server's database (frank's copies wait there):
+    db = sqlite3.connect(tmp_path / "server.db")
+    rows = db.execute(
+        "SELECT sender, envelope FROM offline WHERE grp = ? AND sender != ''", (gid,)
+    ).fetchall()
+    assert len(rows) >= 2
+    opened = 0
+    for _, data in rows:
+        env = epb.Envelope.FromString(data)
+        for key in carols_keys.values():
+            try:
+                gseal.open_body(env, key)
+                opened += 1
+            except gseal.GroupSealError:
+                pass
+    assert opened == 0  # every key she ever had opens none of what followed her removal
+    assert all(b"not for carol" not in d for _, d in rows)
