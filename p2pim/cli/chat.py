@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import files
+from . import files, groups
 from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
@@ -138,6 +138,7 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("fingerprint", parents=[common], help="your key's fingerprint, or USER's pinned one")
     p.add_argument("user", nargs="?")
     files.add_parsers(sub, common, udp)
+    groups.add_parsers(sub, common)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -364,6 +365,15 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     async def body(c: Client) -> int:
         msg_id = await c.send(args.user, text)
+        if args.user.startswith("#") and c.connected:
+            state = await c.groups.wait_sent(msg_id, args.wait) or "queued"
+            said = {
+                "stored": f"sent to {args.user}: kept on the server for every member",
+                "failed": f"not sent to {args.user}",
+                "queued": "queued: not yet accepted by the server; it goes out with the next send or listen",
+            }
+            _out(args, {"msg_id": msg_id.hex(), "state": state}, said[state])
+            return {"failed": EXIT_FAILED, "queued": EXIT_SERVER_UNREACHABLE}.get(state, 0)
         if not c.connected:
             # Server down: still queue it (a known buddy), so nothing the user typed is lost.
             print(
@@ -422,7 +432,24 @@ def cmd_history(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         print(f"p2pim: {exc}", file=sys.stderr)
         return 2
-    rows = store.history(args.user, args.limit)
+    peer = args.user
+    if peer.startswith("#"):  # a group: by name (or id prefix) among ours
+        from p2pim.groups.seal import label
+        from p2pim.groups.store import GroupStore
+
+        hits = [
+            g
+            for g in GroupStore(store.conn).groups()
+            if g.name == peer[1:] or g.gid.hex().startswith(peer[1:])
+        ]
+        if len(hits) != 1:
+            store.close()
+            print(
+                f"p2pim: {'no group' if not hits else 'more than one group'} called {peer}", file=sys.stderr
+            )
+            return 2
+        peer = label(hits[0].gid)
+    rows = store.history(peer, args.limit)
     me = (store.account() or ("", "me", b""))[1]
     store.close()
     print_history(rows, me, args.user, args.json)
@@ -660,4 +687,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ping": cmd_ping,
     "chat": cmd_chat,
     **files.COMMANDS,
+    **groups.COMMANDS,
 }

@@ -98,6 +98,25 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
         )
     if isinstance(ev, (fe.FileOffered, fe.FileAnswered, fe.FileProgress, fe.FileDone, fe.FileFailed)):
         return _file_event(ev, stamp)
+    if isinstance(ev, ce.GroupMessage):
+        return (
+            {"event": "group_message", "group": ev.group, "gid": ev.gid.hex(), "from": ev.sender,
+             "text": ev.text, "msg_id": ev.msg_id.hex(), "sent_at_ms": ev.sent_at_ms},
+            f"[{stamp}] #{ev.group} {ev.sender}: {ev.text}",
+        )  # fmt: skip
+    if isinstance(ev, ce.GroupChange):
+        said = {
+            "created": f"{ev.actor} created #{ev.group}", "invited": f"{ev.actor} invited {ev.subject}",
+            "joined": f"{ev.subject} joined", "declined": f"{ev.subject} declined",
+            "left": f"{ev.subject} left", "removed": f"{ev.actor} removed {ev.subject}",
+            "renamed": f"{ev.actor} renamed it #{ev.group}",
+            "role": f"{ev.actor} changed {ev.subject}'s role", "deleted": f"{ev.actor} deleted #{ev.group}",
+        }.get(ev.kind, ev.kind)  # fmt: skip
+        return (
+            {"event": "group_change", "group": ev.group, "gid": ev.gid.hex(), "kind": ev.kind,
+             "actor": ev.actor, "subject": ev.subject, "seq": ev.seq},
+            f"[{stamp}] * #{ev.group}: {said}",
+        )  # fmt: skip
     if isinstance(ev, ce.ConnectionState):
         return {"event": "connection", "up": ev.up, "detail": ev.detail}, f"[{stamp}] * {ev.detail}"
     if isinstance(ev, lc.PeerUp):
@@ -169,7 +188,7 @@ def print_history(rows: list[Any], me: str, who: str, as_json: bool) -> None:
                 [
                     {
                         "msg_id": r.msg_id.hex(),
-                        "from": me if r.outgoing else who,
+                        "from": me if r.outgoing else (r.author or who),
                         "text": r.text,
                         "sent_at_ms": r.sent_at_ms,
                         "state": r.state,
@@ -184,4 +203,4 @@ def print_history(rows: list[Any], me: str, who: str, as_json: bool) -> None:
     for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.sent_at_ms / 1000))
         state = f"  [{r.state}]" if r.outgoing else ""
-        print(f"[{when}] {me if r.outgoing else who}: {r.text}{state}")
+        print(f"[{when}] {me if r.outgoing else (r.author or who)}: {r.text}{state}")

@@ -59,6 +59,8 @@ class Groups:
         self._asked: set[tuple[bytes, str, int]] = set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._waiting: dict[bytes, asyncio.Future[str]] = {}  # post msg_id -> its fate
+        self._closed = False
         client.counters.setdefault("group_bad", 0)
 
     @property
@@ -118,10 +120,12 @@ class Groups:
     def find(self, name: str, invited: bool = False) -> GroupRow:
         """A group by ``#name``, name or id (hex prefix) among ours."""
         want = name.removeprefix("#")
-        rows = [r for r in self.store.groups() if r.active or (invited and r.role == "invited")]
+        rows = [r for r in self.store.groups() if r.active or r.role == "invited"]
         hits = [r for r in rows if r.name == want] or [
             r for r in rows if want and r.gid.hex().startswith(want)
         ]
+        if len(hits) == 1 and hits[0].role == "invited" and not invited:
+            raise GroupError(f"you are invited to #{hits[0].name}, not in it yet: p2pim group accept {want}")
         if len(hits) != 1:
             what = "no group" if not hits else f"{len(hits)} groups"
             raise GroupError(f"{what} called {name!r} (p2pim group list)")
@@ -145,20 +149,25 @@ class Groups:
         return env.msg_id
 
     def _my_key(self, gid: bytes, rotate: bool) -> tuple[int, bytes]:
-        """Our current sender key for ``gid``; a new one (sent to every member) if we have
-        none or ``rotate``."""
+        """Our sender key for ``gid``, handed to every member who lacks it. A new one (a new
+        epoch) if we have none, if ``rotate``, or if anyone who got the current one is no
+        longer a member: whoever is out never holds the key of what follows, also when we
+        learn of it only now (a one-shot command after a removal)."""
+        members = {m for m, role in self.store.members(gid).items() if role != "invited" and m != self.me}
         current = self.store.current_key(gid, self.me)
         if current is not None and not rotate:
-            return current
+            epoch, key = current
+            given = self.store.given(gid, self.me, epoch)
+            if given <= members:
+                self._give_key(gid, sorted(members - given), epoch, key)  # newcomers
+                return current
         epoch, key = (current[0] + 1 if current else 1), gseal.new_key()
         self.store.add_key(gid, self.me, epoch, key)
-        self._give_key(
-            gid, [m for m, role in self.store.members(gid).items() if role != "invited"], epoch, key
-        )
+        self._give_key(gid, sorted(members), epoch, key)
         return epoch, key
 
     def _give_key(self, gid: bytes, to: list[str], epoch: int, key: bytes) -> None:
-        items = []
+        items, given = [], set()
         for member in to:
             contact = self.client.store.contact(member)
             if member == self.me or contact is None or contact.offered_key is not None:
@@ -166,8 +175,10 @@ class Groups:
             body = epb.Body(group_key=epb.GroupKey(group=gid, epoch=epoch, key=key))
             env = seal(self.client.profile.identity, self.me, member, contact.identity_key, body)
             items.append(("store", member, env.msg_id, env.SerializeToString()))
+            given.add(member)
         if items:
             self.store.queue(items)
+            self.store.give(gid, self.me, epoch, given)
             self._wake.set()
 
     def start(self) -> None:
@@ -176,17 +187,19 @@ class Groups:
         self._wake.set()
 
     async def close(self) -> None:
+        self._closed = True  # also ends the loop if a cancel is swallowed (3.11's wait_for can)
         if self._flusher is not None:
             self._flusher.cancel()
+            self._wake.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
 
     async def _flush(self) -> None:
         """Hand the group outbox to the server, in order, each item until it is taken."""
-        while True:
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             for item in self.store.outgoing():
-                if not await self._hand_over(item):
+                if self._closed or not await self._hand_over(item):
                     break
 
     async def _hand_over(self, item: Outgoing) -> bool:
@@ -209,17 +222,39 @@ class Groups:
                     continue
                 self.store.sent(item, "failed")  # not a member any more, no such user: for good
                 self.client._emit_problem(f"a group message could not be sent: {exc}")
+                self._settle(item, "failed")
                 return True
             self.store.sent(item)
+            self._settle(item, "stored")
             return True
+
+    def _settle(self, item: Outgoing, state: str) -> None:
+        waiter = self._waiting.pop(item.msg_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(state)
+
+    async def wait_sent(self, msg_id: bytes, timeout: float) -> str | None:
+        """ "stored" once the server keeps our post for every member, "failed", or None (not yet)."""
+        row = self.client.store.message(msg_id)
+        if row is not None and row.state in ("stored", "failed"):
+            return row.state
+        waiter = self._waiting.setdefault(msg_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return None
 
     # -- what the server brings ----------------------------------------------------------
 
     def on_stored(self, store_id: int, sender: str, data: bytes) -> bool | None:
         """A group item from the offline stream: True taken (ack), None hold it (keep), False
-        unreadable for good (ack all the same)."""
+        unreadable for good (ack all the same). A session without an inbox (a one-shot
+        command) applies events but keeps them and messages for the session that shows them."""
         if not sender:
-            return self._on_event(data)
+            taken = self._on_event(data)
+            return None if taken and not self.client.inbox else taken
+        if not self.client.inbox:
+            return None
         try:
             env = parse_envelope(data)
         except EnvelopeError:
@@ -241,14 +276,13 @@ class Groups:
             row = self.store.group(ev.group)
         else:
             row = self._apply(ev.info) if fresh else known
-            if row is not None and row.active:  # keys follow every event, applied before or not
-                # someone is out: a key they never see, for those who remain; we are in: ours
-                if ev.kind in OUT or (ev.kind == pb.GroupEvent.JOINED and ev.subject == self.me):
-                    self._my_key(ev.group, rotate=True)
-                elif ev.kind == pb.GroupEvent.JOINED and (mine := self.store.current_key(ev.group, self.me)):
-                    self._give_key(ev.group, [ev.subject], *mine)
+            if row is not None and row.active and ev.kind in (*OUT, pb.GroupEvent.JOINED):
+                # Someone is out: a new key they never see, for those who remain; someone is
+                # in: our key for them (we are: ours for everyone). _my_key sees which.
+                self._my_key(ev.group, rotate=False)
         name = row.name if row is not None else ev.info.name
-        self.client._emit(GroupChange(name, ev.group, kind, ev.actor, ev.subject, ev.seq))
+        if self.client.inbox:
+            self.client._emit(GroupChange(name, ev.group, kind, ev.actor, ev.subject, ev.seq))
         return True
 
     def _apply(self, info: pb.GroupInfo) -> GroupRow:
@@ -306,7 +340,7 @@ class Groups:
         if row is None or not row.active or peer not in self.store.members(key.group):
             self.client.counters["group_bad"] += 1
             return
-        if not key.key:
+        if not key.key:  # "send me yours": once more, if they are a member
             mine = self.store.current_key(key.group, self.me)
             if mine is not None and self.store.members(key.group).get(peer) not in (None, "invited"):
                 self._give_key(key.group, [peer], *mine)

@@ -82,10 +82,24 @@ class GroupStore:
 
     def add_key(self, gid: bytes, owner: str, epoch: int, key: bytes) -> bool:
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO group_keys VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO group_keys (gid, owner, epoch, key, at_ms) VALUES (?, ?, ?, ?, ?)",
             (gid, owner, epoch, key, int(time.time() * 1000)),
         )
         return cur.rowcount > 0
+
+    def given(self, gid: bytes, owner: str, epoch: int) -> set[str]:
+        """Whom our key of ``epoch`` was handed to."""
+        r = self.conn.execute(
+            "SELECT given FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
+        ).fetchone()
+        return set(r[0].split("\n")) - {""} if r else set()
+
+    def give(self, gid: bytes, owner: str, epoch: int, names: set[str]) -> None:
+        names = self.given(gid, owner, epoch) | names
+        self.conn.execute(
+            "UPDATE group_keys SET given = ? WHERE gid = ? AND owner = ? AND epoch = ?",
+            ("\n".join(sorted(names)), gid, owner, epoch),
+        )
 
     def key(self, gid: bytes, owner: str, epoch: int) -> bytes | None:
         r = self.conn.execute(

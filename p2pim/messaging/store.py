@@ -104,6 +104,7 @@ MIGRATIONS: list[str] = [
         epoch INTEGER NOT NULL,
         key BLOB NOT NULL,
         at_ms INTEGER NOT NULL,
+        given TEXT NOT NULL DEFAULT '',  -- ours: the members we gave it to (newline-separated)
         PRIMARY KEY (gid, owner, epoch)
     );
     CREATE TABLE group_outbox (         -- sender keys to store for members, then posts, in order

@@ -6,9 +6,13 @@ hand; no plaintext on the server."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
+from natlab.classify import tool
 from p2pim.client import Client, GroupChange, GroupMessage
 from p2pim.groups import seal as gseal
 from p2pim.groups.store import GroupStore
@@ -161,3 +165,71 @@ def test_a_removed_member_gets_nothing_after_and_cannot_open_what_follows(tmp_pa
                 pass
     assert opened == 0  # every key she ever had opens none of what followed her removal
     assert all(b"not for carol" not in d for _, d in rows)
+
+
+def test_the_group_commands_from_create_to_history(tmp_path: Path) -> None:
+    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "p2pim" / "profiles"
+    root.mkdir(parents=True)
+
+    async def setup() -> None:
+        a, b, c = [await new_user(srv.url, tmp_path, n) for n in ("alice", "bob", "carol")]
+        await befriend(a, b)
+        await befriend(a, c)
+        for x in (a, b, c):
+            await x.close()
+            os.symlink(tmp_path / "profiles" / x.username, root / x.username)
+
+    def p2pim(who: str, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [tool("p2pim"), *argv, "--profile", who], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    listener = None
+    try:
+        asyncio.run(setup())
+        made = p2pim("alice", "group", "create", "team", "bob", "carol")
+        assert made.returncode == 0 and made.stdout.startswith("created #team"), made.stderr
+        early = p2pim("bob", "group", "invite", "team", "carol")  # invited, not in yet
+        assert early.returncode == 2 and "not in it yet: p2pim group accept team" in early.stderr, (
+            early.stderr
+        )
+        listed = json.loads(p2pim("bob", "group", "list", "--json").stdout)
+        assert [(g["name"], g["role"]) for g in listed] == [("team", "invited")]
+        assert p2pim("bob", "group", "accept", "team").returncode == 0
+        assert p2pim("carol", "group", "accept", "#team").returncode == 0
+        members = json.loads(p2pim("alice", "group", "members", "team", "--json").stdout)["members"]
+        assert sorted((m["username"], m["role"]) for m in members) == [
+            ("alice", "owner"), ("bob", "member"), ("carol", "member"),
+        ]  # fmt: skip
+        assert "cannot remove" in p2pim("bob", "group", "remove", "team", "carol").stderr
+        listener = subprocess.Popen(
+            [tool("p2pim"), "listen", "--profile", "carol", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        sent = p2pim("alice", "send", "#team", "lunch at noon?")
+        assert sent.returncode == 0 and "kept on the server for every member" in sent.stdout, sent
+        assert p2pim("bob", "send", "#team", "yes").returncode == 0
+        assert listener.stdout is not None
+        got = []
+        while len(got) < 2:
+            line = listener.stdout.readline()
+            assert line, "listen ended"
+            event = json.loads(line)
+            if event.get("event") == "group_message":
+                got.append((event["group"], event["from"], event["text"]))
+        assert sorted(got) == [("team", "alice", "lunch at noon?"), ("team", "bob", "yes")]
+        history = json.loads(p2pim("carol", "history", "#team", "--json").stdout)
+        assert sorted((h["from"], h["text"]) for h in history) == [
+            ("alice", "lunch at noon?"),
+            ("bob", "yes"),
+        ]
+        assert "no group called #nope" in p2pim("carol", "history", "#nope").stderr
+    finally:
+        if listener is not None:
+            listener.terminate()
+            listener.communicate(timeout=10)
+        srv.stop()
