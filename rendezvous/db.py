@@ -71,8 +71,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (group_id, user_id)
     );
     CREATE INDEX group_members_user ON group_members(user_id);
+    -- A post is kept once; each member's row points at it (an empty envelope of its own).
+    CREATE TABLE group_posts (
+        id INTEGER PRIMARY KEY,
+        envelope BLOB NOT NULL
+    );
     ALTER TABLE offline ADD COLUMN grp BLOB;
+    ALTER TABLE offline ADD COLUMN post_id INTEGER REFERENCES group_posts(id);
     CREATE INDEX offline_grp ON offline(grp, recipient_id);
+    CREATE INDEX offline_post ON offline(post_id);
     """,
 ]
 
@@ -271,8 +278,9 @@ class Database:
     def pending_offline(self, recipient_id: int, after_id: int = 0, limit: int = -1) -> list[StoredEnvelope]:
         """Envelopes for ``recipient_id`` with a store id above ``after_id``, oldest first."""
         rows = self.conn.execute(
-            "SELECT id, sender, envelope, stored_ms, grp FROM offline WHERE recipient_id = ? AND id > ? "
-            "ORDER BY id LIMIT ?",
+            "SELECT o.id, o.sender, COALESCE(p.envelope, o.envelope), o.stored_ms, o.grp FROM offline o "
+            "LEFT JOIN group_posts p ON p.id = o.post_id WHERE o.recipient_id = ? AND o.id > ? "
+            "ORDER BY o.id LIMIT ?",
             (recipient_id, after_id, limit),
         ).fetchall()
         return [StoredEnvelope(*row) for row in rows]
@@ -283,6 +291,19 @@ class Database:
             self.conn.execute("BEGIN")
             deleted = 0
             for sid in store_ids:
+                cur = self.conn.execute(
+                    "DELETE FROM offline WHERE id = ? AND recipient_id = ?", (sid, recipient_id)
+                )
+                deleted += cur.rowcount
+        return deleted
+
+    def ack_offline_many(self, acks: list[tuple[int, int]]) -> int:
+        """:meth:`ack_offline` for (recipient id, store id) pairs of many recipients, in one
+        transaction; returns how many went."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            deleted = 0
+            for recipient_id, sid in acks:
                 cur = self.conn.execute(
                     "DELETE FROM offline WHERE id = ? AND recipient_id = ?", (sid, recipient_id)
                 )
@@ -357,6 +378,39 @@ class Database:
         ).fetchone()
         return row is not None
 
+    def group_usage(self, user_ids: list[int], sender: str) -> dict[int, tuple[int, int, int, int]]:
+        """:meth:`offline_usage` for many recipients in one query (a group post's members)."""
+        marks = ",".join("?" * len(user_ids))
+        rows = self.conn.execute(
+            "SELECT recipient_id, COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0), "
+            "COALESCE(SUM(sender = ?), 0), "
+            "COALESCE(SUM(CASE WHEN sender = ? THEN LENGTH(envelope) END), 0) "
+            f"FROM offline WHERE recipient_id IN ({marks}) GROUP BY recipient_id",
+            (sender, sender, *user_ids),
+        ).fetchall()
+        usage = {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+        return {u: usage.get(u, (0, 0, 0, 0)) for u in user_ids}
+
+    def store_post(
+        self, recipients: list[int], sender: str, msg_id: bytes, envelope: bytes, now_ms: int, grp: bytes
+    ) -> list[int]:
+        """Keep a group post once, and a row for each recipient that points at it (a copy that
+        was there already, a retransmission, is not added again); returns who got a new row."""
+        cur = self.conn.execute("INSERT INTO group_posts (envelope) VALUES (?)", (envelope,))
+        post_id = cur.lastrowid
+        added = []
+        for user_id in recipients:
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, "
+                "post_id) VALUES (?, ?, ?, x'', ?, ?, ?)",
+                (user_id, sender, msg_id, now_ms, grp, post_id),
+            )
+            if cur.rowcount:
+                added.append(user_id)
+        if not added:
+            self.conn.execute("DELETE FROM group_posts WHERE id = ?", (post_id,))
+        return added
+
     def drop_group_messages(self, gid: bytes, recipient_id: int | None = None) -> int:
         """Forget the group's messages waiting (for one recipient, or for all); its membership
         events stay: they tell whoever they are for what happened."""
@@ -374,4 +428,9 @@ class Database:
             self.conn.execute("BEGIN")
             cur = self.conn.execute("DELETE FROM offline WHERE stored_ms < ?", (now_ms - max_age_ms,))
             self.conn.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,))
+            # group posts no member's row points at any more (every copy taken)
+            self.conn.execute(
+                "DELETE FROM group_posts "
+                "WHERE NOT EXISTS (SELECT 1 FROM offline WHERE post_id = group_posts.id)"
+            )
         return cur.rowcount

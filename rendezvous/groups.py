@@ -189,14 +189,14 @@ class GroupHandlers:
             raise RequestError(
                 pb.RATE_LIMITED, "too many group messages; slow down", int(1000 / self._posts.rate)
             )
-        lim = self.hub.limits
+        lim, more = self.hub.limits, len(req.envelope)
+        others = [
+            m.user_id for m in self.db.members(group.id) if m.user_id != me.user_id and m.role != "invited"
+        ]
         with self.db.conn:
             self.db.conn.execute("BEGIN")
-            for m in self.db.members(group.id):
-                if m.user_id == me.user_id or m.role == "invited":
-                    continue
-                count, size, mine, my_size = self.db.offline_usage(m.user_id, me.username)
-                more = len(req.envelope)
+            to = []
+            for user_id, (count, size, mine, my_size) in self.db.group_usage(others, me.username).items():
                 if (
                     mine >= lim.offline_sender_envelopes
                     or my_size + more > lim.offline_sender_bytes
@@ -204,13 +204,15 @@ class GroupHandlers:
                     or size + more > lim.offline_max_bytes
                 ):
                     self.hub.counters.group_quota_skipped += 1
-                    continue
-                stored = self.db.store_offline(
-                    m.user_id, me.username, req.msg_id, req.envelope, _ms(now), group.gid
-                )
-                if stored is not None:
-                    self.hub.counters.group_stored += 1
-                    self._touched.add(m.user_id)
+                else:
+                    to.append(user_id)
+            added = (
+                self.db.store_post(to, me.username, req.msg_id, req.envelope, _ms(now), group.gid)
+                if to
+                else []
+            )
+        self.hub.counters.group_stored += len(added)
+        self._touched.update(added)
         self.hub.counters.group_posts += 1
         self._pump()
         return pb.Frame(ok=pb.Ok())

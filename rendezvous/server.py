@@ -242,6 +242,7 @@ class RendezvousServer:
 
     async def close(self) -> None:
         self._driver.stop()
+        self.hub.flush_acks()  # what clients acknowledged goes now, not with the next start
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
