@@ -477,6 +477,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             listed.append({**b.__dict__, "path": seen})
         portmap = _saved_port_mapping(c.store.setting("port_mapping"))
+        mine = [
+            {
+                "group": g.gid.hex(),
+                "name": g.name,
+                "role": g.role,
+                "members": len(c.groups.store.members(g.gid)),
+            }
+            for g in c.groups.store.groups()
+            if g.role != "gone"
+        ]
         data = {
             "username": saved[1],
             "server": c.server,
@@ -486,6 +496,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             "port_mapping": portmap,
             "buddies": listed,
             "transfers": [files.transfer_json(t) for t in c.transfers(active=True)],
+            "groups": [
+                {
+                    "group": g.gid.hex(),
+                    "name": g.name,
+                    "role": g.role,
+                    "members": len(c.groups.store.members(g.gid)),
+                }
+                for g in c.groups.store.groups()
+                if g.role != "gone"
+            ],
+            "group_outbox": len(c.groups.store.outgoing()),
         }
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
@@ -511,6 +532,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             way = f"to {t.peer}" if t.outgoing else f"from {t.peer}"
             state = f"{files.percent(t.durable, t.size)} there" if t.state == "accepted" else t.state
             lines.append(f"  {t.file_id.hex()[:8]}  {way}: {t.name} ({files.human_size(t.size)}) {state}")
+        lines.append(f"groups: {len(mine) or 'none'}" + (" (p2pim group list)" if mine else ""))
+        for g in mine:
+            role = f"invited: p2pim group accept {g['name']}" if g["role"] == "invited" else str(g["role"])
+            lines.append(f"  #{g['name']:<20} {g['members']} member(s), you: {role}")
+        if data["group_outbox"]:
+            lines.append(f"  {data['group_outbox']} group item(s) waiting to go to the server")
         _out(args, data, "\n".join(lines))
         return 0 if connected else EXIT_SERVER_UNREACHABLE
 

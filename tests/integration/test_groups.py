@@ -228,6 +228,9 @@ def test_the_group_commands_from_create_to_history(tmp_path: Path) -> None:
             ("bob", "yes"),
         ]
         assert "no group called #nope" in p2pim("carol", "history", "#nope").stderr
+        status = json.loads(p2pim("carol", "status", "--json").stdout)
+        assert [(g["name"], g["role"], g["members"]) for g in status["groups"]] == [("team", "member", 3)]
+        assert "#team" in p2pim("carol", "status").stdout
     finally:
         if listener is not None:
             listener.terminate()
