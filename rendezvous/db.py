@@ -72,10 +72,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX group_members_user ON group_members(user_id);
     -- A post is kept once; each member's row points at it (an empty envelope of its own).
+    -- ``copies`` rows were made, ``delivered`` of them acknowledged: what its sender is told.
     CREATE TABLE group_posts (
         id INTEGER PRIMARY KEY,
-        envelope BLOB NOT NULL
+        envelope BLOB NOT NULL,
+        gid BLOB NOT NULL,
+        msg_id BLOB NOT NULL,
+        sender TEXT NOT NULL,
+        copies INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        stored_ms INTEGER NOT NULL
     );
+    CREATE INDEX group_posts_msg ON group_posts(gid, msg_id);
     ALTER TABLE offline ADD COLUMN grp BLOB;
     ALTER TABLE offline ADD COLUMN post_id INTEGER REFERENCES group_posts(id);
     CREATE INDEX offline_grp ON offline(grp, recipient_id);
@@ -304,6 +312,11 @@ class Database:
             self.conn.execute("BEGIN")
             deleted = 0
             for recipient_id, sid in acks:
+                self.conn.execute(  # a group post's copy taken: one more delivered
+                    "UPDATE group_posts SET delivered = delivered + 1 WHERE id = "
+                    "(SELECT post_id FROM offline WHERE id = ? AND recipient_id = ?)",
+                    (sid, recipient_id),
+                )
                 cur = self.conn.execute(
                     "DELETE FROM offline WHERE id = ? AND recipient_id = ?", (sid, recipient_id)
                 )
@@ -396,7 +409,10 @@ class Database:
     ) -> list[int]:
         """Keep a group post once, and a row for each recipient that points at it (a copy that
         was there already, a retransmission, is not added again); returns who got a new row."""
-        cur = self.conn.execute("INSERT INTO group_posts (envelope) VALUES (?)", (envelope,))
+        cur = self.conn.execute(
+            "INSERT INTO group_posts (envelope, gid, msg_id, sender, stored_ms) VALUES (?, ?, ?, ?, ?)",
+            (envelope, grp, msg_id, sender, now_ms),
+        )
         post_id = cur.lastrowid
         added = []
         for user_id in recipients:
@@ -409,7 +425,22 @@ class Database:
                 added.append(user_id)
         if not added:
             self.conn.execute("DELETE FROM group_posts WHERE id = ?", (post_id,))
+        else:
+            self.conn.execute("UPDATE group_posts SET copies = ? WHERE id = ?", (len(added), post_id))
         return added
+
+    def post_counts(self, gid: bytes, sender: str, msg_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """(copies, delivered) of ``sender``'s posts in the group (a retransmitted post: summed)."""
+        out: dict[bytes, tuple[int, int]] = {}
+        for msg_id in msg_ids:
+            row = self.conn.execute(
+                "SELECT COALESCE(SUM(copies), 0), COALESCE(SUM(delivered), 0), COUNT(*) FROM group_posts "
+                "WHERE gid = ? AND msg_id = ? AND sender = ?",
+                (gid, msg_id, sender),
+            ).fetchone()
+            if row[2]:
+                out[msg_id] = (int(row[0]), int(row[1]))
+        return out
 
     def drop_group_messages(self, gid: bytes, recipient_id: int | None = None) -> int:
         """Forget the group's messages waiting (for one recipient, or for all); its membership
@@ -428,9 +459,11 @@ class Database:
             self.conn.execute("BEGIN")
             cur = self.conn.execute("DELETE FROM offline WHERE stored_ms < ?", (now_ms - max_age_ms,))
             self.conn.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,))
-            # group posts no member's row points at any more (every copy taken)
+            # group posts no member's row points at any more (every copy taken), kept as long
+            # as a stored envelope would be, for their delivered counts
             self.conn.execute(
-                "DELETE FROM group_posts "
-                "WHERE NOT EXISTS (SELECT 1 FROM offline WHERE post_id = group_posts.id)"
+                "DELETE FROM group_posts WHERE stored_ms < ? "
+                "AND NOT EXISTS (SELECT 1 FROM offline WHERE post_id = group_posts.id)",
+                (now_ms - max_age_ms,),
             )
         return cur.rowcount

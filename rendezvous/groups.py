@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 GID_SIZE = 8
 MAX_NAME = 64
+MAX_COUNTS = 200  # message ids in one counts request
 ROLES = {"owner": pb.OWNER, "admin": pb.ADMIN, "member": pb.MEMBER, "invited": pb.INVITED}
 EV = pb.GroupEvent
 
@@ -58,6 +59,7 @@ class GroupHandlers:
             "group_delete": self.delete,
             "group_list": self.listing,
             "group_post": self.post,
+            "group_counts": self.counts,
         }
 
     # -- requests -----------------------------------------------------------------------
@@ -216,6 +218,16 @@ class GroupHandlers:
         self.hub.counters.group_posts += 1
         self._pump()
         return pb.Frame(ok=pb.Ok())
+
+    def counts(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        req = frame.group_counts
+        group, me = self._membership(session, req.group)
+        if len(req.msg_ids) > MAX_COUNTS:
+            raise RequestError(pb.BAD_REQUEST, f"at most {MAX_COUNTS} message ids at once")
+        self.hub.flush_acks()  # what was acknowledged so far counts
+        found = self.db.post_counts(group.gid, me.username, list(req.msg_ids))
+        counts = [pb.GroupCount(msg_id=m, members=c, delivered=d) for m, (c, d) in found.items()]
+        return pb.Frame(counts=pb.GroupCounts(counts=counts))
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ ACTIONS = {
     "delete": ("delete GROUP for everyone (owner)", ["group"]),
     "list": ("your groups and invitations", []),
     "members": ("who is in GROUP", ["group"]),
+    "sent": ("your last messages to GROUP: delivered to how many members", ["group"]),
 }
 
 
@@ -96,6 +97,26 @@ def cmd_group(args: argparse.Namespace) -> int:
                 n = sum(1 for role in members.values() if role != "invited")
                 note = f"invited: p2pim group accept {r.name}" if r.role == "invited" else f"you: {r.role}"
                 print(f"  #{r.name:<20} {n} member{'s' * (n != 1)}  {note}  ({r.gid.hex()[:8]})")
+        elif act == "sent":
+            from p2pim.groups.seal import label
+
+            row = g.find(args.group)
+            mine = [r for r in c.history(label(row.gid), 200) if r.outgoing][-20:]
+            counts = await g.counts(args.group, [r.msg_id for r in mine])
+            listed = []
+            for r in mine:
+                members, delivered = counts.get(r.msg_id, (0, 0))
+                listed.append({"msg_id": r.msg_id.hex(), "text": r.text, "state": r.state,
+                               "members": members, "delivered": delivered})  # fmt: skip
+            if args.json:
+                print(json.dumps(listed))
+            for item in listed if not args.json else ():
+                where = (
+                    f"delivered to {item['delivered']} of {item['members']}"
+                    if item["members"]
+                    else str(item["state"])
+                )
+                print(f"  {item['text'][:50]:<50}  {where}")
         else:  # members
             await g.refresh()
             row = g.find(args.group, invited=True)

@@ -123,3 +123,23 @@ def test_the_member_cap_and_the_post_rate(cap: int) -> None:
     assert codes == [0, 0, 0, pb.RATE_LIMITED, pb.RATE_LIMITED]
     w.now += 1.0
     assert code(post(w, s["bob"], gid)) == 0  # the bucket refills
+
+
+def test_a_sender_sees_how_many_members_took_its_post() -> None:
+    w, s = world()
+    gid = team(w, s)
+    for n in NAMES:
+        stored(w, s[n])
+    msg_id = new_msg_id()
+    assert code(w.request(s["bob"], group_post=pb.GroupPost(group=gid, msg_id=msg_id, envelope=b"x"))) == 0
+    copies = {n: stored(w, s[n]) for n in ("alice", "carol")}
+    w.request(s["carol"], offline_ack=pb.OfflineAck(store_ids=[e.store_id for e in copies["carol"]]))
+
+    def counts(who: str) -> list[tuple[int, int]]:
+        reply = w.request(s[who], group_counts=pb.GroupCountsRequest(group=gid, msg_ids=[msg_id]))
+        return [(c.members, c.delivered) for c in reply.counts.counts]
+
+    assert counts("bob") == [(2, 1)]  # kept for alice and carol; carol's client took it
+    assert counts("alice") == []  # not hers: a member sees only how far their own posts went
+    w.request(s["alice"], offline_ack=pb.OfflineAck(store_ids=[e.store_id for e in copies["alice"]]))
+    assert counts("bob") == [(2, 2)]
