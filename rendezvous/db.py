@@ -84,6 +84,11 @@ MIGRATIONS: list[str] = [
         stored_ms INTEGER NOT NULL
     );
     CREATE INDEX group_posts_msg ON group_posts(gid, msg_id);
+    CREATE TABLE group_reads (          -- who said they read which post (once each)
+        post_id INTEGER NOT NULL REFERENCES group_posts(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        PRIMARY KEY (post_id, user_id)
+    );
     ALTER TABLE offline ADD COLUMN grp BLOB;
     ALTER TABLE offline ADD COLUMN post_id INTEGER REFERENCES group_posts(id);
     CREATE INDEX offline_grp ON offline(grp, recipient_id);
@@ -429,18 +434,35 @@ class Database:
             self.conn.execute("UPDATE group_posts SET copies = ? WHERE id = ?", (len(added), post_id))
         return added
 
-    def post_counts(self, gid: bytes, sender: str, msg_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
-        """(copies, delivered) of ``sender``'s posts in the group (a retransmitted post: summed)."""
-        out: dict[bytes, tuple[int, int]] = {}
+    def post_counts(self, gid: bytes, sender: str, msg_ids: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
+        """(copies, delivered, read) of ``sender``'s posts in the group (a retransmitted post: summed)."""
+        out: dict[bytes, tuple[int, int, int]] = {}
         for msg_id in msg_ids:
             row = self.conn.execute(
-                "SELECT COALESCE(SUM(copies), 0), COALESCE(SUM(delivered), 0), COUNT(*) FROM group_posts "
-                "WHERE gid = ? AND msg_id = ? AND sender = ?",
-                (gid, msg_id, sender),
+                "SELECT COALESCE(SUM(copies), 0), COALESCE(SUM(delivered), 0), COUNT(*), "
+                "(SELECT COUNT(DISTINCT r.user_id) FROM group_reads r JOIN group_posts q ON q.id = r.post_id "
+                " WHERE q.gid = ? AND q.msg_id = ? AND q.sender = ?) "
+                "FROM group_posts WHERE gid = ? AND msg_id = ? AND sender = ?",
+                (gid, msg_id, sender, gid, msg_id, sender),
             ).fetchone()
             if row[2]:
-                out[msg_id] = (int(row[0]), int(row[1]))
+                out[msg_id] = (int(row[0]), int(row[1]), int(row[3]))
         return out
+
+    def mark_read(self, gid: bytes, reader: int, msg_ids: list[bytes]) -> int:
+        """``reader`` read these posts (not their own): counted once each; returns how many new."""
+        added = 0
+        with self.conn:
+            self.conn.execute("BEGIN")
+            for msg_id in msg_ids:
+                cur = self.conn.execute(
+                    "INSERT OR IGNORE INTO group_reads SELECT p.id, ? FROM group_posts p "
+                    "JOIN users u ON u.username = p.sender "
+                    "WHERE p.gid = ? AND p.msg_id = ? AND u.id != ? ORDER BY p.id LIMIT 1",
+                    (reader, gid, msg_id, reader),
+                )
+                added += cur.rowcount
+        return added
 
     def drop_group_messages(self, gid: bytes, recipient_id: int | None = None) -> int:
         """Forget the group's messages waiting (for one recipient, or for all); its membership

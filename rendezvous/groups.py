@@ -60,6 +60,7 @@ class GroupHandlers:
             "group_list": self.listing,
             "group_post": self.post,
             "group_counts": self.counts,
+            "group_read": self.read,
         }
 
     # -- requests -----------------------------------------------------------------------
@@ -226,8 +227,16 @@ class GroupHandlers:
             raise RequestError(pb.BAD_REQUEST, f"at most {MAX_COUNTS} message ids at once")
         self.hub.flush_acks()  # what was acknowledged so far counts
         found = self.db.post_counts(group.gid, me.username, list(req.msg_ids))
-        counts = [pb.GroupCount(msg_id=m, members=c, delivered=d) for m, (c, d) in found.items()]
+        counts = [pb.GroupCount(msg_id=m, members=c, delivered=d, read=r) for m, (c, d, r) in found.items()]
         return pb.Frame(counts=pb.GroupCounts(counts=counts))
+
+    def read(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
+        req = frame.group_read
+        group, me = self._membership(session, req.group)
+        if len(req.msg_ids) > MAX_COUNTS:
+            raise RequestError(pb.BAD_REQUEST, f"at most {MAX_COUNTS} message ids at once")
+        self.db.mark_read(group.gid, me.user_id, list(req.msg_ids))
+        return pb.Frame(ok=pb.Ok())
 
     # -- helpers ------------------------------------------------------------------------
 

@@ -417,6 +417,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
             print(json.dumps(data) if args.json else line, flush=True)
             if isinstance(ev, cl.Message) and not args.no_read_receipts:
                 await c.mark_read(ev.peer)
+            elif isinstance(ev, cl.GroupMessage) and not args.no_read_receipts:
+                with contextlib.suppress(cl.ClientError, cl.Unreachable):  # the count waits, nothing else
+                    await c.groups.mark_read(ev.gid, [ev.msg_id])
 
     with contextlib.suppress(KeyboardInterrupt):
         return _run(args, body)

@@ -105,14 +105,14 @@ def cmd_group(args: argparse.Namespace) -> int:
             counts = await g.counts(args.group, [r.msg_id for r in mine])
             listed = []
             for r in mine:
-                members, delivered = counts.get(r.msg_id, (0, 0))
+                members, delivered, read = counts.get(r.msg_id, (0, 0, 0))
                 listed.append({"msg_id": r.msg_id.hex(), "text": r.text, "state": r.state,
-                               "members": members, "delivered": delivered})  # fmt: skip
+                               "members": members, "delivered": delivered, "read": read})  # fmt: skip
             if args.json:
                 print(json.dumps(listed))
             for item in listed if not args.json else ():
                 where = (
-                    f"delivered to {item['delivered']} of {item['members']}"
+                    f"delivered to {item['delivered']} of {item['members']}, read by {item['read']}"
                     if item["members"]
                     else str(item["state"])
                 )

@@ -117,11 +117,15 @@ class Groups:
                 self.store.gone(row.gid)
         return self.store.groups()
 
-    async def counts(self, group: str, msg_ids: list[bytes]) -> dict[bytes, tuple[int, int]]:
-        """For our posts ``msg_ids`` in ``group``: (members it was kept for, delivered to)."""
+    async def counts(self, group: str, msg_ids: list[bytes]) -> dict[bytes, tuple[int, int, int]]:
+        """For our posts ``msg_ids`` in ``group``: (members it was kept for, delivered to, read by)."""
         req = pb.GroupCountsRequest(group=self.find(group).gid, msg_ids=msg_ids)
         reply = await self.client.control.request("group_counts", req)
-        return {c.msg_id: (c.members, c.delivered) for c in reply.counts.counts}
+        return {c.msg_id: (c.members, c.delivered, c.read) for c in reply.counts.counts}
+
+    async def mark_read(self, gid: bytes, msg_ids: list[bytes]) -> None:
+        """Tell the server we have shown these posts (their senders see "read by")."""
+        await self.client.control.request("group_read", pb.GroupRead(group=gid, msg_ids=msg_ids))
 
     def find(self, name: str, invited: bool = False) -> GroupRow:
         """A group by ``#name``, name or id (hex prefix) among ours."""

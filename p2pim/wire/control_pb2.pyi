@@ -196,6 +196,7 @@ class Frame(_message.Message):
     GROUP_LIST_FIELD_NUMBER: _builtins.int
     GROUP_POST_FIELD_NUMBER: _builtins.int
     GROUP_COUNTS_FIELD_NUMBER: _builtins.int
+    GROUP_READ_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
@@ -263,6 +264,8 @@ class Frame(_message.Message):
     @_builtins.property
     def group_counts(self) -> Global___GroupCountsRequest: ...
     @_builtins.property
+    def group_read(self) -> Global___GroupRead: ...
+    @_builtins.property
     def ok(self) -> Global___Ok:
         """server -> client replies"""
 
@@ -321,6 +324,7 @@ class Frame(_message.Message):
         group_list: Global___GroupListRequest | None = ...,
         group_post: Global___GroupPost | None = ...,
         group_counts: Global___GroupCountsRequest | None = ...,
+        group_read: Global___GroupRead | None = ...,
         ok: Global___Ok | None = ...,
         error: Global___Error | None = ...,
         challenge: Global___Challenge | None = ...,
@@ -335,11 +339,11 @@ class Frame(_message.Message):
         relay_in: Global___RelayIn | None = ...,
         offline_envelope: Global___OfflineEnvelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "presence", "buddy_event", "relay_in", "offline_envelope"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "group_read", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "presence", "buddy_event", "relay_in", "offline_envelope"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1405,23 +1409,51 @@ class GroupCount(_message.Message):
     MSG_ID_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
     DELIVERED_FIELD_NUMBER: _builtins.int
+    READ_FIELD_NUMBER: _builtins.int
     msg_id: _builtins.bytes
     members: _builtins.int
     delivered: _builtins.int
+    read: _builtins.int
     def __init__(
         self,
         *,
         msg_id: _builtins.bytes = ...,
         members: _builtins.int = ...,
         delivered: _builtins.int = ...,
+        read: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "members", b"members", "msg_id", b"msg_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "members", b"members", "msg_id", b"msg_id", "read", b"read"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupCount: _TypeAlias = GroupCount  # noqa: Y015
+
+@_typing.final
+class GroupRead(_message.Message):
+    """"I have read these posts" (a member's client, when it has shown them)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    MSG_IDS_FIELD_NUMBER: _builtins.int
+    group: _builtins.bytes
+    @_builtins.property
+    def msg_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        group: _builtins.bytes = ...,
+        msg_ids: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "msg_ids", b"msg_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupRead: _TypeAlias = GroupRead  # noqa: Y015
 
 @_typing.final
 class GroupCounts(_message.Message):

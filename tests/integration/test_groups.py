@@ -228,12 +228,13 @@ def test_the_group_commands_from_create_to_history(tmp_path: Path) -> None:
             ("bob", "yes"),
         ]
         assert "no group called #nope" in p2pim("carol", "history", "#nope").stderr
-        for _ in range(100):  # carol's listener took both; bob's post went to alice and carol
+        want = [("lunch at noon?", 2, 1, 1)]  # kept for bob and carol; carol's listener took and showed it
+        for _ in range(100):
             sent_list = json.loads(p2pim("alice", "group", "sent", "team", "--json").stdout)
-            if [(x["text"], x["members"], x["delivered"]) for x in sent_list] == [("lunch at noon?", 2, 1)]:
+            if [(x["text"], x["members"], x["delivered"], x["read"]) for x in sent_list] == want:
                 break
-        assert [(x["text"], x["members"], x["delivered"]) for x in sent_list] == [("lunch at noon?", 2, 1)]
-        assert "delivered to 1 of 2" in p2pim("alice", "group", "sent", "team").stdout
+        assert [(x["text"], x["members"], x["delivered"], x["read"]) for x in sent_list] == want
+        assert "delivered to 1 of 2, read by 1" in p2pim("alice", "group", "sent", "team").stdout
         status = json.loads(p2pim("carol", "status", "--json").stdout)
         assert [(g["name"], g["role"], g["members"]) for g in status["groups"]] == [("team", "member", 3)]
         assert "#team" in p2pim("carol", "status").stdout

@@ -135,11 +135,17 @@ def test_a_sender_sees_how_many_members_took_its_post() -> None:
     copies = {n: stored(w, s[n]) for n in ("alice", "carol")}
     w.request(s["carol"], offline_ack=pb.OfflineAck(store_ids=[e.store_id for e in copies["carol"]]))
 
-    def counts(who: str) -> list[tuple[int, int]]:
+    def counts(who: str) -> list[tuple[int, int, int]]:
         reply = w.request(s[who], group_counts=pb.GroupCountsRequest(group=gid, msg_ids=[msg_id]))
-        return [(c.members, c.delivered) for c in reply.counts.counts]
+        return [(c.members, c.delivered, c.read) for c in reply.counts.counts]
 
-    assert counts("bob") == [(2, 1)]  # kept for alice and carol; carol's client took it
+    assert counts("bob") == [(2, 1, 0)]  # kept for alice and carol; carol's client took it
     assert counts("alice") == []  # not hers: a member sees only how far their own posts went
     w.request(s["alice"], offline_ack=pb.OfflineAck(store_ids=[e.store_id for e in copies["alice"]]))
-    assert counts("bob") == [(2, 2)]
+    for _ in range(3):  # carol read it (once, however often she says so); bob's own word does not count
+        assert code(w.request(s["carol"], group_read=pb.GroupRead(group=gid, msg_ids=[msg_id]))) == 0
+    assert code(w.request(s["bob"], group_read=pb.GroupRead(group=gid, msg_ids=[msg_id]))) == 0
+    assert (
+        code(w.request(s["mallory"], group_read=pb.GroupRead(group=gid, msg_ids=[msg_id]))) == pb.NOT_A_MEMBER
+    )
+    assert counts("bob") == [(2, 2, 1)]
