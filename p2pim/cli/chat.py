@@ -651,8 +651,9 @@ def _ms(rtt: float | None) -> float | None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Interactive chat with one buddy: stdin lines out, everything that happens printed."""
+    """Interactive chat with one buddy (or ``#group``): stdin lines out, everything that happens printed."""
     from p2pim import client as cl
+    from p2pim.client.groups import GroupError
     from p2pim.files.service import TransferError
 
     async def body(c: cl.Client) -> int:
@@ -665,6 +666,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
         pending: set[bytes] = set()
         events = c.events()
+        group = args.user.startswith("#")
+        try:
+            gid = c.groups.find(args.user).gid if group else b""
+        except GroupError as exc:
+            raise ChatError(str(exc), 2) from None
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def kept(msg_id: bytes) -> None:
+            """A group post counts as done once the server keeps it for every member."""
+            state = await c.groups.wait_sent(msg_id, 60)
+            pending.discard(msg_id)
+            text = (
+                f"(kept on the server for every member of {args.user})" if state == "stored" else "(not sent)"
+            )
+            print(
+                json.dumps({"event": "group_sent", "msg_id": msg_id.hex(), "state": state})
+                if args.json
+                else text
+            )
 
         async def on_line(text: str) -> bool:
             if not text.strip():
@@ -673,9 +693,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return False
             try:
                 if text.startswith("/") and text.split()[0] in files.FILE_COMMANDS:
+                    if group:
+                        print("p2pim: files go to one buddy, not to a group", file=sys.stderr, flush=True)
+                        return True
                     await files.file_command(args, c.files, text, args.user, lambda _: False, args.user)
                 else:
-                    pending.add(await c.send(args.user, text))
+                    msg_id = await c.send(args.user, text)
+                    pending.add(msg_id)
+                    if group:
+                        task = asyncio.get_running_loop().create_task(kept(msg_id))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
             except cl.ClientError as exc:
                 print(f"p2pim: {exc.message}", file=sys.stderr, flush=True)
             except TransferError as exc:
@@ -687,6 +715,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(json.dumps(data) if args.json else line, flush=True)
             if isinstance(ev, cl.Message) and ev.peer == args.user:
                 await c.mark_read(args.user)
+            if isinstance(ev, cl.GroupMessage) and ev.gid == gid:
+                with contextlib.suppress(cl.ClientError, cl.Unreachable):
+                    await c.groups.mark_read(gid, [ev.msg_id])
             if isinstance(ev, cl.Receipt):
                 pending.difference_update(ev.msg_ids)
             if isinstance(ev, cl.Outcome) and ev.state in ("stored", "failed"):

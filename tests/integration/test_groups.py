@@ -235,6 +235,18 @@ def test_the_group_commands_from_create_to_history(tmp_path: Path) -> None:
                 break
         assert [(x["text"], x["members"], x["delivered"], x["read"]) for x in sent_list] == want
         assert "delivered to 1 of 2, read by 1" in p2pim("alice", "group", "sent", "team").stdout
+        chat = subprocess.run(
+            [tool("p2pim"), "chat", "#team", "--profile", "bob", "--json", "--linger", "10"],
+            env=env, input="from the chat\n", capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        said = [json.loads(x) for x in chat.stdout.splitlines()]
+        assert chat.returncode == 0 and any(
+            e.get("event") == "group_sent" and e["state"] == "stored" for e in said
+        )
+        assert [e["text"] for e in said if e.get("event") == "group_message"] == [
+            "lunch at noon?"
+        ]  # what waited
+        assert "no group called '#nope'" in p2pim("bob", "chat", "#nope").stderr
         status = json.loads(p2pim("carol", "status", "--json").stdout)
         assert [(g["name"], g["role"], g["members"]) for g in status["groups"]] == [("team", "member", 3)]
         assert "#team" in p2pim("carol", "status").stdout
