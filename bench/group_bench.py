@@ -168,7 +168,11 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.sleep(1)
     finally:
         server.terminate()
-        server.communicate(timeout=30)
+        try:
+            server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # still working through a backlog past its limit
+            server.kill()
+            server.communicate(timeout=10)
         for p in tmp.iterdir():
             p.unlink()
         tmp.rmdir()
