@@ -480,7 +480,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             listed.append({**b.__dict__, "path": seen})
         portmap = _saved_port_mapping(c.store.setting("port_mapping"))
-        mine = [
+        mine: list[dict[str, Any]] = [
             {
                 "group": g.gid.hex(),
                 "name": g.name,
@@ -499,16 +499,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "port_mapping": portmap,
             "buddies": listed,
             "transfers": [files.transfer_json(t) for t in c.transfers(active=True)],
-            "groups": [
-                {
-                    "group": g.gid.hex(),
-                    "name": g.name,
-                    "role": g.role,
-                    "members": len(c.groups.store.members(g.gid)),
-                }
-                for g in c.groups.store.groups()
-                if g.role != "gone"
-            ],
+            "groups": mine,
             "group_outbox": len(c.groups.store.outgoing()),
         }
         lines = [
