@@ -249,13 +249,7 @@ class Database:
 
     def offline_usage(self, recipient_id: int, sender: str) -> tuple[int, int, int, int]:
         """(envelopes, bytes) waiting for ``recipient_id`` in all, then those from ``sender``."""
-        row = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0), "
-            "COALESCE(SUM(sender = ?), 0), COALESCE(SUM(CASE WHEN sender = ? THEN LENGTH(envelope) END), 0) "
-            "FROM offline WHERE recipient_id = ?",
-            (sender, sender, recipient_id),
-        ).fetchone()
-        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+        return self.offline_usages([recipient_id], sender)[recipient_id]
 
     def has_offline(self, recipient_id: int, msg_id: bytes) -> bool:
         row = self.conn.execute(
@@ -396,7 +390,7 @@ class Database:
         ).fetchone()
         return row is not None
 
-    def group_usage(self, user_ids: list[int], sender: str) -> dict[int, tuple[int, int, int, int]]:
+    def offline_usages(self, user_ids: list[int], sender: str) -> dict[int, tuple[int, int, int, int]]:
         """:meth:`offline_usage` for many recipients in one query (a group post's members)."""
         marks = ",".join("?" * len(user_ids))
         rows = self.conn.execute(

@@ -45,7 +45,7 @@ class GroupHandlers:
         self.db = hub.db
         lim = hub.limits
         self._posts = RateLimiter(lim.group_post_rate, lim.group_post_burst)
-        self._touched: set[int] = set()  # users the current change stored something for
+        self._touched: set[str] = set()  # users the current change stored something for
 
     def handlers(self) -> dict[str, object]:
         return {
@@ -80,7 +80,7 @@ class GroupHandlers:
             self._event(group, EV.CREATED, session.username, session.username, now)
             for other in invitees:
                 self.db.set_member(group.id, other.id, "invited")
-                self._event(group, EV.INVITED, session.username, other.username, now, also=[other.id])
+                self._event(group, EV.INVITED, session.username, other.username, now, also=[other])
         self._pump()
         return pb.Frame(group=self._info(self._group(group.gid)))
 
@@ -98,7 +98,7 @@ class GroupHandlers:
         with self.db.conn:
             self.db.conn.execute("BEGIN")
             self.db.set_member(group.id, other.id, "invited")
-            self._event(group, EV.INVITED, me.username, other.username, now, also=[other.id])
+            self._event(group, EV.INVITED, me.username, other.username, now, also=[other])
         self._pump()
         return pb.Frame(ok=pb.Ok())
 
@@ -112,7 +112,7 @@ class GroupHandlers:
             self.db.conn.execute("BEGIN")
             self.db.set_member(group.id, me.user_id, "member" if req.accept else None)
             kind = EV.JOINED if req.accept else EV.DECLINED
-            self._event(group, kind, me.username, me.username, now, also=[me.user_id])
+            self._event(group, kind, me.username, me.username, now, also=[me])
         self._pump()
         return pb.Frame(ok=pb.Ok())
 
@@ -193,19 +193,16 @@ class GroupHandlers:
                 pb.RATE_LIMITED, "too many group messages; slow down", int(1000 / self._posts.rate)
             )
         lim, more = self.hub.limits, len(req.envelope)
-        others = [
-            m.user_id for m in self.db.members(group.id) if m.user_id != me.user_id and m.role != "invited"
-        ]
+        others = {
+            m.user_id: m.username
+            for m in self.db.members(group.id)
+            if m.user_id != me.user_id and m.role != "invited"
+        }
         with self.db.conn:
             self.db.conn.execute("BEGIN")
             to = []
-            for user_id, (count, size, mine, my_size) in self.db.group_usage(others, me.username).items():
-                if (
-                    mine >= lim.offline_sender_envelopes
-                    or my_size + more > lim.offline_sender_bytes
-                    or count >= lim.offline_max_envelopes
-                    or size + more > lim.offline_max_bytes
-                ):
+            for user_id, usage in self.db.offline_usages(list(others), me.username).items():
+                if lim.offline_refusal(usage, more, others[user_id]) is not None:
                     self.hub.counters.group_quota_skipped += 1
                 else:
                     to.append(user_id)
@@ -215,7 +212,7 @@ class GroupHandlers:
                 else []
             )
         self.hub.counters.group_stored += len(added)
-        self._touched.update(added)
+        self._touched.update(others[u] for u in added)
         self.hub.counters.group_posts += 1
         self._pump()
         return pb.Frame(ok=pb.Ok())
@@ -247,46 +244,47 @@ class GroupHandlers:
             self.hub.counters.offline_dropped += self.db.drop_group_messages(group.gid, who.user_id)
             self.db.set_member(group.id, who.user_id, None)
             if not self.db.members(group.id):
-                self._event(group, EV.DELETED, actor, who.username, now, also=[who.user_id])
+                self._event(group, EV.DELETED, actor, who.username, now, also=[who])
                 self.db.delete_group(group.id)
             else:
-                self._event(group, kind, actor, who.username, now, also=[who.user_id])
+                self._event(group, kind, actor, who.username, now, also=[who])
         self._pump()
 
     def _event(
         self, group: Group, kind: int, actor: str, subject: str, now: float,
-        also: list[int] | None = None, invited_too: bool = False,
+        also: list[Member | User] | None = None, invited_too: bool = False,
     ) -> None:  # fmt: skip
         """The group's next event, stored for every member (and ``also``) in this transaction."""
         seq = self.db.next_seq(group.id)
-        current = self._group(group.gid)
+        members = self.db.members(group.id)
         event = pb.GroupEvent(
             group=group.gid, seq=seq, kind=kind, actor=actor, subject=subject, at_ms=_ms(now),  # type: ignore[arg-type]
-            info=self._info(current),
+            info=self._info(self._group(group.gid), members),
         )  # fmt: skip
         data = event.SerializeToString()
-        targets = {m.user_id for m in self.db.members(group.id) if invited_too or m.role != "invited"}
-        targets |= set(also or ())
+        targets = {(m.user_id, m.username) for m in members if invited_too or m.role != "invited"}
+        targets |= {
+            (u.user_id, u.username) if isinstance(u, Member) else (u.id, u.username) for u in also or ()
+        }
         msg_id = group.gid + seq.to_bytes(ID_SIZE - GID_SIZE, "big")
-        for user_id in targets:
+        for user_id, _ in targets:
             self.db.store_offline(user_id, "", msg_id, data, _ms(now), group.gid)
         self.hub.counters.group_events += 1
-        self._touched.update(targets)
+        self._touched.update(name for _, name in targets)
 
     def _pump(self) -> None:
         """Push what the last change stored to its recipients who are online."""
         touched, self._touched = self._touched, set()
-        for sessions in self.hub.online.values():
-            for s in sessions:
-                if s.user_id in touched:
-                    self.hub._pump_offline(s)
+        for name in touched:
+            for s in self.hub.online.get(name, ()):
+                self.hub._pump_offline(s)
 
-    def _info(self, group: Group) -> pb.GroupInfo:
-        members = [
+    def _info(self, group: Group, members: list[Member] | None = None) -> pb.GroupInfo:
+        listed = [
             pb.GroupMember(username=m.username, identity_key=m.identity_key, role=ROLES[m.role])
-            for m in self.db.members(group.id)
+            for m in (self.db.members(group.id) if members is None else members)
         ]
-        return pb.GroupInfo(group=group.gid, name=group.name, seq=group.seq, members=members)
+        return pb.GroupInfo(group=group.gid, name=group.name, seq=group.seq, members=listed)
 
     def _group(self, gid: bytes) -> Group:
         group = self.db.group(gid) if len(gid) == GID_SIZE else None

@@ -142,6 +142,16 @@ class Limits:
     connect_ip_burst: float = 50  # ... with bursts (a NAT's users reconnecting after a restart)
     send_queue_bytes: int = 1024 * 1024  # per connection, beyond the socket's own buffer
 
+    def offline_refusal(self, usage: tuple[int, int, int, int], more: int, to: str) -> str | None:
+        """Why ``more`` bytes more may not wait for ``to`` (``usage``: what waits for them in
+        all, then from this sender; see Database.offline_usage), or None if they may."""
+        count, size, mine, my_size = usage
+        if mine >= self.offline_sender_envelopes or my_size + more > self.offline_sender_bytes:
+            return f"{mine} of your messages are waiting for {to} already: the most one sender may leave"
+        if count >= self.offline_max_envelopes or size + more > self.offline_max_bytes:
+            return f"{to}'s offline store is full"
+        return None
+
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             if name.endswith(("_rate", "_s")) and not value > 0:
@@ -820,15 +830,10 @@ class Hub:
         assert recipient is not None
         if self.db.has_offline(recipient.id, req.msg_id):
             return pb.Frame(ok=pb.Ok())  # a retransmission of an envelope we hold already
-        count, size, mine, my_size = self.db.offline_usage(recipient.id, session.username)
-        lim, more = self.limits, len(req.envelope)
-        if mine >= lim.offline_sender_envelopes or my_size + more > lim.offline_sender_bytes:
-            raise RequestError(
-                pb.QUOTA_EXCEEDED,
-                f"{mine} of your messages are waiting for {req.to} already: the most one sender may leave",
-            )
-        if count >= lim.offline_max_envelopes or size + more > lim.offline_max_bytes:
-            raise RequestError(pb.QUOTA_EXCEEDED, f"{req.to}'s offline store is full")
+        usage = self.db.offline_usage(recipient.id, session.username)
+        refused = self.limits.offline_refusal(usage, len(req.envelope), req.to)
+        if refused is not None:
+            raise RequestError(pb.QUOTA_EXCEEDED, refused)
         store_id = self.db.store_offline(
             recipient.id, session.username, req.msg_id, req.envelope, int(now * 1000)
         )

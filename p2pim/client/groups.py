@@ -23,8 +23,10 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..bounded import seen
 from ..groups import seal as gseal
 from ..groups.store import GroupRow, GroupStore, Outgoing
 from ..messaging.envelope import EnvelopeError, parse_envelope, seal, text_body
@@ -69,7 +71,7 @@ class Groups:
 
     # -- asking the server ---------------------------------------------------------------
 
-    async def create(self, name: str, invite: list[str] = ()) -> GroupRow:  # type: ignore[assignment]
+    async def create(self, name: str, invite: Sequence[str] = ()) -> GroupRow:
         reply = await self.client.control.request(
             "group_create", pb.GroupCreate(name=name, invite=list(invite))
         )
@@ -337,8 +339,8 @@ class Groups:
             self._held.popitem(last=False)  # stays on the server: it comes again at the next login
         ask = (env.group, sender, env.epoch)
         contact = self.client.store.contact(sender)
-        if ask not in self._asked and contact is not None and contact.offered_key is None:
-            self._asked.add(ask)  # "send me your key": a GroupKey with no key
+        if contact is not None and contact.offered_key is None and not seen(self._asked, ask, MAX_HELD):
+            # "send me your key" (a GroupKey with no key), once per key we lack
             body = epb.Body(group_key=epb.GroupKey(group=env.group, epoch=env.epoch))
             env_out = seal(self.client.profile.identity, self.me, sender, contact.identity_key, body)
             self.store.queue([("store", sender, env_out.msg_id, env_out.SerializeToString())])

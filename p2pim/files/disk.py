@@ -173,9 +173,13 @@ class Disk:
         return t.durable
 
     def write(self, t: Transfer, offset: int, data: bytes) -> None:
+        """All of ``data`` at ``offset``: a short write is followed by the rest, so a full disk
+        says so itself (ENOSPC) instead of leaving the caller a guess."""
+        view = memoryview(data)
         try:
-            if os.pwrite(self._fd(t), data, offset) != len(data):
-                raise FileError(f"{t.part}: short write (disk full?)")
+            while view:
+                n = os.pwrite(self._fd(t), view, offset)
+                view, offset = view[n:], offset + n
         except OSError as exc:
             raise FileError(f"{t.part}: {exc.strerror}") from None
 

@@ -38,6 +38,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -249,37 +250,32 @@ class IpmsgFiles:
             self.emit(FileFailed(self.peer_of(t), file_id, t.name, False, reason))
 
     async def _fetch(self, t: Transfer) -> None:
-        """Ask for the whole file and write it to ``t.part``; raises what broke it off."""
-        fd = os.open(t.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Ask for the whole file and write it to ``t.part`` from byte 0; raises what broke it off."""
+        self.disk.resume(replace(t, durable=0))  # from the start: the sender ignores offsets
+        if t.size == 0:
+            return
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(_ip(t), self.node.ipmsg_port), CONNECT_S
+        )
         try:
-            if t.size == 0:
-                return
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(_ip(t), self.node.ipmsg_port), CONNECT_S
-            )
-            try:
-                writer.write(self.core.file_request(_packetno(t), int.from_bytes(t.file_id[12:], "big")))
-                got = synced = 0
-                shown = time.monotonic()
-                while got < t.size:
-                    data = await asyncio.wait_for(reader.read(min(BLOCK, t.size - got)), IDLE_S)
-                    if not data:
-                        raise EOFError(
-                            f"the connection closed after {human_size(got)} of {human_size(t.size)}"
-                        )
-                    _write_all(fd, data, t.part)
-                    got += len(data)
-                    if got - synced >= SYNC_EVERY or got == t.size:
-                        _fsync(fd, t.part)
-                        synced = got
-                        self.store.set_durable(t.file_id, got, _now_ms())
-                    if time.monotonic() - shown >= PROGRESS_S:
-                        shown = time.monotonic()
-                        self.emit(FileProgress(self.peer_of(t), t.file_id, t.name, False, got, t.size))
-            finally:
-                writer.close()
+            writer.write(self.core.file_request(_packetno(t), int.from_bytes(t.file_id[12:], "big")))
+            got = synced = 0
+            shown = time.monotonic()
+            while got < t.size:
+                data = await asyncio.wait_for(reader.read(min(BLOCK, t.size - got)), IDLE_S)
+                if not data:
+                    raise EOFError(f"the connection closed after {human_size(got)} of {human_size(t.size)}")
+                self.disk.write(t, got, data)
+                got += len(data)
+                if got - synced >= SYNC_EVERY or got == t.size:
+                    self.disk.sync(t)
+                    synced = got
+                    self.store.set_durable(t.file_id, got, _now_ms())
+                if time.monotonic() - shown >= PROGRESS_S:
+                    shown = time.monotonic()
+                    self.emit(FileProgress(self.peer_of(t), t.file_id, t.name, False, got, t.size))
         finally:
-            os.close(fd)
+            writer.close()
 
     # -- out: serving what we offered ----------------------------------------------------
 
@@ -388,23 +384,6 @@ def _packetno(t: Transfer) -> int:
 
 def _ip(t: Transfer) -> str:
     return t.peer.rsplit("@", 1)[1]
-
-
-def _write_all(fd: int, data: bytes, name: str) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except OSError as exc:
-            raise FileError(f"{name}: {exc.strerror}") from None
-        view = view[n:]
-
-
-def _fsync(fd: int, name: str) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        raise FileError(f"{name}: {exc.strerror}") from None
 
 
 def _now_ms() -> int:
