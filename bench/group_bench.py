@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from websockets.asyncio.client import ClientConnection  # noqa: E402
 
 from bench import wire  # noqa: E402
-from bench.relay_bench import PASSWORD, cpu_seconds, prepare_db  # noqa: E402
+from bench.relay_bench import PASSWORD, prepare_db  # noqa: E402
+from natlab.transfer import cpu_seconds  # noqa: E402
 from p2pim.identity import Identity  # noqa: E402
 from p2pim.messaging.ids import new_msg_id  # noqa: E402
 from p2pim.wire import control_pb2 as pb  # noqa: E402

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from websockets.asyncio.client import ClientConnection  # noqa: E402
 
 from bench import wire  # noqa: E402
+from natlab.transfer import cpu_seconds  # noqa: E402
 from p2pim.identity import Identity  # noqa: E402
 from p2pim.wire import control_pb2 as pb  # noqa: E402
 from rendezvous.db import Database  # noqa: E402
@@ -56,12 +57,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def prepare_db(path: Path, n: int) -> list[Identity]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from p2pim.groups.store import ROLE_NAMES
 from p2pim.ratelimit import RateLimiter
 from p2pim.wire import control_pb2 as pb
 from p2pim.wire.limits import ID_SIZE, MAX_ENVELOPE
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 GID_SIZE = 8
 MAX_NAME = 64
 MAX_COUNTS = 200  # message ids in one counts request
-ROLES = {"owner": pb.OWNER, "admin": pb.ADMIN, "member": pb.MEMBER, "invited": pb.INVITED}
+ROLES = {name: role for role, name in ROLE_NAMES.items()}
 EV = pb.GroupEvent
 
 
@@ -153,8 +154,8 @@ class GroupHandlers:
         other = next((m for m in self.db.members(group.id) if m.username == req.username), None)
         if other is None or other.role == "invited" or other.user_id == me.user_id:
             raise RequestError(pb.NOT_A_MEMBER, f"{req.username} is not another member of that group")
-        role = {pb.OWNER: "owner", pb.ADMIN: "admin", pb.MEMBER: "member"}.get(req.role)
-        if role is None:
+        role = ROLE_NAMES.get(req.role)
+        if role in (None, "invited"):
             raise RequestError(pb.BAD_REQUEST, "a role is owner, admin or member")
         with self.db.conn:
             self.db.conn.execute("BEGIN")

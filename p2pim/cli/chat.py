@@ -440,11 +440,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         from p2pim.groups.seal import label
         from p2pim.groups.store import GroupStore
 
-        hits = [
-            g
-            for g in GroupStore(store.conn).groups()
-            if g.name == peer[1:] or g.gid.hex().startswith(peer[1:])
-        ]
+        hits = GroupStore(store.conn).named(peer, gone=True)  # also groups we left
         if len(hits) != 1:
             store.close()
             print(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..bounded import seen
 from ..groups import seal as gseal
-from ..groups.store import GroupRow, GroupStore, Outgoing
+from ..groups.store import ROLE_NAMES, GroupRow, GroupStore, Outgoing
 from ..messaging.envelope import EnvelopeError, parse_envelope, seal, text_body
 from ..messaging.ids import new_msg_id
 from ..wire import control_pb2 as pb
@@ -101,7 +101,7 @@ class Groups:
         )
 
     async def set_role(self, group: str, user: str, role: str) -> None:
-        roles = {"owner": pb.OWNER, "admin": pb.ADMIN, "member": pb.MEMBER}
+        roles = {n: r for r, n in ROLE_NAMES.items() if n != "invited"}
         if role not in roles:
             raise GroupError("a role is owner, admin or member")
         req = pb.GroupSetRole(group=self.find(group).gid, username=user, role=roles[role])
@@ -132,10 +132,7 @@ class Groups:
     def find(self, name: str, invited: bool = False) -> GroupRow:
         """A group by ``#name``, name or id (hex prefix) among ours."""
         want = name.removeprefix("#")
-        rows = [r for r in self.store.groups() if r.active or r.role == "invited"]
-        hits = [r for r in rows if r.name == want] or [
-            r for r in rows if want and r.gid.hex().startswith(want)
-        ]
+        hits = self.store.named(name)
         if len(hits) == 1 and hits[0].role == "invited" and not invited:
             raise GroupError(f"you are invited to #{hits[0].name}, not in it yet: p2pim group accept {want}")
         if len(hits) != 1:

@@ -71,6 +71,15 @@ class GroupStore:
         rows = self.conn.execute("SELECT gid, name, seq, role FROM groups ORDER BY name, gid").fetchall()
         return [GroupRow(bytes(r[0]), r[1], r[2], r[3]) for r in rows]
 
+    def named(self, name: str, gone: bool = False) -> list[GroupRow]:
+        """The groups ``name`` (or ``#name``) means: those called so, else those whose id starts
+        with it; only ones we are in or invited to, unless ``gone``."""
+        want = name.removeprefix("#")
+        rows = [r for r in self.groups() if gone or r.role != "gone"]
+        return [r for r in rows if r.name == want] or [
+            r for r in rows if want and r.gid.hex().startswith(want)
+        ]
+
     def members(self, gid: bytes) -> dict[str, str]:
         """username -> role (invited ones too)."""
         rows = self.conn.execute(
