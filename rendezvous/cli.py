@@ -118,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="relayed KiB/s per user, bursts of 2 s of it (file transfers without a direct path; "
         "default 8192)",
     )
+    serve.add_argument(
+        "--group-max-members",
+        type=int,
+        default=256,
+        help="members per group, invited ones included (default 256)",
+    )
+    serve.add_argument(
+        "--group-max-per-user",
+        type=int,
+        default=100,
+        help="groups one user may be in or invited to (default 100)",
+    )
     serve.add_argument("--stun-ip", help="STUN primary address (default: --host)")
     serve.add_argument("--alt-ip", help="second STUN address for RFC 5780/3489 change requests")
     serve.add_argument("--stun-port", type=int, default=3478, help="STUN port (default %(default)s)")
@@ -173,6 +185,8 @@ async def _run_serve(args: argparse.Namespace) -> int:
             send_queue_bytes=args.send_queue_kb * 1024,
             relay_bytes_rate=args.relay_kbps * 1024,
             relay_bytes_burst=max(128 * 1024, args.relay_kbps * 2048),
+            group_max_members=args.group_max_members,
+            group_max_per_user=args.group_max_per_user,
         )
     except ValueError as exc:
         print(f"rendezvous: {exc}", file=sys.stderr)

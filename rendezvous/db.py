@@ -381,6 +381,11 @@ class Database:
         ).fetchall()
         return [Group(int(r[0]), bytes(r[1]), str(r[2]), int(r[3])) for r in rows]
 
+    def group_count(self, user_id: int) -> int:
+        """Groups ``user_id`` is in or invited to."""
+        row = self.conn.execute("SELECT COUNT(*) FROM group_members WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0])
+
     def share_group(self, a: int, b: int) -> bool:
         """Are ``a`` and ``b`` both members (not only invited) of some group?"""
         row = self.conn.execute(

@@ -11,7 +11,8 @@ key; :mod:`p2pim.groups`): a post is stored once per member but the sender, comm
 before the Ok, and pushed to those online. The server never holds a key.
 
 Rules: only members (not the invited) post and see who is in; invitations go to the
-asker's buddies; at most ``Limits.group_max_members`` (invited included); posts are
+asker's buddies; at most ``Limits.group_max_members`` (invited included) per group and
+``group_max_per_user`` groups (invitations included) per user; posts are
 metered per member (``group_post_rate``); a member whose offline store is full misses
 that post (counted) rather than blocking the others; a member who leaves or is removed
 is sent nothing more, and what waited for them in the group is dropped.
@@ -70,6 +71,8 @@ class GroupHandlers:
         req = frame.group_create
         name = _name(req.name)
         invitees = [self._invitee(session, n) for n in dict.fromkeys(req.invite)]
+        for user_id, who in [(session.user_id, "you are"), *((o.id, f"{o.username} is") for o in invitees)]:
+            self._room_for(user_id, who)
         if len(invitees) + 1 > self.hub.limits.group_max_members:
             raise RequestError(
                 pb.GROUP_FULL, f"a group has at most {self.hub.limits.group_max_members} members"
@@ -96,6 +99,7 @@ class GroupHandlers:
             raise RequestError(
                 pb.GROUP_FULL, f"a group has at most {self.hub.limits.group_max_members} members"
             )
+        self._room_for(other.id, f"{other.username} is")
         with self.db.conn:
             self.db.conn.execute("BEGIN")
             self.db.set_member(group.id, other.id, "invited")
@@ -278,7 +282,7 @@ class GroupHandlers:
         touched, self._touched = self._touched, set()
         for name in touched:
             for s in self.hub.online.get(name, ()):
-                self.hub._pump_offline(s)
+                self.hub._pump_offline(s, stored=True)
 
     def _info(self, group: Group, members: list[Member] | None = None) -> pb.GroupInfo:
         listed = [
@@ -307,6 +311,11 @@ class GroupHandlers:
         if me.role not in roles and not (invited_ok and me.role == "invited"):
             raise RequestError(pb.NOT_ALLOWED, f"your role ({me.role}) cannot do that")
         return group, me
+
+    def _room_for(self, user_id: int, who: str) -> None:
+        most = self.hub.limits.group_max_per_user
+        if self.db.group_count(user_id) >= most:
+            raise RequestError(pb.GROUP_FULL, f"{who} in {most} groups already (invitations included)")
 
     def _invitee(self, session: Session, name: str) -> User:
         other = self.hub._other(session, name)

@@ -128,8 +128,10 @@ class Limits:
     # server's uplink when no direct path exists (the operator's knob: --relay-kbps).
     relay_bytes_rate: float = 8 * 1024 * 1024
     relay_bytes_burst: float = 16 * 1024 * 1024
-    # Groups: members (invited ones included) per group, and posts per member and second.
+    # Groups: members (invited ones included) per group, groups per user (invitations
+    # included: a buddy cannot fill anyone's table), and posts per member and second.
     group_max_members: int = 256
+    group_max_per_user: int = 100
     group_post_rate: float = 10.0
     group_post_burst: float = 50
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
@@ -177,6 +179,7 @@ class Session:
     leave_offline: bool = False  # shows nothing: gets only what is stored while it is on, not the backlog
     offline_cursor: int = 0  # highest store id pushed to this session
     offline_inflight: set[int] = field(default_factory=set)  # pushed, not yet acked or kept
+    offline_drained: bool = False  # the last look found nothing more: look again once more is stored
     hashing: bool = False  # holds a password-hashing slot
     pause_s: float = 0.0  # the shell reads nothing more from it for this long (then resets it)
     token_hash: bytes = b""
@@ -840,17 +843,24 @@ class Hub:
         if store_id is not None:
             self.counters.stored += 1
             for peer in self.online.get(req.to, ()):
-                self._pump_offline(peer)
+                self._pump_offline(peer, stored=True)
         return pb.Frame(ok=pb.Ok())
 
-    def _pump_offline(self, session: Session) -> None:
-        """Push the next stored envelopes to ``session``, up to its window of unanswered ones."""
+    def _pump_offline(self, session: Session, stored: bool = False) -> None:
+        """Push the next stored envelopes to ``session``, up to its window of unanswered ones.
+
+        ``stored``: something was just stored for its user. Otherwise (an acknowledgement
+        made room) the store is read only if the last read may have left something: a live
+        member's copies cost one read each, not two."""
         if session.closed or not session.username:
             return
+        session.offline_drained &= not stored
         room = self.limits.offline_window - len(session.offline_inflight)
-        if room <= 0:
+        if room <= 0 or session.offline_drained:
             return
-        for env in self.db.pending_offline(session.user_id, session.offline_cursor, room):
+        pending = self.db.pending_offline(session.user_id, session.offline_cursor, room)
+        session.offline_drained = len(pending) < room
+        for env in pending:
             session.offline_cursor = env.id
             session.offline_inflight.add(env.id)
             self._push_offline(session, env.id, env.sender, env.envelope, env.stored_ms, env.grp)

@@ -101,7 +101,7 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     if isinstance(ev, ce.GroupMessage):
         return (
             {"event": "group_message", "group": ev.group, "gid": ev.gid.hex(), "from": ev.sender,
-             "text": ev.text, "msg_id": ev.msg_id.hex(), "sent_at_ms": ev.sent_at_ms},
+             "text": ev.text, "msg_id": ev.msg_id.hex(), "sent_at_ms": ev.sent_at_ms, "via": ev.via},
             f"[{stamp}] #{ev.group} {ev.sender}: {ev.text}",
         )  # fmt: skip
     if isinstance(ev, ce.GroupChange):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..files.events import FileAnswered, FileDone, FileFailed, FileOffered, FileProgress
+from ..groups.events import GroupChange, GroupMessage
 from ..messaging.events import Message, Outcome, Problem, Receipt
 
 
@@ -55,29 +56,6 @@ class BuddyInfo:
     last_seen_ms: int
     fingerprint: str
     key_warning: bool  # the server's key differs from the pinned one
-
-
-@dataclass(frozen=True)
-class GroupMessage:
-    group: str  # its name
-    gid: bytes
-    sender: str
-    text: str
-    msg_id: bytes
-    sent_at_ms: int
-
-
-@dataclass(frozen=True)
-class GroupChange:
-    """A membership event: ``kind`` (created, invited, joined, declined, left, removed,
-    renamed, role, deleted), who did it (``actor``) to whom (``subject``)."""
-
-    group: str
-    gid: bytes
-    kind: str
-    actor: str
-    subject: str
-    seq: int
 
 
 Event = (

@@ -148,6 +148,7 @@ class Client:
             inbox=inbox,
             counters=self.counters,
             bodies=self._on_body,
+            groups=self._on_group_direct,
         )
         for via in (Via.DIRECT, Via.RELAY, Via.STORE):
             self.counters.setdefault(f"received_{via.value}", 0)
@@ -306,7 +307,7 @@ class Client:
                 if not busy or attempt == BUSY_RETRIES:
                     raise
                 await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
-        self.username = self.messenger.name = username
+        self.username = self.messenger.name = self.groups.core.me = username
         if token:
             self._token = token
         self.control.heartbeat(reply.login_ok.heartbeat_s)
@@ -739,10 +740,13 @@ class Client:
 
     def _on_body(self, peer: str, opened: Opened, via: Via) -> bool:
         """Bodies the messaging core leaves to us: group keys, file offers and answers."""
-        if opened.body.WhichOneof("kind") == "group_key":
+        if opened.body.WhichOneof("kind") == "group_key":  # pairwise: from the store or direct
             self.groups.on_key(peer, opened.body.group_key)
             return True
         return self.files.on_body(peer, opened, via)
+
+    def _on_group_direct(self, env: epb.Envelope) -> None:
+        self.groups.on_direct(env)
 
     def _emit_problem(self, text: str) -> None:
         self.messenger.problem("", text, asyncio.get_running_loop().time())

@@ -1,69 +1,57 @@
 """Groups for the internet client: membership through the rendezvous, messages sealed
-with sender keys (:mod:`p2pim.groups.seal`), fanned out by the server.
+with sender keys and ordered by :class:`p2pim.groups.core.GroupCore`, fanned out by the
+server, and sent straight to members we have a direct path to.
 
 What arrives comes in the client's one ordered offline stream (each member's copy,
 ``OfflineEnvelope.group`` set): membership events (empty sender) are applied, then
-acknowledged; group messages are verified (the sender's identity signature), opened
-with the sender's key for their epoch, written to the history under ``#<group id>``
-(deduplicated by message id: exactly once), then acknowledged. One whose key has not
-come yet is held (acknowledged as "keep", so the server's window moves on) and opened
-when the key arrives; the sender is asked for it once.
+acknowledged; group messages are shown once (the core verifies, opens and dedupes them),
+then acknowledged. One whose key has not come yet is held (acknowledged as "keep", so
+the server's window moves on) and shown when the key arrives.
 
-What we send goes through the group outbox, in order, each item until the server
-took it: first our sender key for each member who lacks it (a pairwise envelope into
-the offline store, sealed to that member's pinned key), then the post. The server
-stores both for each member in that order, so a member reads the key before the
-message. After every event that takes someone out of the group we make a new key
-(a new epoch) and give it to those who remain; a newcomer gets our current one.
+What we send goes through the group outbox, in order, each item until the server took
+it: first our sender key for each member who lacks it (a pairwise envelope into the
+offline store), then the post. The server stores both for each member in that order, so
+a member reads the key before the message. The moment an item is queued it also goes
+straight to each member we have a direct path to (one UDP datagram, no retry: the
+server's copy is the one that cannot be lost); the member shows it at once if it is
+next in our order, and drops the server's copy later as a duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..bounded import seen
-from ..groups import seal as gseal
-from ..groups.store import ROLE_NAMES, GroupRow, GroupStore, Outgoing
-from ..messaging.envelope import EnvelopeError, parse_envelope, seal, text_body
-from ..messaging.ids import new_msg_id
+from ..groups.core import GroupCore, GroupError
+from ..groups.store import ROLE_NAMES, GroupRow, GroupStore, Item, Outgoing
+from ..messaging.envelope import EnvelopeError, parse_envelope
 from ..wire import control_pb2 as pb
 from ..wire import envelope_pb2 as epb
 from .control import ClientError, Unreachable
-from .events import GroupChange, GroupMessage
 
 if TYPE_CHECKING:
     from .facade import Client
 
 log = logging.getLogger(__name__)
-MAX_HELD = 1000  # group messages waiting for their sender's key
-EVENT_NAMES = {
-    pb.GroupEvent.CREATED: "created", pb.GroupEvent.INVITED: "invited", pb.GroupEvent.JOINED: "joined",
-    pb.GroupEvent.DECLINED: "declined", pb.GroupEvent.LEFT: "left", pb.GroupEvent.REMOVED: "removed",
-    pb.GroupEvent.RENAMED: "renamed", pb.GroupEvent.ROLE: "role", pb.GroupEvent.DELETED: "deleted",
-}  # fmt: skip
-OUT = (pb.GroupEvent.LEFT, pb.GroupEvent.REMOVED, pb.GroupEvent.DECLINED)
-
-
-class GroupError(Exception):
-    """A group the user named cannot be found (or is ambiguous), or cannot be used now."""
+__all__ = ["GroupError", "Groups"]
 
 
 class Groups:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.store = GroupStore(client.store.conn)
-        self._held: OrderedDict[int, tuple[str, epb.Envelope]] = OrderedDict()  # store id -> (sender, env)
-        self._asked: set[tuple[bytes, str, int]] = set()
+        self.core = GroupCore(
+            client.profile.identity, "", self.store, client.store,
+            see_key=client._see_key, counters=client.counters, inbox=client.inbox,
+        )  # fmt: skip
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._waiting: dict[bytes, asyncio.Future[str]] = {}  # post msg_id -> its fate
         self._closed = False
-        client.counters.setdefault("group_bad", 0)
+        for name in ("group_direct_out", "group_direct_in"):
+            client.counters.setdefault(name, 0)
 
     @property
     def me(self) -> str:
@@ -75,7 +63,7 @@ class Groups:
         reply = await self.client.control.request(
             "group_create", pb.GroupCreate(name=name, invite=list(invite))
         )
-        return self._apply(reply.group)
+        return self.core.apply(reply.group)
 
     async def invite(self, group: str, user: str) -> None:
         await self.client.control.request(
@@ -113,7 +101,7 @@ class Groups:
     async def refresh(self) -> list[GroupRow]:
         """What the server says our groups are now (also pins the members' keys)."""
         reply = await self.client.control.request("group_list", pb.GroupListRequest())
-        listed = {info.group: self._apply(info) for info in reply.groups.groups}
+        listed = {info.group: self.core.apply(info) for info in reply.groups.groups}
         for row in self.store.groups():
             if row.gid not in listed and row.role != "gone":
                 self.store.gone(row.gid)
@@ -145,50 +133,32 @@ class Groups:
     async def send(self, group: str, text: str) -> bytes:
         """Seal ``text`` for the group and queue it (our key first to whoever lacks it)."""
         row = self.find(group)
-        try:
-            body = text_body(text)
-        except ValueError as exc:
-            raise GroupError(str(exc)) from None
-        epoch, key = self._my_key(row.gid, rotate=False)
-        body.msg_id = new_msg_id()
-        env = gseal.seal(self.client.profile.identity, self.me, row.gid, epoch, key, body)
-        item = ("post", row.gid.hex(), env.msg_id, env.SerializeToString())
-        self.store.queue([item], (env.msg_id, gseal.label(row.gid), text, env.sent_at_ms))
-        self._wake.set()
-        return env.msg_id
+        msg_id = self.core.post(row.gid, text)
+        self._pump()
+        return msg_id
 
-    def _my_key(self, gid: bytes, rotate: bool) -> tuple[int, bytes]:
-        """Our sender key for ``gid``, handed to every member who lacks it. A new one (a new
-        epoch) if we have none, if ``rotate``, or if anyone who got the current one is no
-        longer a member: whoever is out never holds the key of what follows, also when we
-        learn of it only now (a one-shot command after a removal)."""
-        members = {m for m, role in self.store.members(gid).items() if role != "invited" and m != self.me}
-        current = self.store.current_key(gid, self.me)
-        if current is not None and not rotate:
-            epoch, key = current
-            given = self.store.given(gid, self.me, epoch)
-            if given <= members:
-                self._give_key(gid, sorted(members - given), epoch, key)  # newcomers
-                return current
-        epoch, key = (current[0] + 1 if current else 1), gseal.new_key()
-        self.store.add_key(gid, self.me, epoch, key)
-        self._give_key(gid, sorted(members), epoch, key)
-        return epoch, key
-
-    def _give_key(self, gid: bytes, to: list[str], epoch: int, key: bytes) -> None:
-        items, given = [], set()
-        for member in to:
-            contact = self.client.store.contact(member)
-            if member == self.me or contact is None or contact.offered_key is not None:
-                continue  # a changed key is not trusted with ours until the user says so
-            body = epb.Body(group_key=epb.GroupKey(group=gid, epoch=epoch, key=key))
-            env = seal(self.client.profile.identity, self.me, member, contact.identity_key, body)
-            items.append(("store", member, env.msg_id, env.SerializeToString()))
-            given.add(member)
-        if items:
-            self.store.queue(items)
-            self.store.give(gid, self.me, epoch, given)
+    def _pump(self) -> None:
+        """After the core acted: its events to the user; what it queued to the flusher and,
+        at once, to each member with a direct path."""
+        while (ev := self.core.next_event()) is not None:
+            self.client._emit(ev)
+        queued = self.core.take_queued()
+        if queued:
             self._wake.set()
+            self._send_direct(queued)
+
+    def _send_direct(self, items: list[Item]) -> None:
+        paths = self.client.paths
+        if paths is None:
+            return
+        for kind, target, _msg_id, data in items:
+            if kind == "store":
+                to = [target]
+            else:
+                to = sorted(self.core.active_members(bytes.fromhex(target)) - {self.me})
+            for member in to:
+                if paths.send_direct(member, data):  # False: no direct path to them now
+                    self.client.counters["group_direct_out"] += 1
 
     def start(self) -> None:
         if self._flusher is None:
@@ -259,111 +229,36 @@ class Groups:
         """A group item from the offline stream: True taken (ack), None hold it (keep), False
         unreadable for good (ack all the same). A session without an inbox (a one-shot
         command) applies events but keeps them and messages for the session that shows them."""
-        if not sender:
-            taken = self._on_event(data)
-            return None if taken and not self.client.inbox else taken
+        try:
+            if not sender:
+                taken = self.core.event(data)
+                return None if taken and not self.client.inbox else taken
+            if not self.client.inbox:
+                return None
+            try:
+                env = parse_envelope(data)
+            except EnvelopeError:
+                self.client.counters["group_bad"] += 1
+                return False
+            if env.sender != sender:  # the server vouches for who stored it
+                self.client.counters["group_bad"] += 1
+                return False
+            return self.core.receive(env, store_id)
+        finally:
+            self._pump()
+
+    def on_direct(self, env: epb.Envelope) -> None:
+        """A member's message straight from them (a mutual buddy on the direct path)."""
         if not self.client.inbox:
-            return None
-        try:
-            env = parse_envelope(data)
-        except EnvelopeError:
-            self.client.counters["group_bad"] += 1
-            return False
-        return self._on_message(store_id, sender, env)
-
-    def _on_event(self, data: bytes) -> bool:
-        try:
-            ev = pb.GroupEvent.FromString(data)
-        except Exception:
-            self.client.counters["group_bad"] += 1
-            return False
-        known = self.store.group(ev.group)
-        kind = EVENT_NAMES.get(ev.kind, "?")
-        fresh = known is None or ev.seq > known.seq or known.role == "gone"  # else a refresh got ahead
-        if ev.kind == pb.GroupEvent.DELETED or (ev.kind in OUT and ev.subject == self.me):
-            self.store.gone(ev.group)
-            row = self.store.group(ev.group)
-        else:
-            row = self._apply(ev.info) if fresh else known
-            if row is not None and row.active and ev.kind in (*OUT, pb.GroupEvent.JOINED):
-                # Someone is out: a new key they never see, for those who remain; someone is
-                # in: our key for them (we are: ours for everyone). _my_key sees which.
-                self._my_key(ev.group, rotate=False)
-        name = row.name if row is not None else ev.info.name
-        if self.client.inbox:
-            self.client._emit(GroupChange(name, ev.group, kind, ev.actor, ev.subject, ev.seq))
-        return True
-
-    def _apply(self, info: pb.GroupInfo) -> GroupRow:
-        for m in info.members:
-            if m.username != self.me:
-                self.client._see_key(m.username, m.identity_key)
-        return self.store.apply(info, self.me)
-
-    def _on_message(self, store_id: int, sender: str, env: epb.Envelope) -> bool | None:
-        row = self.store.group(env.group)
-        contact = self.client.store.contact(sender)
-        if row is None or env.sender != sender or contact is None:
-            self.client.counters["group_bad"] += 1
-            return False
-        try:
-            gseal.verify(env, contact.identity_key)
-        except gseal.GroupSealError:
-            self.client.counters["group_bad"] += 1
-            return False
-        key = self.store.key(env.group, sender, env.epoch)
-        if key is None:
-            self._hold(store_id, sender, env)
-            return None
-        try:
-            body = gseal.open_body(env, key)
-        except gseal.GroupSealError:
-            self.client.counters["group_bad"] += 1
-            return False
-        if body.WhichOneof("kind") != "text":
-            return True
-        text = body.text.text
-        now_ms = int(time.time() * 1000)
-        if self.client.store.add_incoming(
-            env.msg_id, gseal.label(env.group), text, env.sent_at_ms, now_ms, sender
-        ):
-            self.client._emit(GroupMessage(row.name, env.group, sender, text, env.msg_id, env.sent_at_ms))
-        return True
-
-    def _hold(self, store_id: int, sender: str, env: epb.Envelope) -> None:
-        self._held[store_id] = (sender, env)
-        if len(self._held) > MAX_HELD:
-            self._held.popitem(last=False)  # stays on the server: it comes again at the next login
-        ask = (env.group, sender, env.epoch)
-        contact = self.client.store.contact(sender)
-        if contact is not None and contact.offered_key is None and not seen(self._asked, ask, MAX_HELD):
-            # "send me your key" (a GroupKey with no key), once per key we lack
-            body = epb.Body(group_key=epb.GroupKey(group=env.group, epoch=env.epoch))
-            env_out = seal(self.client.profile.identity, self.me, sender, contact.identity_key, body)
-            self.store.queue([("store", sender, env_out.msg_id, env_out.SerializeToString())])
-            self._wake.set()
+            return  # the session that shows messages gets the server's copy
+        self.client.counters["group_direct_in"] += 1
+        self.core.receive(env)
+        self._pump()
 
     def on_key(self, peer: str, key: epb.GroupKey) -> None:
-        """A member's sender key (or, with no key, their request for ours), pairwise."""
-        row = self.store.group(key.group)
-        if row is None or not row.active or peer not in self.store.members(key.group):
-            self.client.counters["group_bad"] += 1
-            return
-        if not key.key:  # "send me yours": once more, if they are a member
-            mine = self.store.current_key(key.group, self.me)
-            if mine is not None and self.store.members(key.group).get(peer) not in (None, "invited"):
-                self._give_key(key.group, [peer], *mine)
-            return
-        if len(key.key) != gseal.KEY_SIZE:
-            self.client.counters["group_bad"] += 1
-            return
-        self.store.add_key(key.group, peer, key.epoch, key.key)
-        done = []
-        for store_id, (sender, env) in list(self._held.items()):
-            if sender == peer and env.group == key.group and env.epoch == key.epoch:
-                del self._held[store_id]
-                if self._on_message(store_id, sender, env) is not None:
-                    done.append(store_id)
+        """A member's sender key (or their request for ours), pairwise."""
+        done = self.core.on_key(peer, key)
+        self._pump()
         if done:
             self.client.control.post(
                 pb.Frame(id=self.client.control.take_id(), offline_ack=pb.OfflineAck(store_ids=done))

@@ -8,10 +8,11 @@ whole envelope is signed with the sender's identity key, so a member (who holds 
 same sender key) cannot forge another member's message, and the server (which holds
 none) can neither read nor forge one. The server stores one copy per member.
 
-A new epoch after every membership change that removes someone: whoever left never
-receives the keys that follow, so cannot read what follows, even with the server's
-database in hand. (Within an epoch there is no ratchet: a member's key, once leaked,
-opens that epoch's messages from that member; the epoch ends at the next removal.)
+A new epoch after every membership change (:mod:`p2pim.groups.core` decides when):
+whoever left never receives the keys that follow, whoever joined never the keys of what
+came before, even with the server's database in hand. (Within an epoch there is no
+ratchet: a member's key, once leaked, opens that epoch's messages from that member; the
+epoch ends at the next change.)
 """
 
 from __future__ import annotations

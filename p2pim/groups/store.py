@@ -26,6 +26,23 @@ class GroupRow:
         return self.role in ("owner", "admin", "member")
 
 
+Item = tuple[str, str, bytes, bytes]  # kind, target, msg_id, envelope: a row of the group outbox
+
+
+@dataclass(frozen=True)
+class Post:
+    """Our post as the history keeps it, and its place in our order."""
+
+    gid: bytes
+    sender: str
+    epoch: int
+    seq: int
+    msg_id: bytes
+    label: str
+    text: str
+    sent_at_ms: int
+
+
 @dataclass(frozen=True)
 class Outgoing:
     id: int
@@ -89,12 +106,37 @@ class GroupStore:
 
     # -- sender keys ------------------------------------------------------------------
 
-    def add_key(self, gid: bytes, owner: str, epoch: int, key: bytes) -> bool:
+    def add_key(
+        self, gid: bytes, owner: str, epoch: int, key: bytes, made_for: set[str] | None = None
+    ) -> bool:
+        """A sender key (``made_for``: ours, the members it is for)."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO group_keys (gid, owner, epoch, key, at_ms) VALUES (?, ?, ?, ?, ?)",
-            (gid, owner, epoch, key, int(time.time() * 1000)),
+            "INSERT OR IGNORE INTO group_keys (gid, owner, epoch, key, at_ms, made_for)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (gid, owner, epoch, key, int(time.time() * 1000), None if made_for is None else _names(made_for)),
         )
         return cur.rowcount > 0
+
+    def made_for(self, gid: bytes, owner: str, epoch: int) -> set[str] | None:
+        """The members our key of ``epoch`` was made for (None: not known, a key from before)."""
+        r = self.conn.execute(
+            "SELECT made_for FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
+        ).fetchone()
+        return None if r is None or r[0] is None else set(r[0].split("\n")) - {""}
+
+    def next_seq(self, gid: bytes, owner: str, epoch: int) -> int:
+        """The next place in ``owner``'s order in ``epoch``: ours to give, or a member's to show."""
+        r = self.conn.execute(
+            "SELECT next_seq FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
+        ).fetchone()
+        return int(r[0]) if r else 0
+
+    def shown(self, gid: bytes, owner: str, epoch: int, seq: int) -> None:
+        """``owner``'s message ``seq`` of ``epoch`` is in the history: the next to show is after it."""
+        self.conn.execute(
+            "UPDATE group_keys SET next_seq = MAX(next_seq, ?) WHERE gid = ? AND owner = ? AND epoch = ?",
+            (seq + 1, gid, owner, epoch),
+        )
 
     def given(self, gid: bytes, owner: str, epoch: int) -> set[str]:
         """Whom our key of ``epoch`` was handed to."""
@@ -107,7 +149,7 @@ class GroupStore:
         names = self.given(gid, owner, epoch) | names
         self.conn.execute(
             "UPDATE group_keys SET given = ? WHERE gid = ? AND owner = ? AND epoch = ?",
-            ("\n".join(sorted(names)), gid, owner, epoch),
+            (_names(names), gid, owner, epoch),
         )
 
     def key(self, gid: bytes, owner: str, epoch: int) -> bytes | None:
@@ -125,11 +167,9 @@ class GroupStore:
 
     # -- the group outbox -------------------------------------------------------------
 
-    def queue(
-        self, items: list[tuple[str, str, bytes, bytes]], history: tuple[bytes, str, str, int] | None = None
-    ) -> None:
-        """Queue (kind, target, msg_id, envelope) items, and with ``history`` (msg_id, label,
-        text, sent_at_ms) our post's history line, in one transaction."""
+    def queue(self, items: list[Item], post: Post | None = None) -> None:
+        """Queue (kind, target, msg_id, envelope) items, and with ``post`` our post's history
+        line and its place taken in our order, in one transaction."""
         from ..messaging.store import MESSAGE_COLUMNS
 
         with self.conn:
@@ -137,12 +177,12 @@ class GroupStore:
             self.conn.executemany(
                 "INSERT INTO group_outbox (kind, target, msg_id, envelope) VALUES (?, ?, ?, ?)", items
             )
-            if history is not None:
-                msg_id, peer, text, sent_at_ms = history
+            if post is not None:
                 self.conn.execute(
                     f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 1, ?, ?, ?, 'queued', '')",
-                    (msg_id, peer, text, sent_at_ms, sent_at_ms),
+                    (post.msg_id, post.label, post.text, post.sent_at_ms, post.sent_at_ms),
                 )
+                self.shown(post.gid, post.sender, post.epoch, post.seq)
 
     def outgoing(self, limit: int = 100) -> list[Outgoing]:
         rows = self.conn.execute(
@@ -157,3 +197,7 @@ class GroupStore:
             self.conn.execute("DELETE FROM group_outbox WHERE id = ?", (item.id,))
             if item.kind == "post":
                 self.conn.execute("UPDATE messages SET state = ? WHERE msg_id = ?", (state, item.msg_id))
+
+
+def _names(names: set[str]) -> str:
+    return "\n".join(sorted(names))

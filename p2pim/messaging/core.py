@@ -64,6 +64,9 @@ KeyLookup = Callable[[str, Via], Keys | None]
 # Body kinds other than texts and receipts (file offers and answers): their owner keeps
 # them (committed before the receipt goes) and says whether they were new.
 BodyHandler = Callable[[str, Opened, Via], bool]
+# Group messages a member sent us directly (sealed for the group, not for us): their owner
+# verifies, opens and orders them.
+GroupHandler = Callable[[epb.Envelope], None]
 
 
 class Messenger:
@@ -81,6 +84,7 @@ class Messenger:
         counters: dict[str, int] | None = None,
         clock_ms: Callable[[], int] | None = None,
         bodies: BodyHandler | None = None,
+        groups: GroupHandler | None = None,
     ) -> None:
         """``prefix``: how this owner's peers are named in the shared history ("lan:").
 
@@ -92,6 +96,8 @@ class Messenger:
 
         ``bodies``: takes the body kinds this core does not know itself (file offers and
         answers); they are acknowledged like texts, also by a session without an inbox.
+
+        ``groups``: takes group messages that come on the direct path from a mutual buddy.
         """
         self.identity = identity
         self.store = store
@@ -101,6 +107,7 @@ class Messenger:
         self.inbox = inbox
         self.warn = warn
         self.bodies = bodies
+        self.groups = groups
         self.delivery = Delivery(policy, connected=policy.away is None)
         self.counters = counters if counters is not None else {}
         for key in ("bad_envelopes", "unknown_sender", "duplicates", "left_for_inbox", "events_dropped"):
@@ -174,6 +181,11 @@ class Messenger:
                 self.counters["unknown_sender"] += 1
                 self.problem(blame, f"dropped a message from {who!r}, whose key we do not know", now)
                 return Received(Verdict.DROPPED)
+            if env.group:  # sealed for a group: only a member's direct copy comes this way
+                if self.groups is None or via is not Via.DIRECT:
+                    raise EnvelopeError("a group message on a road that carries none")
+                self.groups(env)
+                return Received(Verdict.TAKEN, who)
             opened = self._open(env, keys)
         except EnvelopeError as exc:
             self.counters["bad_envelopes"] += 1

@@ -115,6 +115,13 @@ MIGRATIONS: list[str] = [
         envelope BLOB NOT NULL
     );
     """,
+    """
+    -- each (group, sender, epoch) stream's next place: ours, the next we give; a member's,
+    -- the next we show (a direct copy waits for its turn)
+    ALTER TABLE group_keys ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 0;
+    -- ours: the members the key was made for; another member set means a new key
+    ALTER TABLE group_keys ADD COLUMN made_for TEXT;
+    """,
 ]
 MESSAGE_COLUMNS = "msg_id, peer, outgoing, text, sent_at_ms, at_ms, state, author"
 MAX_NUMBERINGS = 4096  # rows kept in ipmsg_numbering (anyone on the LAN can claim an address)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19p2pim/wire/envelope.proto\x12\np2pim.wire\"\x96\x01\n\x08\x45nvelope\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x12\n\nsent_at_ms\x18\x04 \x01(\x04\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\r\n\x05group\x18\x06 \x01(\x0c\x12\r\n\x05\x65poch\x18\x07 \x01(\r\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"\xa6\x02\n\x04\x42ody\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x12\n\nsent_at_ms\x18\x04 \x01(\x04\x12 \n\x04text\x18\n \x01(\x0b\x32\x10.p2pim.wire.TextH\x00\x12&\n\x07receipt\x18\x0b \x01(\x0b\x32\x13.p2pim.wire.ReceiptH\x00\x12+\n\nfile_offer\x18\x0c \x01(\x0b\x32\x15.p2pim.wire.FileOfferH\x00\x12-\n\x0b\x66ile_answer\x18\r \x01(\x0b\x32\x16.p2pim.wire.FileAnswerH\x00\x12)\n\tgroup_key\x18\x0e \x01(\x0b\x32\x14.p2pim.wire.GroupKeyH\x00\x42\x06\n\x04kind\"5\n\x08GroupKey\x12\r\n\x05group\x18\x01 \x01(\x0c\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\x0c\"\x14\n\x04Text\x12\x0c\n\x04text\x18\x01 \x01(\t\"y\n\x07Receipt\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.p2pim.wire.Receipt.Kind\x12\x0f\n\x07msg_ids\x18\x02 \x03(\x0c\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tDELIVERED\x10\x01\x12\x08\n\x04READ\x10\x02\"]\n\tFileOffer\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0f\n\x07\x62lake2b\x18\x04 \x01(\x0c\x12\x12\n\nchunk_size\x18\x05 \x01(\r\"\xb1\x01\n\nFileAnswer\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x0c\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.p2pim.wire.FileAnswer.Kind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"W\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43\x43\x45PT\x10\x01\x12\x0b\n\x07\x44\x45\x43LINE\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19p2pim/wire/envelope.proto\x12\np2pim.wire\"\x96\x01\n\x08\x45nvelope\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x12\n\nsent_at_ms\x18\x04 \x01(\x04\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\x12\r\n\x05group\x18\x06 \x01(\x0c\x12\r\n\x05\x65poch\x18\x07 \x01(\r\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"\xb3\x02\n\x04\x42ody\x12\x0e\n\x06msg_id\x18\x01 \x01(\x0c\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x12\n\nsent_at_ms\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12 \n\x04text\x18\n \x01(\x0b\x32\x10.p2pim.wire.TextH\x00\x12&\n\x07receipt\x18\x0b \x01(\x0b\x32\x13.p2pim.wire.ReceiptH\x00\x12+\n\nfile_offer\x18\x0c \x01(\x0b\x32\x15.p2pim.wire.FileOfferH\x00\x12-\n\x0b\x66ile_answer\x18\r \x01(\x0b\x32\x16.p2pim.wire.FileAnswerH\x00\x12)\n\tgroup_key\x18\x0e \x01(\x0b\x32\x14.p2pim.wire.GroupKeyH\x00\x42\x06\n\x04kind\"5\n\x08GroupKey\x12\r\n\x05group\x18\x01 \x01(\x0c\x12\r\n\x05\x65poch\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\x0c\"\x14\n\x04Text\x12\x0c\n\x04text\x18\x01 \x01(\t\"y\n\x07Receipt\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.p2pim.wire.Receipt.Kind\x12\x0f\n\x07msg_ids\x18\x02 \x03(\x0c\"5\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tDELIVERED\x10\x01\x12\x08\n\x04READ\x10\x02\"]\n\tFileOffer\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0f\n\x07\x62lake2b\x18\x04 \x01(\x0c\x12\x12\n\nchunk_size\x18\x05 \x01(\r\"\xb1\x01\n\nFileAnswer\x12\x0f\n\x07\x66ile_id\x18\x01 \x01(\x0c\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.p2pim.wire.FileAnswer.Kind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"W\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43\x43\x45PT\x10\x01\x12\x0b\n\x07\x44\x45\x43LINE\x10\x02\x12\n\n\x06\x43\x41NCEL\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE']._serialized_start=42
   _globals['_ENVELOPE']._serialized_end=192
   _globals['_BODY']._serialized_start=195
-  _globals['_BODY']._serialized_end=489
-  _globals['_GROUPKEY']._serialized_start=491
-  _globals['_GROUPKEY']._serialized_end=544
-  _globals['_TEXT']._serialized_start=546
-  _globals['_TEXT']._serialized_end=566
-  _globals['_RECEIPT']._serialized_start=568
-  _globals['_RECEIPT']._serialized_end=689
-  _globals['_RECEIPT_KIND']._serialized_start=636
-  _globals['_RECEIPT_KIND']._serialized_end=689
-  _globals['_FILEOFFER']._serialized_start=691
-  _globals['_FILEOFFER']._serialized_end=784
-  _globals['_FILEANSWER']._serialized_start=787
-  _globals['_FILEANSWER']._serialized_end=964
-  _globals['_FILEANSWER_KIND']._serialized_start=877
-  _globals['_FILEANSWER_KIND']._serialized_end=964
+  _globals['_BODY']._serialized_end=502
+  _globals['_GROUPKEY']._serialized_start=504
+  _globals['_GROUPKEY']._serialized_end=557
+  _globals['_TEXT']._serialized_start=559
+  _globals['_TEXT']._serialized_end=579
+  _globals['_RECEIPT']._serialized_start=581
+  _globals['_RECEIPT']._serialized_end=702
+  _globals['_RECEIPT_KIND']._serialized_start=649
+  _globals['_RECEIPT_KIND']._serialized_end=702
+  _globals['_FILEOFFER']._serialized_start=704
+  _globals['_FILEOFFER']._serialized_end=797
+  _globals['_FILEANSWER']._serialized_start=800
+  _globals['_FILEANSWER']._serialized_end=977
+  _globals['_FILEANSWER_KIND']._serialized_start=890
+  _globals['_FILEANSWER_KIND']._serialized_end=977
 # @@protoc_insertion_point(module_scope)

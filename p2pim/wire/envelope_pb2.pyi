@@ -80,6 +80,7 @@ class Body(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     RECIPIENT_FIELD_NUMBER: _builtins.int
     SENT_AT_MS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
     FILE_OFFER_FIELD_NUMBER: _builtins.int
@@ -89,6 +90,10 @@ class Body(_message.Message):
     sender: _builtins.str
     recipient: _builtins.str
     sent_at_ms: _builtins.int
+    seq: _builtins.int
+    """A group message's place in its sender's order within the epoch (0, 1, 2 ...): a
+    copy that came straight from the sender is shown only in its turn.
+    """
     @_builtins.property
     def text(self) -> Global___Text: ...
     @_builtins.property
@@ -106,6 +111,7 @@ class Body(_message.Message):
         sender: _builtins.str = ...,
         recipient: _builtins.str = ...,
         sent_at_ms: _builtins.int = ...,
+        seq: _builtins.int = ...,
         text: Global___Text | None = ...,
         receipt: Global___Receipt | None = ...,
         file_offer: Global___FileOffer | None = ...,
@@ -114,7 +120,7 @@ class Body(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "seq", b"seq", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer", "group_key"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -125,8 +131,9 @@ Global___Body: _TypeAlias = Body  # noqa: Y015
 @_typing.final
 class GroupKey(_message.Message):
     """A member's sender key for a group, handed pairwise to each other member (sealed
-    like any envelope). A new epoch after every membership change: whoever left or
-    was removed never gets the keys that follow.
+    like any envelope). A new epoch after every membership change (made before the
+    member's next message): whoever left never gets the keys that follow, whoever
+    joined never gets the keys of what came before.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

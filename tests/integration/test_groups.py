@@ -18,7 +18,7 @@ from p2pim.groups import seal as gseal
 from p2pim.groups.store import GroupStore
 from p2pim.wire import envelope_pb2 as epb
 
-from ..conftest import RendezvousProcess
+from ..conftest import RendezvousProcess, free_udp_ports
 from .chatutil import befriend, new_user, relogin, wait_for
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
@@ -284,6 +284,65 @@ def test_the_server_killed_mid_fan_out_loses_nothing_and_shows_nothing_twice(tmp
         await asyncio.sleep(0.5)
         for name, c in clients.items():
             assert len(c.history(gseal.label(gid), 100)) == n, name
+            await c.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        srv.stop()
+
+
+def test_members_with_a_direct_path_get_posts_directly_also_while_the_server_is_down(tmp_path: Path) -> None:
+    """alice and bob are buddies with a direct path, carol is alice's buddy only. alice's
+    posts reach bob straight away (shown in order, once: the server's copies are dropped as
+    duplicates) and carol through the server. With the server killed, bob still gets what
+    alice says; carol gets it once the server is back, and nobody sees anything twice."""
+    stun, alt = free_udp_ports(2)
+    srv = RendezvousProcess(
+        tmp_path / "server.db",
+        ("--heartbeat", "2", "--stun-ip", "127.0.0.1", "--stun-port", str(stun), "--stun-alt-port", str(alt)),
+    )
+    n, m = 30, 5
+
+    async def main() -> None:
+        alice, bob, carol = [await new_user(srv.url, tmp_path, name) for name in ("alice", "bob", "carol")]
+        await befriend(alice, bob)
+        await befriend(alice, carol)
+        await until(lambda: alice.path_to("bob")[0] == "direct" and bob.path_to("alice")[0] == "direct")
+        await alice.groups.create("team", ["bob", "carol"])
+        for c in (bob, carol):
+            await wait_for(c, lambda e: isinstance(e, GroupChange) and e.kind == "invited")
+            await c.groups.answer("team", True)
+        gid = alice.groups.find("team").gid
+        await until(lambda: len(alice.groups.core.active_members(gid)) == 3)
+        await alice.send("#team", "hello")  # the first post carries the new key
+        for c in (bob, carol):
+            assert [x.text for x in await messages(c, 1)] == ["hello"]
+
+        for i in range(n):
+            await alice.send("#team", f"m{i}")
+        got = await messages(bob, n)
+        assert [x.text for x in got] == [f"m{i}" for i in range(n)]  # once, in alice's order
+        assert any(x.via == "direct" for x in got), "no post came on the direct path"
+        assert [x.text for x in await messages(carol, n)] == [f"m{i}" for i in range(n)]
+        assert {x.via for x in got} <= {"direct", "server"}
+        assert alice.counters["group_direct_out"] >= n
+
+        srv.kill()  # the rendezvous is gone; the direct path is not
+        for i in range(m):
+            await alice.send("#team", f"down{i}")
+        got = await messages(bob, m)
+        assert [(x.text, x.via) for x in got] == [(f"down{i}", "direct") for i in range(m)]
+        srv.start()  # alice's outbox goes on its way; carol gets it all, once
+        assert [x.text for x in await messages(carol, m, timeout=40)] == [f"down{i}" for i in range(m)]
+        await until(
+            lambda: bob.counters["group_duplicates"] >= n + m - sum(1 for x in got if x.via != "direct")
+        )
+        for c in (alice, bob, carol):
+            lines = [r.text for r in c.history(gseal.label(gid), 100)]
+            assert lines == ["hello", *(f"m{i}" for i in range(n)), *(f"down{i}" for i in range(m))], (
+                c.username
+            )
             await c.close()
 
     try:

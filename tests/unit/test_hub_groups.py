@@ -149,3 +149,19 @@ def test_a_sender_sees_how_many_members_took_its_post() -> None:
         code(w.request(s["mallory"], group_read=pb.GroupRead(group=gid, msg_ids=[msg_id]))) == pb.NOT_A_MEMBER
     )
     assert counts("bob") == [(2, 2, 1)]
+
+
+def test_groups_per_user_are_bounded_invitations_included() -> None:
+    w, s = world(group_max_per_user=2)
+    create = pb.GroupCreate
+    assert code(w.request(s["alice"], group_create=create(name="one", invite=["bob"]))) == 0
+    assert code(w.request(s["alice"], group_create=create(name="two"))) == 0
+    full = w.request(s["alice"], group_create=create(name="three"))
+    assert code(full) == pb.GROUP_FULL and "2 groups" in full.error.message
+    # bob is invited to one; a buddy's invitations count, so he can be filled up to the cap only
+    assert code(w.request(s["carol"], group_create=create(name="c1", invite=["alice"]))) == pb.GROUP_FULL
+    gid = w.request(s["carol"], group_create=create(name="c2")).group.group
+    w.buddies("carol", "bob")
+    assert code(w.request(s["carol"], group_invite=pb.GroupInvite(group=gid, username="bob"))) == 0
+    third = w.request(s["carol"], group_create=create(name="c3", invite=["bob"]))
+    assert code(third) == pb.GROUP_FULL and "bob is in 2 groups" in third.error.message
