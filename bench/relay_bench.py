@@ -70,6 +70,10 @@ def prepare_db(path: Path, n: int) -> list[Identity]:
             "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, 0)",
             (f"u{i}", pw_hash, ident.public_key),
         )
+        db.conn.execute(  # its first device (the one holding the identity key)
+            "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, 'bench', 0)",
+            (i + 1, ident.public_key),
+        )
     for i in range(0, n - 1, 2):
         db.conn.execute("INSERT INTO relations VALUES (?, ?, 'mutual')", (i + 1, i + 2))
         db.conn.execute("INSERT INTO relations VALUES (?, ?, 'mutual')", (i + 2, i + 1))

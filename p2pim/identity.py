@@ -110,27 +110,41 @@ class Identity:
         return cls(SigningKey.generate())
 
     @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        if len(seed) != KEY_SIZE:
+            raise ValueError(f"an identity key is {KEY_SIZE} bytes")
+        return cls(SigningKey(seed))
+
+    @classmethod
     def load_or_create(cls, path: Path) -> Identity:
         """Read the key at ``path``, creating it (mode 0600, atomically) if absent."""
         try:
             seed = path.read_bytes()
         except FileNotFoundError:
             ident = cls.generate()
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, bytes(ident.signing_key))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
+            ident.save(path)
             return ident
         except OSError as exc:
             raise IdentityError(f"cannot read identity key {path}: {exc.strerror}") from None
         if len(seed) != KEY_SIZE:
             raise IdentityError(f"{path} is not an identity key ({len(seed)} bytes, expected {KEY_SIZE})")
         return cls(SigningKey(seed))
+
+    def save(self, path: Path) -> None:
+        """Write the private key to ``path`` (mode 0600), atomically and durably."""
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, bytes(self.signing_key))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+    @property
+    def seed(self) -> bytes:
+        return bytes(self.signing_key)
 
     def sign_login(self, nonce: bytes, username: str) -> bytes:
         return self.signing_key.sign(login_message(nonce, username)).signature

@@ -2,8 +2,10 @@
 
 ``$XDG_DATA_HOME/p2pim/profiles/NAME`` (``~/.local/share/...`` when unset), one
 directory per ``--profile``, created mode 0700. It holds ``identity.key``
-(0600) and ``p2pim.db`` (0600; contacts with pinned keys, history, outbox, and
-the server session).
+(0600: the account's identity key, the same on each of its devices), on a linked
+device ``device.key`` (0600: the key this device logs in with; without it, the
+identity key does, as on an account's first device), and ``p2pim.db`` (0600;
+contacts with pinned keys, history, outbox, and the server session).
 """
 
 from __future__ import annotations
@@ -42,6 +44,32 @@ class Profile:
         if self._identity is None:
             self._identity = Identity.load_or_create(self.path / "identity.key")
         return self._identity
+
+    @property
+    def device(self) -> Identity:
+        """The key this device logs in with: its own once linked, else the identity key."""
+        path = self.path / "device.key"
+        return Identity.load_or_create(path) if path.exists() else self.identity
+
+    def device_key_for_link(self) -> Identity:
+        """This device's own key (made now if it has none), for linking it to an account."""
+        return Identity.load_or_create(self.path / "device.key")
+
+    def adopt(self, identity: Identity) -> None:
+        """Linked: the account's identity key is ours now (the one made here is set aside)."""
+        old = self.path / "identity.key"
+        if old.exists():
+            old.replace(self.path / "identity.key.unlinked")
+        identity.save(old)
+        self._identity = identity
+
+    def reset(self, identity: Identity) -> None:
+        """``login --new-key`` worked: ``identity`` is the account's key and this device's."""
+        for name in ("identity.key", "device.key"):
+            if (self.path / name).exists():
+                (self.path / name).replace(self.path / f"{name}.replaced")
+        identity.save(self.path / "identity.key")
+        self._identity = identity
 
     @property
     def db_path(self) -> Path:

@@ -94,6 +94,32 @@ MIGRATIONS: list[str] = [
     CREATE INDEX offline_grp ON offline(grp, recipient_id);
     CREATE INDEX offline_post ON offline(post_id);
     """,
+    # 3: devices (issue 16). An account has one or more devices, each with its own key
+    # (the first one's is the account's identity key); a resume token belongs to one
+    # device. An offline envelope is for every device of its recipient: it goes when
+    # each has taken it (``offline_taken``); ``not_for``: a device's copy of what it
+    # sent or took, for its account's other devices.
+    """
+    CREATE TABLE devices (
+        id INTEGER PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        device_key BLOB NOT NULL,
+        name TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (user_id, device_key)
+    );
+    INSERT INTO devices (user_id, device_key, name, created_ms)
+        SELECT id, identity_key, 'first device', created_ms FROM users;
+    ALTER TABLE tokens ADD COLUMN device_id INTEGER REFERENCES devices(id) ON DELETE CASCADE;
+    UPDATE tokens SET device_id = (SELECT d.id FROM devices d WHERE d.user_id = tokens.user_id);
+    ALTER TABLE offline ADD COLUMN not_for INTEGER;
+    CREATE TABLE offline_taken (
+        store_id INTEGER NOT NULL REFERENCES offline(id) ON DELETE CASCADE,
+        device_id INTEGER NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+        PRIMARY KEY (store_id, device_id)
+    );
+    """,
 ]
 
 
@@ -103,6 +129,16 @@ class User:
     username: str
     pw_hash: bytes
     identity_key: bytes
+    last_seen_ms: int
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    user_id: int
+    key: bytes
+    name: str
+    created_ms: int
     last_seen_ms: int
 
 
@@ -155,16 +191,93 @@ class Database:
 
     # -- accounts -------------------------------------------------------------
 
-    def add_user(self, username: str, pw_hash: bytes, identity_key: bytes, now_ms: int) -> bool:
-        """False if the name is taken."""
+    def add_user(
+        self, username: str, pw_hash: bytes, identity_key: bytes, now_ms: int, device: str = ""
+    ) -> bool:
+        """False if the name (or the key) is taken. The key is also the first device's."""
         try:
-            self.conn.execute(
-                "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, ?)",
-                (username, pw_hash, identity_key, now_ms),
-            )
+            with self.conn:
+                self.conn.execute("BEGIN")
+                cur = self.conn.execute(
+                    "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, ?)",
+                    (username, pw_hash, identity_key, now_ms),
+                )
+                self.conn.execute(
+                    "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
+                    (cur.lastrowid, identity_key, device or "first device", now_ms),
+                )
         except sqlite3.IntegrityError:
             return False
         return True
+
+    # -- devices ----------------------------------------------------------------
+
+    def devices(self, user_id: int) -> list[Device]:
+        rows = self.conn.execute(
+            "SELECT id, user_id, device_key, name, created_ms, last_seen_ms FROM devices "
+            "WHERE user_id = ? ORDER BY id",
+            (user_id,),
+        ).fetchall()
+        return [Device(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    def device_count(self, user_id: int) -> int:
+        row = self.conn.execute("SELECT COUNT(*) FROM devices WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0])
+
+    def device_by_key(self, user_id: int, key: bytes) -> Device | None:
+        return next((d for d in self.devices(user_id) if d.key == key), None)
+
+    def add_device(self, user_id: int, key: bytes, name: str, now_ms: int) -> int | None:
+        """The new device's id; None if that key is some device's already."""
+        try:
+            cur = self.conn.execute(
+                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
+                (user_id, key, name, now_ms),
+            )
+        except sqlite3.IntegrityError:
+            return None
+        return cur.lastrowid
+
+    def remove_device(self, user_id: int, device_id: int) -> bool:
+        """Remove a device (its tokens go with it); what waited only for it is dropped."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            cur = self.conn.execute("DELETE FROM devices WHERE id = ? AND user_id = ?", (device_id, user_id))
+            if cur.rowcount:
+                self.conn.execute(
+                    "DELETE FROM offline WHERE recipient_id = ? AND not_for IS NOT NULL "
+                    "AND not_for NOT IN (SELECT id FROM devices WHERE user_id = ?)",
+                    (user_id, user_id),
+                )
+                self._drop_taken_by_all(user_id)
+        return cur.rowcount > 0
+
+    def reset_identity(self, user_id: int, key: bytes, name: str, now_ms: int) -> int:
+        """Every device was lost: ``key`` is the account's identity key and its only device."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+            self.conn.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
+            self.conn.execute("UPDATE users SET identity_key = ? WHERE id = ?", (key, user_id))
+            self.conn.execute(
+                "DELETE FROM offline WHERE recipient_id = ? AND not_for IS NOT NULL", (user_id,)
+            )
+            cur = self.conn.execute(
+                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
+                (user_id, key, name, now_ms),
+            )
+        return int(cur.lastrowid or 0)
+
+    def device_seen(self, device_id: int, now_ms: int) -> None:
+        self.conn.execute("UPDATE devices SET last_seen_ms = ? WHERE id = ?", (now_ms, device_id))
+
+    def _drop_taken_by_all(self, user_id: int) -> None:
+        """Envelopes every device of ``user_id`` has taken (one fewer device now) go."""
+        self.conn.execute(
+            "DELETE FROM offline WHERE recipient_id = ?1 AND id IN (SELECT store_id FROM offline_taken "
+            "GROUP BY store_id HAVING COUNT(*) >= (SELECT COUNT(*) FROM devices WHERE user_id = ?1))",
+            (user_id,),
+        )
 
     def user(self, username: str) -> User | None:
         row = self.conn.execute(
@@ -178,18 +291,19 @@ class Database:
 
     # -- resume tokens (stored hashed: a stolen database does not log anyone in) --
 
-    def add_token(self, user_id: int, token_hash: bytes, expires_ms: int) -> None:
+    def add_token(self, user_id: int, token_hash: bytes, expires_ms: int, device_id: int) -> None:
         self.conn.execute(
-            "INSERT INTO tokens (token_hash, user_id, expires_ms) VALUES (?, ?, ?)",
-            (token_hash, user_id, expires_ms),
+            "INSERT INTO tokens (token_hash, user_id, expires_ms, device_id) VALUES (?, ?, ?, ?)",
+            (token_hash, user_id, expires_ms, device_id),
         )
 
-    def token_valid(self, user_id: int, token_hash: bytes, now_ms: int) -> bool:
+    def token_device(self, user_id: int, token_hash: bytes, now_ms: int) -> int | None:
+        """The device a valid token belongs to; None if it is not (or no longer) valid."""
         row = self.conn.execute(
-            "SELECT 1 FROM tokens WHERE token_hash = ? AND user_id = ? AND expires_ms > ?",
+            "SELECT device_id FROM tokens WHERE token_hash = ? AND user_id = ? AND expires_ms > ?",
             (token_hash, user_id, now_ms),
         ).fetchone()
-        return row is not None
+        return int(row[0]) if row and row[0] is not None else None
 
     def revoke_token(self, token_hash: bytes) -> None:
         self.conn.execute("DELETE FROM tokens WHERE token_hash = ?", (token_hash,))
@@ -265,12 +379,14 @@ class Database:
         envelope: bytes,
         now_ms: int,
         grp: bytes | None = None,
+        not_for: int | None = None,
     ) -> int | None:
-        """Keep an envelope; returns its store id, or None when this id was already stored."""
+        """Keep an envelope (``not_for``: a device's copy for its account's other devices);
+        returns its store id, or None when this id was already stored."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (recipient_id, sender, msg_id, envelope, now_ms, grp),
+            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, not_for) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (recipient_id, sender, msg_id, envelope, now_ms, grp, not_for),
         )
         return cur.lastrowid if cur.rowcount else None
 
@@ -282,44 +398,54 @@ class Database:
         row = self.conn.execute("SELECT MAX(id) FROM offline WHERE recipient_id = ?", (recipient_id,))
         return int(row.fetchone()[0] or 0)
 
-    def pending_offline(self, recipient_id: int, after_id: int = 0, limit: int = -1) -> list[StoredEnvelope]:
-        """Envelopes for ``recipient_id`` with a store id above ``after_id``, oldest first."""
+    def pending_offline(
+        self, recipient_id: int, after_id: int = 0, limit: int = -1, device_id: int = 0
+    ) -> list[StoredEnvelope]:
+        """Envelopes for ``recipient_id`` (its device ``device_id`` has not taken yet) with a
+        store id above ``after_id``, oldest first."""
         rows = self.conn.execute(
             "SELECT o.id, o.sender, COALESCE(p.envelope, o.envelope), o.stored_ms, o.grp FROM offline o "
-            "LEFT JOIN group_posts p ON p.id = o.post_id WHERE o.recipient_id = ? AND o.id > ? "
-            "ORDER BY o.id LIMIT ?",
-            (recipient_id, after_id, limit),
+            "LEFT JOIN group_posts p ON p.id = o.post_id WHERE o.recipient_id = ?1 AND o.id > ?2 "
+            "AND (o.not_for IS NULL OR o.not_for != ?4) AND NOT EXISTS "
+            "(SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = ?4) "
+            "ORDER BY o.id LIMIT ?3",
+            (recipient_id, after_id, limit, device_id),
         ).fetchall()
         return [StoredEnvelope(*row) for row in rows]
 
-    def ack_offline(self, recipient_id: int, store_ids: list[int]) -> int:
-        """Delete acknowledged envelopes (only the recipient's own); returns how many."""
-        with self.conn:
-            self.conn.execute("BEGIN")
-            deleted = 0
-            for sid in store_ids:
-                cur = self.conn.execute(
-                    "DELETE FROM offline WHERE id = ? AND recipient_id = ?", (sid, recipient_id)
-                )
-                deleted += cur.rowcount
-        return deleted
+    def ack_offline(self, recipient_id: int, store_ids: list[int], device_id: int = 0) -> int:
+        """Envelopes taken by ``recipient_id``'s device (only the recipient's own); returns
+        how many went (each goes once every device has taken it)."""
+        return self.ack_offline_many([(recipient_id, device_id, sid) for sid in store_ids])
 
-    def ack_offline_many(self, acks: list[tuple[int, int]]) -> int:
-        """:meth:`ack_offline` for (recipient id, store id) pairs of many recipients, in one
-        transaction; returns how many went."""
+    def ack_offline_many(self, acks: list[tuple[int, int, int]]) -> int:
+        """(recipient id, device id, store id) taken, for many recipients, in one transaction;
+        returns how many envelopes went. With one device (most accounts) an envelope goes at
+        once; with more, when each device (but the one it is a copy from) has taken it."""
+        devices: dict[int, int] = {}
         with self.conn:
             self.conn.execute("BEGIN")
             deleted = 0
-            for recipient_id, sid in acks:
-                self.conn.execute(  # a group post's copy taken: one more delivered
-                    "UPDATE group_posts SET delivered = delivered + 1 WHERE id = "
-                    "(SELECT post_id FROM offline WHERE id = ? AND recipient_id = ?)",
+            for recipient_id, device_id, sid in acks:
+                if recipient_id not in devices:
+                    devices[recipient_id] = self.device_count(recipient_id)
+                row = self.conn.execute(
+                    "SELECT post_id, not_for, (SELECT COUNT(*) FROM offline_taken WHERE store_id = ?1) "
+                    "FROM offline WHERE id = ?1 AND recipient_id = ?2",
                     (sid, recipient_id),
-                )
-                cur = self.conn.execute(
-                    "DELETE FROM offline WHERE id = ? AND recipient_id = ?", (sid, recipient_id)
-                )
-                deleted += cur.rowcount
+                ).fetchone()
+                if row is None:
+                    continue
+                post_id, not_for, taken = row
+                if post_id is not None and taken == 0:  # a group post's copy: one more delivered
+                    self.conn.execute(
+                        "UPDATE group_posts SET delivered = delivered + 1 WHERE id = ?", (post_id,)
+                    )
+                if taken + 1 + (not_for is not None) >= devices[recipient_id] or not device_id:
+                    self.conn.execute("DELETE FROM offline WHERE id = ?", (sid,))
+                    deleted += 1
+                else:
+                    self.conn.execute("INSERT OR IGNORE INTO offline_taken VALUES (?, ?)", (sid, device_id))
         return deleted
 
     def drop_offline_between(self, a: User, b: User) -> int:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from p2pim.identity import valid_public_key, verify_login
+from p2pim.identity import valid_public_key
 from p2pim.ratelimit import RateLimiter
 from p2pim.sansio import Datagram
 from p2pim.wire import control_pb2 as pb
@@ -63,6 +63,7 @@ from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FR
 
 from .admission import bump
 from .db import Database, User
+from .devices import DeviceHandlers
 from .errors import RequestError
 from .groups import GroupHandlers
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
@@ -174,6 +175,7 @@ class Session:
     nonce: bytes = field(default_factory=lambda: os.urandom(NONCE_SIZE))
     username: str = ""
     user_id: int = 0
+    device_id: int = 0
     presence: pb.Presence.ValueType = pb.OFFLINE
     quiet: bool = False  # a one-shot command: can send and receive, does not show as online
     leave_offline: bool = False  # shows nothing: gets only what is stored while it is on, not the backlog
@@ -295,7 +297,7 @@ class Hub:
         self._deadlines: list[tuple[float, int, Session]] = []  # login deadlines, a heap
         self._deadline_seq = itertools.count()
         self._next_expire = 0.0  # housekeeping: the offline store and tokens (see handle_timer)
-        self._acks: list[tuple[int, int]] = []  # (user id, store id) acknowledged, not yet deleted
+        self._acks: list[tuple[int, int, int]] = []  # (user id, device id, store id) taken, not yet deleted
         self._ack_due: float | None = None
         self._hashing: dict[str, int] = {}  # source IP -> jobs waiting or running
         self._hashing_total = 0
@@ -315,6 +317,8 @@ class Hub:
         }
         self.groups = GroupHandlers(self)
         self._handlers.update(self.groups.handlers())  # type: ignore[arg-type]
+        self.devices = DeviceHandlers(self)
+        self._handlers.update(self.devices.handlers())  # type: ignore[arg-type]
 
     # -- the core verbs (p2pim.sansio) ---------------------------------------------
 
@@ -355,6 +359,7 @@ class Hub:
             self.login_deadline(session, now)
         if self._ack_due is not None and now >= self._ack_due:
             self.flush_acks()
+        self.devices.expire(now)
         if now >= self._next_expire:
             self.counters.offline_expired += self.expire(now)
             self._next_expire = now + EXPIRE_EVERY_S
@@ -427,7 +432,16 @@ class Hub:
         assert kind is not None
         try:
             if not session.username:
-                raise RequestError(pb.NOT_LOGGED_IN, "log in first")
+                if kind == "device_link_join":
+                    self._throttle(session, None, now)  # a guess at a code counts like a login
+                    first: pb.Frame = self.devices.link_join(session, frame, now)
+                elif kind == "device_link_data":
+                    first = self.devices.link_data(session, frame, now)
+                else:
+                    raise RequestError(pb.NOT_LOGGED_IN, "log in first")
+                first.id = frame.id
+                self._send(session, first)
+                return
             if kind not in UNMETERED:
                 budget = self._relay_budget if kind == "relay" else self._request_budget
                 if not budget.allow(session.username, now):
@@ -455,6 +469,7 @@ class Hub:
     def disconnect(self, session: Session, now: float) -> None:
         """The connection is gone (closed, failed, or missed heartbeats)."""
         session.closed = True
+        self.devices.disconnect(session)
         self._go_offline(session, now)
 
     # -- register -------------------------------------------------------------
@@ -519,10 +534,10 @@ class Hub:
             self._throttle(session, None if req.resume_token else req.username, now)
             user = self.db.user(req.username)
             if req.resume_token:
-                ok = user is not None and self.db.token_valid(
+                device = None if user is None else self.db.token_device(
                     user.id, _token_hash(req.resume_token), int(now * 1000)
-                )
-                self._finish(session, frame, user if ok else None, now)
+                )  # fmt: skip
+                self._finish(session, frame, user if device is not None else None, now, device)
                 return None
             if not req.password:
                 raise RequestError(pb.BAD_REQUEST, "give a password or a resume token")
@@ -557,15 +572,24 @@ class Hub:
     ) -> None:
         self._finish(session, frame, work.user if password_ok else None, now)
 
-    def _finish(self, session: Session, frame: pb.Frame, user: User | None, now: float) -> None:
+    def _finish(
+        self, session: Session, frame: pb.Frame, user: User | None, now: float, by_token: int | None = None
+    ) -> None:
+        """``by_token``: the device whose resume token this login gave (None: a password login)."""
         req = frame.login
         if session.closed:
             return
-        if user is None or not verify_login(user.identity_key, session.nonce, req.username, req.signature):
-            # One answer for unknown user, wrong password, stale token and bad signature.
+        try:
+            if user is None:  # One answer for unknown user, wrong password, stale token and bad signature.
+                raise RequestError(pb.AUTH_FAILED, "wrong username or password")
+            device_id = self.devices.login_device(user, req, session.nonce, by_token)
+        except RequestError as exc:
             self.counters.login_failures += 1
-            self._send(session, error_frame(frame.id, pb.AUTH_FAILED, "wrong username or password"))
+            self._send(session, error_frame(frame.id, exc.code, exc.message))
             return
+        if device_id < 0:  # every device lost: the key this login signed with is the account's now
+            user = self._new_identity(user, req.device_key, req.device_name, now)
+            device_id = self.db.devices(user.id)[0].id
         sessions = self.online.setdefault(user.username, [])
         if len(sessions) >= MAX_SESSIONS:
             old = sessions[0]
@@ -574,7 +598,7 @@ class Hub:
             )
             self._close(old)
             self._go_offline(old, now)
-        session.username, session.user_id = user.username, user.id
+        session.username, session.user_id, session.device_id = user.username, user.id, device_id
         session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
         session.quiet = req.quiet
         session.leave_offline = req.leave_offline
@@ -584,9 +608,7 @@ class Hub:
         if user.username not in self.buddies:
             self.buddies[user.username] = self.db.mutual_buddies(user.id)
         self.counters.logins += 1
-        token = os.urandom(TOKEN_SIZE) if req.want_token else b""
-        if token:
-            self.db.add_token(user.id, _token_hash(token), int(now * 1000) + TOKEN_LIFETIME_MS)
+        token = self.new_token(user.id, device_id, now) if req.want_token else b""
         if token or req.resume_token:
             session.token_hash = _token_hash(token or req.resume_token)
         self._send(
@@ -598,11 +620,44 @@ class Hub:
                     heartbeat_s=self.limits.heartbeat_s,
                     offline_pending=self.db.offline_count(user.id),
                     stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
+                    device_id=device_id,
+                    identity_key=user.identity_key,
+                    devices=self.db.device_count(user.id),
                 ),
             ),
         )
         self._announce(session.username, now)
         self._pump_offline(session)
+
+    def new_token(self, user_id: int, device_id: int, now: float) -> bytes:
+        """A resume token for ``device_id`` (kept hashed)."""
+        token = os.urandom(TOKEN_SIZE)
+        self.db.add_token(user_id, _token_hash(token), int(now * 1000) + TOKEN_LIFETIME_MS, device_id)
+        return token
+
+    def _new_identity(self, user: User, key: bytes, name: str, now: float) -> User:
+        """``user`` lost every device: ``key`` is its identity key and only device now. Its
+        other sessions end; its buddies are told (their clients warn: a key change)."""
+        self.db.reset_identity(user.id, key, name.strip()[:64] or "new device", int(now * 1000))
+        for old in list(self.online.get(user.username, ())):
+            self._end(old, "the account's key was reset (login --new-key): this device is not linked", now)
+        fresh = self.db.user(user.username)
+        assert fresh is not None
+        for r in self.db.relations(user.id):
+            if r.state == "mutual":
+                self._event(r.username, pb.BuddyEvent.KEY_CHANGED, fresh, "mutual", now)
+        return fresh
+
+    def end_device(self, username: str, device_id: int, reason: str, now: float) -> None:
+        """Close every session of a removed device, now."""
+        for x in [x for x in self.online.get(username, ()) if x.device_id == device_id]:
+            self._end(x, reason, now)
+
+    def _end(self, session: Session, reason: str, now: float) -> None:
+        self._send(session, error_frame(0, pb.NOT_LOGGED_IN, reason))
+        self._close(session, 1008, reason[:120])
+        session.closed = True
+        self._go_offline(session, now)
 
     # -- presence -------------------------------------------------------------
 
@@ -641,6 +696,7 @@ class Hub:
         sessions.remove(session)
         session.presence = pb.OFFLINE
         self.db.set_last_seen(session.user_id, int(now * 1000))
+        self.db.device_seen(session.device_id, int(now * 1000))
         self._announce(session.username, now)
         if not sessions:
             del self.online[session.username]
@@ -824,11 +880,17 @@ class Hub:
 
     def _store(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         req = frame.store
-        self._require_buddy(session, req.to)
         if len(req.envelope) > MAX_ENVELOPE or len(req.msg_id) != ID_SIZE:
             raise RequestError(
                 pb.BAD_REQUEST, f"envelopes are at most {MAX_ENVELOPE} bytes with a {ID_SIZE}-byte id"
             )
+        not_for = None
+        if req.to == session.username:  # a copy for the account's other devices
+            if self.db.device_count(session.user_id) < 2:
+                return pb.Frame(ok=pb.Ok())  # there is none
+            not_for = session.device_id
+        else:
+            self._require_buddy(session, req.to)
         recipient = self.db.user(req.to)
         assert recipient is not None
         if self.db.has_offline(recipient.id, req.msg_id):
@@ -838,7 +900,7 @@ class Hub:
         if refused is not None:
             raise RequestError(pb.QUOTA_EXCEEDED, refused)
         store_id = self.db.store_offline(
-            recipient.id, session.username, req.msg_id, req.envelope, int(now * 1000)
+            recipient.id, session.username, req.msg_id, req.envelope, int(now * 1000), not_for=not_for
         )
         if store_id is not None:
             self.counters.stored += 1
@@ -858,7 +920,7 @@ class Hub:
         room = self.limits.offline_window - len(session.offline_inflight)
         if room <= 0 or session.offline_drained:
             return
-        pending = self.db.pending_offline(session.user_id, session.offline_cursor, room)
+        pending = self.db.pending_offline(session.user_id, session.offline_cursor, room, session.device_id)
         session.offline_drained = len(pending) < room
         for env in pending:
             session.offline_cursor = env.id
@@ -888,7 +950,7 @@ class Hub:
             raise RequestError(pb.BAD_REQUEST, f"at most {MAX_ACK_IDS} store ids in one offline_ack")
         if any(i > MAX_SQL_INT for i in acked + kept):
             raise RequestError(pb.BAD_REQUEST, "store ids are below 2^63 (use the ids the server pushed)")
-        self._acks.extend((session.user_id, i) for i in acked)
+        self._acks.extend((session.user_id, session.device_id, i) for i in acked)
         if len(self._acks) >= ACK_FLUSH_IDS:
             self.flush_acks()
         elif acked and self._ack_due is None:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import files, groups
+from . import devices, files, groups
 from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
@@ -81,6 +81,11 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("username")
     p = sub.add_parser("login", parents=[common, pw], help="log in; later commands reuse the session")
     p.add_argument("username")
+    p.add_argument(
+        "--new-key",
+        action="store_true",
+        help="every device of this account is lost: make a new identity key here (buddies see a key change)",
+    )
     sub.add_parser("logout", parents=[common], help="log out and forget the saved session")
 
     buddy = sub.add_parser("buddy", parents=[common], help="manage buddies")
@@ -139,6 +144,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("user", nargs="?")
     files.add_parsers(sub, common, udp)
     groups.add_parsers(sub, common)
+    devices.add_parsers(sub, common)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -293,7 +299,7 @@ def cmd_login(args: argparse.Namespace) -> int:
         from p2pim.client import Message
 
         await c.connect()
-        pending = await c.login(args.username, password)
+        pending = await c.login(args.username, password, new_key=args.new_key)
         waiting: list[Message] = []
         with contextlib.suppress(TimeoutError):  # the server pushes them right after login
             async with asyncio.timeout(5):
@@ -306,6 +312,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             args,
             {"logged_in": args.username, "offline_messages": [event_line(m)[0] for m in waiting]},
             f"logged in as {args.username} on {c.server}"
+            + (f" with a new key, fingerprint {c.profile.identity.fingerprint}" if args.new_key else "")
             + (f"; {len(waiting)} message(s) arrived while you were offline:" if waiting else ""),
         )
         if not args.json:
@@ -736,4 +743,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chat": cmd_chat,
     **files.COMMANDS,
     **groups.COMMANDS,
+    **devices.COMMANDS,
 }

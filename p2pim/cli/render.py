@@ -20,6 +20,7 @@ BUDDY_TEXTS = {
     "accepted": "{peer} is now your buddy",
     "declined": "{peer} declined your request",
     "removed": "{peer} removed you",
+    "key_changed": "{peer} lost every device and has a new key (see the warning)",
 }
 
 
@@ -32,7 +33,13 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     stamp = time.strftime("%H:%M:%S")
     if isinstance(ev, me.Message):
         sent = time.strftime("%H:%M:%S", time.localtime(ev.sent_at_ms / 1000))
-        tag = " (while you were offline)" if ev.offline else ""
+        tag = (
+            " (while you were offline)"
+            if ev.offline
+            else " (taken by another device)"
+            if ev.route == "copy"
+            else ""
+        )
         tag += "" if ev.encrypted else " [unencrypted]"
         return (
             {
@@ -77,6 +84,23 @@ def event_line(ev: Any) -> tuple[dict[str, Any], str]:
     if isinstance(ev, ce.BuddyChange):
         text = BUDDY_TEXTS.get(ev.kind, "{peer} " + ev.kind).format(peer=ev.peer)
         return {"event": "buddy", "user": ev.peer, "kind": ev.kind}, f"[{stamp}] * {text}"
+    if isinstance(ev, me.SentElsewhere):
+        return (
+            {"event": "sent_elsewhere", "to": ev.peer, "text": ev.text, "msg_id": ev.msg_id.hex(),
+             "sent_at_ms": ev.sent_at_ms},
+            f"[{stamp}] you (another device) -> {ev.peer}: {ev.text}",
+        )  # fmt: skip
+    if isinstance(ev, ce.DeviceChange):
+        return (
+            {
+                "event": "device",
+                "kind": ev.kind,
+                "device_id": ev.device_id,
+                "name": ev.name,
+                "devices": ev.devices,
+            },
+            f"[{stamp}] * device {ev.device_id} ({ev.name}) {ev.kind}: {ev.devices} device(s) now",
+        )
     if isinstance(ev, ce.KeyChanged):
         return (
             {"event": "key_changed", "user": ev.peer, "pinned": ev.pinned, "offered": ev.offered},

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         BuddyChange,
         BuddyInfo,
         ConnectionState,
+        DeviceChange,
         Event,
         GroupChange,
         GroupMessage,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
         PresenceChange,
         Problem,
         Receipt,
+        SentElsewhere,
     )
     from .facade import Client
 
@@ -38,6 +40,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConnectionState",
+    "DeviceChange",
     "Event",
     "GroupChange",
     "GroupMessage",
@@ -48,6 +51,7 @@ __all__ = [
     "PresenceChange",
     "Problem",
     "Receipt",
+    "SentElsewhere",
     "Unreachable",
 ]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..files.events import FileAnswered, FileDone, FileFailed, FileOffered, FileProgress
 from ..groups.events import GroupChange, GroupMessage
-from ..messaging.events import Message, Outcome, Problem, Receipt
+from ..messaging.events import Message, Outcome, Problem, Receipt, SentElsewhere
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,20 @@ class BuddyInfo:
     key_warning: bool  # the server's key differs from the pinned one
 
 
+@dataclass(frozen=True)
+class DeviceChange:
+    """A device was linked to our account ("added") or removed from it; ``devices``: how many now."""
+
+    kind: str
+    device_id: int
+    name: str
+    devices: int
+
+
 Event = (
     Message
+    | SentElsewhere
+    | DeviceChange
     | Receipt
     | PresenceChange
     | BuddyChange

@@ -44,10 +44,10 @@ from ..driver import Driver
 from ..files.frames import is_file_frame
 from ..files.service import FileService, TransferError
 from ..files.store import Transfer
-from ..identity import fingerprint, valid_public_key
+from ..identity import Identity, fingerprint, valid_public_key
 from ..messaging.core import Messenger, Opened, Verdict
 from ..messaging.delivery import INTERNET, Delivery, Transmit, Via
-from ..messaging.envelope import text_body
+from ..messaging.envelope import seal, text_body
 from ..messaging.store import ClientStore
 from ..nat.portmap import Mapping
 from ..paths.disco import is_disco, show
@@ -57,11 +57,14 @@ from ..profile import Profile
 from ..wire import control_pb2 as pb
 from ..wire import envelope_pb2 as epb
 from .control import KEY_CHANGED, ClientError, Control, Unreachable
+from .devices import Devices
 from .events import (
     BuddyChange,
     BuddyInfo,
     ConnectionState,
+    DeviceChange,
     Event,
+    Message,
     Outcome,
     PathUpdate,
     PresenceChange,
@@ -91,7 +94,9 @@ BUDDY_EVENTS = {
     pb.BuddyEvent.ACCEPTED: "accepted",
     pb.BuddyEvent.DECLINED: "declined",
     pb.BuddyEvent.REMOVED: "removed",
+    pb.BuddyEvent.KEY_CHANGED: "key_changed",
 }
+DEVICE_EVENTS = {pb.DeviceEvent.ADDED: "added", pb.DeviceEvent.REMOVED: "removed"}
 
 
 class Client:
@@ -138,6 +143,10 @@ class Client:
         self.store = ClientStore(profile.db_path)
         self.reconnect = reconnect
         self.username = ""
+        self.device_id = 0
+        # the account's devices (as the server last said): with more, what we send or take
+        # is copied to them
+        self.device_count = int(self.store.setting("devices") or 1)
         self.counters = {"bad_pushes": 0, "reconnects": 0, "sent_direct": 0, "sent_relay": 0}
         self.keys = KeyRing(self.store)
         self.messenger = Messenger(
@@ -161,6 +170,7 @@ class Client:
             auto_accept=auto_accept,
         )
         self.groups = Groups(self)
+        self.devices = Devices(self)
         self._store_reqs: dict[int, bytes] = {}
         self._relay_reqs: OrderedDict[int, bytes] = OrderedDict()
         self._token = b""
@@ -266,28 +276,50 @@ class Client:
             pb.Register(username=username, password=password, identity_key=self.profile.identity.public_key),
         )
 
-    async def login(self, username: str, password: str = "", *, remember: bool = True) -> int:
+    async def login(
+        self, username: str, password: str = "", *, remember: bool = True, new_key: bool = False
+    ) -> int:
         """Log in with a password, or (no password) with the token saved by an earlier login.
+
+        ``new_key`` (with the password): every device of the account is lost; a new identity
+        key is made here and becomes the account's (its buddies see a key change).
 
         Returns how many offline envelopes the server holds for us (they arrive as events).
         """
         token = b""
         if not password:
+            if new_key:
+                raise ClientError(pb.BAD_REQUEST, "a new key needs the password")
             saved = self.store.account()
             if saved is None or saved[1] != username or not saved[2]:
                 raise ClientError(pb.AUTH_FAILED, f"no saved session for {username}: log in with a password")
             token = saved[2]
-        ok = await self._login(username, password, token, want_token=bool(password))
+        fresh = Identity.generate() if new_key else None
+        ok = await self._login(username, password, token, want_token=bool(password), new_identity=fresh)
+        if fresh is not None:
+            self.profile.reset(fresh)
+            self.messenger.identity = self.groups.core.identity = self.files.host.identity = fresh
         if ok.resume_token:
             self._token = ok.resume_token
         if remember:
             self.store.set_account(self.server, username, self._token)
         return ok.offline_pending
 
-    async def _login(self, username: str, password: str, token: bytes, want_token: bool) -> pb.LoginOk:
-        signature = self.profile.identity.sign_login(self.control.nonce, username)
+    async def _login(
+        self,
+        username: str,
+        password: str,
+        token: bytes,
+        want_token: bool,
+        new_identity: Identity | None = None,
+    ) -> pb.LoginOk:
+        device = new_identity or self.profile.device
+        signature = device.sign_login(self.control.nonce, username)
         req = pb.Login(
             username=username,
+            device_key=device.public_key,
+            device_name=socket.gethostname()[:64],
+            new_identity=new_identity is not None,
             password=password,
             resume_token=token,
             signature=signature,
@@ -308,6 +340,9 @@ class Client:
                     raise
                 await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
         self.username = self.messenger.name = self.groups.core.me = username
+        self.keys.me, self.keys.own_key = username, self.profile.identity.public_key
+        self.device_id, self.device_count = reply.login_ok.device_id, max(1, reply.login_ok.devices)
+        self.store.set_setting("devices", str(self.device_count))  # for sends while offline
         if token:
             self._token = token
         self.control.heartbeat(reply.login_ok.heartbeat_s)
@@ -511,7 +546,24 @@ class Client:
             body = text_body(text)
         except ValueError as exc:
             raise ClientError(pb.BAD_REQUEST, str(exc)) from None
-        return self._send_body(peer, key, body, text)
+        msg_id = self._send_body(peer, key, body, text)
+        self.copy_to_devices(peer, True, text, msg_id, body.sent_at_ms)
+        return msg_id
+
+    def copy_to_devices(
+        self, peer: str, outgoing: bool, text: str, msg_id: bytes, sent_at_ms: int, author: str = ""
+    ) -> None:
+        """With several devices: what this one sent (or alone took) goes to the others, sealed
+        by the account to itself and stored for them (through the durable store outbox)."""
+        me = self.username or self._account_name()
+        if self.device_count < 2 or not me:
+            return
+        copy = epb.DeviceCopy(
+            peer=peer, outgoing=outgoing, author=author, msg_id=msg_id, sent_at_ms=sent_at_ms, text=text
+        )
+        env = seal(self.profile.identity, me, me, self.profile.identity.public_key, epb.Body(copy=copy))
+        self.groups.store.queue([("store", me, env.msg_id, env.SerializeToString())])
+        self.groups.wake()
 
     async def _check_peer(self, peer: str) -> bytes:
         """``peer``'s pinned key, if we may send to them now; else a :class:`ClientError` that says why."""
@@ -604,6 +656,9 @@ class Client:
             yield await self._events.get()
 
     def _emit(self, event: Event) -> None:
+        if isinstance(event, Message) and event.route in ("direct", "relay"):
+            # Taken live, here only perhaps: our other devices (offline ones too) get a copy.
+            self.copy_to_devices(event.peer, False, event.text, event.msg_id, event.sent_at_ms)
         if isinstance(event, Outcome):
             future = self._outcomes.pop(event.msg_id, None)
             if future is not None and not future.done():
@@ -663,6 +718,9 @@ class Client:
     # -- incoming pushes -------------------------------------------------------------
 
     def _on_push(self, frame: pb.Frame) -> None:
+        if frame.WhichOneof("body") == "device_link_in":  # linking a device: also before login
+            self.devices.on_link(frame.device_link_in)
+            return
         self._pushes.put_nowait(frame)
 
     async def _push_worker(self) -> None:
@@ -735,6 +793,12 @@ class Client:
             if self.paths is not None:
                 self.paths.forget_keys()
             self._emit(BuddyChange(ev.buddy.username, BUDDY_EVENTS.get(ev.kind, "?")))
+        elif kind == "device_event":
+            dev = frame.device_event
+            self.device_count = max(1, dev.devices)
+            self.store.set_setting("devices", str(self.device_count))
+            kind_name = DEVICE_EVENTS.get(dev.kind, "?")
+            self._emit(DeviceChange(kind_name, dev.device.device_id, dev.device.name, self.device_count))
         elif kind == "error":
             self._emit(Problem(f"server: {frame.error.message}"))
 

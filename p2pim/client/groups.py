@@ -135,6 +135,9 @@ class Groups:
         row = self.find(group)
         msg_id = self.core.post(row.gid, text)
         self._pump()
+        posted = self.client.store.message(msg_id)
+        if posted is not None:  # our other devices' histories get it too
+            self.client.copy_to_devices(posted.peer, True, text, msg_id, posted.sent_at_ms)
         return msg_id
 
     def _pump(self) -> None:
@@ -159,6 +162,10 @@ class Groups:
             for member in to:
                 if paths.send_direct(member, data):  # False: no direct path to them now
                     self.client.counters["group_direct_out"] += 1
+
+    def wake(self) -> None:
+        """Something was queued: hand it over."""
+        self._wake.set()
 
     def start(self) -> None:
         if self._flusher is None:

@@ -22,9 +22,14 @@ class KeyRing:
     def __init__(self, store: ClientStore) -> None:
         self.store = store
         self.mutual: set[str] = set()  # buddies both ways, as the server last said
+        self.me = ""  # our account (logged in), and its identity key
+        self.own_key = b""
 
     def for_envelope(self, name: str, via: Via) -> Keys | None:
-        """The keys to open ``name``'s envelope with; on the direct path only a mutual buddy's."""
+        """The keys to open ``name``'s envelope with; on the direct path only a mutual buddy's;
+        our own account's (a copy from another of our devices) only from the store."""
+        if name == self.me and self.me:
+            return Keys(self.own_key, None) if via is Via.STORE else None
         if via is Via.DIRECT and name not in self.mutual:
             return None  # the relay would refuse it; so do we
         contact = self.store.contact(name)

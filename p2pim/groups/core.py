@@ -25,6 +25,7 @@ server copy comes). The history dedupes by message id: each message is shown onc
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -125,7 +126,9 @@ class GroupCore:
             epoch, key = current
             self._give_key(gid, members - self.store.given(gid, self.me, epoch), epoch, key)
             return current
-        epoch, key = (current[0] + 1 if current else 1), gseal.new_key()
+        # An epoch is a key's random id, not a count: each of our devices makes its own keys,
+        # and a member keeps them all apart (and each one's order) by (sender, epoch).
+        epoch, key = secrets.randbelow(2**31 - 1) + 1, gseal.new_key()
         self.store.add_key(gid, self.me, epoch, key, members)
         self._give_key(gid, members, epoch, key)
         return epoch, key

@@ -160,7 +160,7 @@ class GroupStore:
 
     def current_key(self, gid: bytes, owner: str) -> tuple[int, bytes] | None:
         r = self.conn.execute(
-            "SELECT epoch, key FROM group_keys WHERE gid = ? AND owner = ? ORDER BY epoch DESC LIMIT 1",
+            "SELECT epoch, key FROM group_keys WHERE gid = ? AND owner = ? ORDER BY rowid DESC LIMIT 1",
             (gid, owner),
         ).fetchone()
         return (int(r[0]), bytes(r[1])) if r else None

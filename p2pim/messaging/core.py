@@ -29,7 +29,7 @@ from ..identity import Identity
 from ..wire import envelope_pb2 as epb
 from .delivery import INTERNET, Delivery, Failed, Finished, Policy, Transmit, Via
 from .envelope import EnvelopeError, Opened, open_envelope, parse_envelope, receipt_body, seal
-from .events import Message, MessagingEvent, Outcome, Problem, Receipt
+from .events import Message, MessagingEvent, Outcome, Problem, Receipt, SentElsewhere
 from .store import ClientStore, owned_by
 
 # Bad input from one sender (garbage relayed, forged envelopes) is counted always and
@@ -210,6 +210,11 @@ class Messenger:
             if not self.bodies(who, opened, via):
                 self.counters["duplicates"] += 1
             self._delivered(who, keys.key, env.msg_id, via, now, reply_to)
+        elif kind == "copy" and who == self.name:  # from another device of our own account
+            if not self.inbox:
+                self.counters["left_for_inbox"] += 1
+                return Received(Verdict.KEPT)
+            self._copied(body.copy)
         elif kind == "group_key" and self.bodies is not None:
             self.bodies(who, opened, via)  # comes through the store: the offline ack is its receipt
         elif kind == "receipt":
@@ -220,6 +225,17 @@ class Messenger:
             if moved:
                 self._emit(Receipt(who, state, tuple(moved)))
         return Received(Verdict.TAKEN, who)
+
+    def _copied(self, c: epb.DeviceCopy) -> None:
+        """Our other device's copy of what it sent or took: into our history, once."""
+        now_ms, peer = self._clock_ms(), self.prefix + c.peer
+        if c.outgoing:
+            if self.store.add_copy(c.msg_id, peer, c.text, c.sent_at_ms, now_ms, c.author):
+                self._emit(SentElsewhere(c.peer, c.text, c.msg_id, c.sent_at_ms))
+        elif self.store.add_incoming(c.msg_id, peer, c.text, c.sent_at_ms, now_ms, c.author):
+            self._emit(Message(c.peer, c.text, c.msg_id, c.sent_at_ms, "copy"))
+        else:
+            self.counters["duplicates"] += 1
 
     def _delivered(self, who: str, key: bytes, msg_id: bytes, via: Via, now: float, reply_to: object) -> None:
         # The receipt goes back the way the message came: a relayed message may come

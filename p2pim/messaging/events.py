@@ -27,6 +27,17 @@ class Message:
 
 
 @dataclass(frozen=True)
+class SentElsewhere:
+    """Another device of our account sent ``text`` to ``peer`` (a buddy, or ``#<group id>``):
+    it is in our history too."""
+
+    peer: str
+    text: str
+    msg_id: bytes
+    sent_at_ms: int
+
+
+@dataclass(frozen=True)
 class Receipt:
     """Our messages ``msg_ids`` reached ``peer`` ("delivered") or were shown there ("read")."""
 
@@ -52,4 +63,4 @@ class Problem:
     message: str
 
 
-MessagingEvent = Message | Receipt | Outcome | Problem
+MessagingEvent = Message | SentElsewhere | Receipt | Outcome | Problem

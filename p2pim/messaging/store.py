@@ -198,6 +198,12 @@ class ClientStore:
         ).fetchone()
         return Contact(row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None) if row else None
 
+    def contacts(self) -> list[Contact]:
+        rows = self.conn.execute(
+            "SELECT username, identity_key, offered_key FROM contacts ORDER BY username"
+        ).fetchall()
+        return [Contact(r[0], bytes(r[1]), bytes(r[2]) if r[2] is not None else None) for r in rows]
+
     def see_key(self, username: str, key: bytes, now_ms: int) -> str:
         """Record a key the server says ``username`` has: "new", "same" or "changed"."""
         known = self.contact(username)
@@ -235,6 +241,17 @@ class ClientStore:
         """Store a received text; False if this id was seen before (a duplicate)."""
         cur = self.conn.execute(
             f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 0, ?, ?, ?, 'received', ?)",
+            (msg_id, peer, text, sent_at_ms, now_ms, author),
+        )
+        return cur.rowcount > 0
+
+    def add_copy(
+        self, msg_id: bytes, peer: str, text: str, sent_at_ms: int, now_ms: int, author: str = ""
+    ) -> bool:
+        """What another device of ours sent (``author`` empty) as our own history line; False
+        if this id is known already."""
+        cur = self.conn.execute(
+            f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, 1, ?, ?, ?, 'stored', ?)",
             (msg_id, peer, text, sent_at_ms, now_ms, author),
         )
         return cur.rowcount > 0

@@ -58,6 +58,13 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """a group change the asker's role does not allow"""
     GROUP_FULL: _ErrorCode.ValueType  # 14
     """the operator's member cap"""
+    DEVICE_NOT_LINKED: _ErrorCode.ValueType  # 15
+    """The password was right but this device's key is not one of the account's
+    devices: link it from a linked device (`p2pim device link`), or reset the
+    account's identity key with the password (`login --new-key`).
+    """
+    LINK_FAILED: _ErrorCode.ValueType  # 16
+    """no such link code (or it expired, or was used)"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -86,6 +93,13 @@ NOT_ALLOWED: ErrorCode.ValueType  # 13
 """a group change the asker's role does not allow"""
 GROUP_FULL: ErrorCode.ValueType  # 14
 """the operator's member cap"""
+DEVICE_NOT_LINKED: ErrorCode.ValueType  # 15
+"""The password was right but this device's key is not one of the account's
+devices: link it from a linked device (`p2pim device link`), or reset the
+account's identity key with the password (`login --new-key`).
+"""
+LINK_FAILED: ErrorCode.ValueType  # 16
+"""no such link code (or it expired, or was used)"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _Presence:
@@ -197,6 +211,12 @@ class Frame(_message.Message):
     GROUP_POST_FIELD_NUMBER: _builtins.int
     GROUP_COUNTS_FIELD_NUMBER: _builtins.int
     GROUP_READ_FIELD_NUMBER: _builtins.int
+    DEVICE_LINK_OPEN_FIELD_NUMBER: _builtins.int
+    DEVICE_LINK_JOIN_FIELD_NUMBER: _builtins.int
+    DEVICE_LINK_DATA_FIELD_NUMBER: _builtins.int
+    DEVICE_ADD_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    DEVICE_REMOVE_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
@@ -206,10 +226,15 @@ class Frame(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     GROUPS_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    DEVICE_CHANNEL_FIELD_NUMBER: _builtins.int
+    DEVICE_ADDED_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     BUDDY_EVENT_FIELD_NUMBER: _builtins.int
     RELAY_IN_FIELD_NUMBER: _builtins.int
     OFFLINE_ENVELOPE_FIELD_NUMBER: _builtins.int
+    DEVICE_LINK_IN_FIELD_NUMBER: _builtins.int
+    DEVICE_EVENT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register:
@@ -266,6 +291,22 @@ class Frame(_message.Message):
     @_builtins.property
     def group_read(self) -> Global___GroupRead: ...
     @_builtins.property
+    def device_link_open(self) -> Global___DeviceLinkOpen: ...
+    @_builtins.property
+    def device_link_join(self) -> Global___DeviceLinkJoin:
+        """allowed before login (the new device)"""
+
+    @_builtins.property
+    def device_link_data(self) -> Global___DeviceLinkData:
+        """allowed before login, once joined"""
+
+    @_builtins.property
+    def device_add(self) -> Global___DeviceAdd: ...
+    @_builtins.property
+    def device_list(self) -> Global___DeviceListRequest: ...
+    @_builtins.property
+    def device_remove(self) -> Global___DeviceRemove: ...
+    @_builtins.property
     def ok(self) -> Global___Ok:
         """server -> client replies"""
 
@@ -286,6 +327,12 @@ class Frame(_message.Message):
     @_builtins.property
     def counts(self) -> Global___GroupCounts: ...
     @_builtins.property
+    def device_channel(self) -> Global___DeviceChannel: ...
+    @_builtins.property
+    def device_added(self) -> Global___DeviceAdded: ...
+    @_builtins.property
+    def devices(self) -> Global___DeviceList: ...
+    @_builtins.property
     def presence(self) -> Global___PresenceUpdate:
         """server -> client pushes (id 0)"""
 
@@ -295,6 +342,10 @@ class Frame(_message.Message):
     def relay_in(self) -> Global___RelayIn: ...
     @_builtins.property
     def offline_envelope(self) -> Global___OfflineEnvelope: ...
+    @_builtins.property
+    def device_link_in(self) -> Global___DeviceLinkIn: ...
+    @_builtins.property
+    def device_event(self) -> Global___DeviceEvent: ...
     def __init__(
         self,
         *,
@@ -325,6 +376,12 @@ class Frame(_message.Message):
         group_post: Global___GroupPost | None = ...,
         group_counts: Global___GroupCountsRequest | None = ...,
         group_read: Global___GroupRead | None = ...,
+        device_link_open: Global___DeviceLinkOpen | None = ...,
+        device_link_join: Global___DeviceLinkJoin | None = ...,
+        device_link_data: Global___DeviceLinkData | None = ...,
+        device_add: Global___DeviceAdd | None = ...,
+        device_list: Global___DeviceListRequest | None = ...,
+        device_remove: Global___DeviceRemove | None = ...,
         ok: Global___Ok | None = ...,
         error: Global___Error | None = ...,
         challenge: Global___Challenge | None = ...,
@@ -334,16 +391,21 @@ class Frame(_message.Message):
         group: Global___GroupInfo | None = ...,
         groups: Global___GroupList | None = ...,
         counts: Global___GroupCounts | None = ...,
+        device_channel: Global___DeviceChannel | None = ...,
+        device_added: Global___DeviceAdded | None = ...,
+        devices: Global___DeviceList | None = ...,
         presence: Global___PresenceUpdate | None = ...,
         buddy_event: Global___BuddyEvent | None = ...,
         relay_in: Global___RelayIn | None = ...,
         offline_envelope: Global___OfflineEnvelope | None = ...,
+        device_link_in: Global___DeviceLinkIn | None = ...,
+        device_event: Global___DeviceEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "group_read", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "presence", "buddy_event", "relay_in", "offline_envelope"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "group_read", "device_link_open", "device_link_join", "device_link_data", "device_add", "device_list", "device_remove", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "device_channel", "device_added", "devices", "presence", "buddy_event", "relay_in", "offline_envelope", "device_link_in", "device_event"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -443,7 +505,7 @@ Global___Register: _TypeAlias = Register  # noqa: Y015
 @_typing.final
 class Login(_message.Message):
     """Either a password or a resume token (from an earlier LoginOk) must be given;
-    in both cases `signature` is the identity key's Ed25519 signature over
+    in both cases `signature` is the device key's Ed25519 signature over
     "p2pim-login\\0" || nonce || username (see p2pim.identity.login_message).
     """
 
@@ -457,6 +519,9 @@ class Login(_message.Message):
     PRESENCE_FIELD_NUMBER: _builtins.int
     QUIET_FIELD_NUMBER: _builtins.int
     LEAVE_OFFLINE_FIELD_NUMBER: _builtins.int
+    DEVICE_KEY_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    NEW_IDENTITY_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     password: _builtins.str
     resume_token: _builtins.bytes
@@ -473,6 +538,17 @@ class Login(_message.Message):
     the session is on (its receipts); the client keeps, unacknowledged, any
     text among them, so texts wait for a session that shows them.
     """
+    device_key: _builtins.bytes
+    """Devices (issue 16). `signature` is made with `device_key`, the device's own
+    key (empty: the account's identity key, which is the first device's key).
+    """
+    device_name: _builtins.str
+    """shown in `p2pim device list`"""
+    new_identity: _builtins.bool
+    """With a password only: the account's identity key becomes this key (every
+    device was lost); every other device is removed, buddies see a key change.
+    The signature must then be made with it (it is also the device key).
+    """
     def __init__(
         self,
         *,
@@ -484,10 +560,13 @@ class Login(_message.Message):
         presence: Global___Presence.ValueType = ...,
         quiet: _builtins.bool = ...,
         leave_offline: _builtins.bool = ...,
+        device_key: _builtins.bytes = ...,
+        device_name: _builtins.str = ...,
+        new_identity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leave_offline", b"leave_offline", "password", b"password", "presence", b"presence", "quiet", b"quiet", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_key", b"device_key", "device_name", b"device_name", "leave_offline", b"leave_offline", "new_identity", b"new_identity", "password", b"password", "presence", b"presence", "quiet", b"quiet", "resume_token", b"resume_token", "signature", b"signature", "username", b"username", "want_token", b"want_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -501,11 +580,20 @@ class LoginOk(_message.Message):
     HEARTBEAT_S_FIELD_NUMBER: _builtins.int
     OFFLINE_PENDING_FIELD_NUMBER: _builtins.int
     STUN_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     resume_token: _builtins.bytes
     """empty unless want_token"""
     heartbeat_s: _builtins.int
     """the server pings at this interval"""
     offline_pending: _builtins.int
+    device_id: _builtins.int
+    """this device"""
+    identity_key: _builtins.bytes
+    """the account's identity key"""
+    devices: _builtins.int
+    """how many devices the account has"""
     @_builtins.property
     def stun(self) -> _containers.RepeatedCompositeFieldContainer[_nat_pb2.Address]:
         """The server's STUN service (primary first, then the alternate port), for
@@ -520,10 +608,13 @@ class LoginOk(_message.Message):
         heartbeat_s: _builtins.int = ...,
         offline_pending: _builtins.int = ...,
         stun: _abc.Iterable[_nat_pb2.Address] | None = ...,
+        device_id: _builtins.int = ...,
+        identity_key: _builtins.bytes = ...,
+        devices: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_s", b"heartbeat_s", "offline_pending", b"offline_pending", "resume_token", b"resume_token", "stun", b"stun"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "devices", b"devices", "heartbeat_s", b"heartbeat_s", "identity_key", b"identity_key", "offline_pending", b"offline_pending", "resume_token", b"resume_token", "stun", b"stun"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -753,6 +844,8 @@ class BuddyEvent(_message.Message):
         """`buddy` accepted our request"""
         DECLINED: BuddyEvent._Kind.ValueType  # 3
         REMOVED: BuddyEvent._Kind.ValueType  # 4
+        KEY_CHANGED: BuddyEvent._Kind.ValueType  # 5
+        """`buddy` reset its identity key (every device lost: login --new-key)"""
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: BuddyEvent.Kind.ValueType  # 0
@@ -762,6 +855,8 @@ class BuddyEvent(_message.Message):
     """`buddy` accepted our request"""
     DECLINED: BuddyEvent.Kind.ValueType  # 3
     REMOVED: BuddyEvent.Kind.ValueType  # 4
+    KEY_CHANGED: BuddyEvent.Kind.ValueType  # 5
+    """`buddy` reset its identity key (every device lost: login --new-key)"""
 
     KIND_FIELD_NUMBER: _builtins.int
     BUDDY_FIELD_NUMBER: _builtins.int
@@ -1474,3 +1569,304 @@ class GroupCounts(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GroupCounts: _TypeAlias = GroupCounts  # noqa: Y015
+
+@_typing.final
+class DeviceLinkOpen(_message.Message):
+    """-- devices (issue 16) ---------------------------------------------------------
+
+    Linking: a logged-in device opens a channel (DeviceLinkOpen) and shows the
+    code "<channel>-<word>-<word>"; the words never reach the server. The new
+    device connects, joins the channel by number (DeviceLinkJoin, before login),
+    and the two run SPAKE2 over the words with DeviceLinkData frames the server
+    passes between them (pushed as DeviceLinkIn), then confirm the key and send
+    each other, sealed under it, the new device's key (the old device registers
+    it: DeviceAdd, which returns a resume token for it) and the account (identity
+    key, contacts with their pinned keys, the token). A channel takes one join
+    and lives a few minutes; a failed exchange burns it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceLinkOpen: _TypeAlias = DeviceLinkOpen  # noqa: Y015
+
+@_typing.final
+class DeviceChannel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    EXPIRES_S_FIELD_NUMBER: _builtins.int
+    channel: _builtins.int
+    expires_s: _builtins.int
+    def __init__(
+        self,
+        *,
+        channel: _builtins.int = ...,
+        expires_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expires_s", b"expires_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceChannel: _TypeAlias = DeviceChannel  # noqa: Y015
+
+@_typing.final
+class DeviceLinkJoin(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    channel: _builtins.int
+    def __init__(
+        self,
+        *,
+        channel: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceLinkJoin: _TypeAlias = DeviceLinkJoin  # noqa: Y015
+
+@_typing.final
+class DeviceLinkData(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """at most 64 KiB; the server reads none of it"""
+    close: _builtins.bool
+    """the exchange is over (done or failed): the channel is closed"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        close: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceLinkData: _TypeAlias = DeviceLinkData  # noqa: Y015
+
+@_typing.final
+class DeviceLinkIn(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    closed: _builtins.bool
+    """the other side closed the channel (or it expired)"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceLinkIn: _TypeAlias = DeviceLinkIn  # noqa: Y015
+
+@_typing.final
+class DeviceAdd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    DEVICE_KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    channel: _builtins.int
+    """the channel the new device joined through"""
+    device_key: _builtins.bytes
+    """its Ed25519 public key"""
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        channel: _builtins.int = ...,
+        device_key: _builtins.bytes = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "device_key", b"device_key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceAdd: _TypeAlias = DeviceAdd  # noqa: Y015
+
+@_typing.final
+class DeviceAdded(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.int
+    resume_token: _builtins.bytes
+    """for the new device's first login"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.int = ...,
+        resume_token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceAdded: _TypeAlias = DeviceAdded  # noqa: Y015
+
+@_typing.final
+class DeviceListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceListRequest: _TypeAlias = DeviceListRequest  # noqa: Y015
+
+@_typing.final
+class DeviceInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_MS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
+    THIS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.int
+    name: _builtins.str
+    created_ms: _builtins.int
+    last_seen_ms: _builtins.int
+    online: _builtins.bool
+    this: _builtins.bool
+    """the device asking"""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.int = ...,
+        name: _builtins.str = ...,
+        created_ms: _builtins.int = ...,
+        last_seen_ms: _builtins.int = ...,
+        online: _builtins.bool = ...,
+        this: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_ms", b"created_ms", "device_id", b"device_id", "last_seen_ms", b"last_seen_ms", "name", b"name", "online", b"online", "this", b"this"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceInfo: _TypeAlias = DeviceInfo  # noqa: Y015
+
+@_typing.final
+class DeviceList(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceInfo]: ...
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___DeviceInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceList: _TypeAlias = DeviceList  # noqa: Y015
+
+@_typing.final
+class DeviceRemove(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.int
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceRemove: _TypeAlias = DeviceRemove  # noqa: Y015
+
+@_typing.final
+class DeviceEvent(_message.Message):
+    """Pushed to the account's sessions when its devices change (a removed device's
+    sessions are closed right after).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[DeviceEvent._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: DeviceEvent._Kind.ValueType  # 0
+        ADDED: DeviceEvent._Kind.ValueType  # 1
+        REMOVED: DeviceEvent._Kind.ValueType  # 2
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: DeviceEvent.Kind.ValueType  # 0
+    ADDED: DeviceEvent.Kind.ValueType  # 1
+    REMOVED: DeviceEvent.Kind.ValueType  # 2
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    kind: Global___DeviceEvent.Kind.ValueType
+    devices: _builtins.int
+    """how many the account has now"""
+    @_builtins.property
+    def device(self) -> Global___DeviceInfo: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___DeviceEvent.Kind.ValueType = ...,
+        device: Global___DeviceInfo | None = ...,
+        devices: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "devices", b"devices", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceEvent: _TypeAlias = DeviceEvent  # noqa: Y015

@@ -86,6 +86,7 @@ class Body(_message.Message):
     FILE_OFFER_FIELD_NUMBER: _builtins.int
     FILE_ANSWER_FIELD_NUMBER: _builtins.int
     GROUP_KEY_FIELD_NUMBER: _builtins.int
+    COPY_FIELD_NUMBER: _builtins.int
     msg_id: _builtins.bytes
     sender: _builtins.str
     recipient: _builtins.str
@@ -104,6 +105,8 @@ class Body(_message.Message):
     def file_answer(self) -> Global___FileAnswer: ...
     @_builtins.property
     def group_key(self) -> Global___GroupKey: ...
+    @_builtins.property
+    def copy(self) -> Global___DeviceCopy: ...
     def __init__(
         self,
         *,
@@ -117,16 +120,58 @@ class Body(_message.Message):
         file_offer: Global___FileOffer | None = ...,
         file_answer: Global___FileAnswer | None = ...,
         group_key: Global___GroupKey | None = ...,
+        copy: Global___DeviceCopy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "receipt", b"receipt", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "seq", b"seq", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy", b"copy", "file_answer", b"file_answer", "file_offer", b"file_offer", "group_key", b"group_key", "kind", b"kind", "msg_id", b"msg_id", "receipt", b"receipt", "recipient", b"recipient", "sender", b"sender", "sent_at_ms", b"sent_at_ms", "seq", b"seq", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer", "group_key"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "receipt", "file_offer", "file_answer", "group_key", "copy"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Body: _TypeAlias = Body  # noqa: Y015
+
+@_typing.final
+class DeviceCopy(_message.Message):
+    """What one of the account's devices sent or took, for the account's other devices
+    (sealed by the account to itself, stored for them): every device's history holds
+    the whole conversation, whichever device took part.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PEER_FIELD_NUMBER: _builtins.int
+    OUTGOING_FIELD_NUMBER: _builtins.int
+    AUTHOR_FIELD_NUMBER: _builtins.int
+    MSG_ID_FIELD_NUMBER: _builtins.int
+    SENT_AT_MS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    peer: _builtins.str
+    """the buddy, or "#" + a group's id in hex"""
+    outgoing: _builtins.bool
+    author: _builtins.str
+    """a group message's sender"""
+    msg_id: _builtins.bytes
+    sent_at_ms: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        peer: _builtins.str = ...,
+        outgoing: _builtins.bool = ...,
+        author: _builtins.str = ...,
+        msg_id: _builtins.bytes = ...,
+        sent_at_ms: _builtins.int = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "msg_id", b"msg_id", "outgoing", b"outgoing", "peer", b"peer", "sent_at_ms", b"sent_at_ms", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceCopy: _TypeAlias = DeviceCopy  # noqa: Y015
 
 @_typing.final
 class GroupKey(_message.Message):

@@ -34,7 +34,8 @@ class World:
         assert self.db.add_user(name, b"$argon2id$x", ident.public_key, 0)
         user = self.db.user(name)
         assert user is not None
-        self.db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15)
+        device = self.db.devices(user.id)[0].id
+        self.db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15, device)
 
     def buddies(self, a: str, b: str) -> None:
         ua, ub = self.db.user(a), self.db.user(b)
