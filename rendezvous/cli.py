@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="groups one user may be in or invited to (default 100)",
     )
+    mail = serve.add_argument_group("email notices (an SMTP server to send through)")
+    mail.add_argument("--smtp", metavar="HOST[:PORT]", help="send verification codes and notices through it")
+    mail.add_argument("--smtp-user", default="", help="log in to the SMTP server as this user")
+    mail.add_argument(
+        "--smtp-password-file", help="the SMTP password, read from this file (not the command line)"
+    )
+    mail.add_argument("--smtp-starttls", action="store_true", help="STARTTLS (typically port 587)")
+    mail.add_argument("--smtp-tls", action="store_true", help="TLS from the start (typically port 465)")
+    mail.add_argument("--mail-from", default="p2pim@localhost", help="the From address (default %(default)s)")
+    mail.add_argument(
+        "--notice-min-s",
+        type=float,
+        default=60,
+        help="the shortest notice delay and period a user may choose, seconds (default 60)",
+    )
+    mail.add_argument(
+        "--notice-sweep-s", type=float, default=30, help="how often notices are looked for (default 30 s)"
+    )
     serve.add_argument("--stun-ip", help="STUN primary address (default: --host)")
     serve.add_argument("--alt-ip", help="second STUN address for RFC 5780/3489 change requests")
     serve.add_argument("--stun-port", type=int, default=3478, help="STUN port (default %(default)s)")
@@ -154,6 +172,7 @@ async def _wait_for_signal() -> None:
 async def _run_serve(args: argparse.Namespace) -> int:
     from .db import Database, SchemaTooNew
     from .hub import Hub, Limits
+    from .mail import MailConfig, Mailer
     from .passwords import PasswordHasher
     from .server import RendezvousServer
 
@@ -187,7 +206,21 @@ async def _run_serve(args: argparse.Namespace) -> int:
             relay_bytes_burst=max(128 * 1024, args.relay_kbps * 2048),
             group_max_members=args.group_max_members,
             group_max_per_user=args.group_max_per_user,
+            notice_min_s=args.notice_min_s,
+            notice_sweep_s=args.notice_sweep_s,
         )
+        mailer = None
+        if args.smtp:
+            password = Path(args.smtp_password_file).read_text().strip() if args.smtp_password_file else ""
+            mailer = Mailer(
+                MailConfig.parse(
+                    args.smtp, sender=args.mail_from, username=args.smtp_user, password=password,
+                    starttls=args.smtp_starttls, tls=args.smtp_tls,
+                )
+            )  # fmt: skip
+    except OSError as exc:
+        print(f"rendezvous: cannot read the SMTP password: {exc.strerror}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"rendezvous: {exc}", file=sys.stderr)
         return 2
@@ -197,8 +230,8 @@ async def _run_serve(args: argparse.Namespace) -> int:
     except (SchemaTooNew, sqlite3.Error, OSError) as exc:
         print(f"rendezvous: cannot open database {db_path}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    hub = Hub(db, limits)
-    server = RendezvousServer(hub, PasswordHasher(args.kdf_cost))
+    hub = Hub(db, limits, mail=mailer is not None)
+    server = RendezvousServer(hub, PasswordHasher(args.kdf_cost), mailer)
     stun = None
     try:
         await server.start(args.host, args.port, tls)

@@ -120,6 +120,22 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (store_id, device_id)
     );
     """,
+    # 4: email notices and the account's settings (issue 16). ``email_code``: a hash of
+    # the verification code mailed; ``offline.counts``: something a person wrote (not a
+    # receipt), what notices count.
+    """
+    ALTER TABLE users ADD COLUMN email TEXT;
+    ALTER TABLE users ADD COLUMN email_verified INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN email_code BLOB;
+    ALTER TABLE users ADD COLUMN email_code_expires_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN email_code_tries INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN notify INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE users ADD COLUMN notify_delay_s INTEGER NOT NULL DEFAULT 3600;
+    ALTER TABLE users ADD COLUMN notify_period_s INTEGER NOT NULL DEFAULT 86400;
+    ALTER TABLE users ADD COLUMN last_notice_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE offline ADD COLUMN counts INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX users_mailed ON users(email_verified, notify);
+    """,
 ]
 
 
@@ -130,6 +146,19 @@ class User:
     pw_hash: bytes
     identity_key: bytes
     last_seen_ms: int
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    email: str
+    verified: bool
+    notify: bool
+    delay_s: int
+    period_s: int
+    code_hash: bytes | None
+    code_expires_ms: int
+    code_tries: int
+    last_notice_ms: int
 
 
 @dataclass(frozen=True)
@@ -209,6 +238,103 @@ class Database:
         except sqlite3.IntegrityError:
             return False
         return True
+
+    # -- the account: email, notices, password, deletion ----------------------------
+
+    def account(self, user_id: int) -> AccountRow:
+        r = self.conn.execute(
+            "SELECT email, email_verified, notify, notify_delay_s, notify_period_s, email_code, "
+            "email_code_expires_ms, email_code_tries, last_notice_ms FROM users WHERE id = ?",
+            (user_id,),
+        ).fetchone()
+        code = bytes(r[5]) if r[5] is not None else None
+        return AccountRow(r[0] or "", bool(r[1]), bool(r[2]), r[3], r[4], code, r[6], r[7], r[8])
+
+    def set_email(self, user_id: int, email: str, code_hash: bytes | None, expires_ms: int) -> None:
+        """A new address (unverified until its code comes back), or none."""
+        self.conn.execute(
+            "UPDATE users SET email = ?, email_verified = 0, email_code = ?, email_code_expires_ms = ?, "
+            "email_code_tries = 0 WHERE id = ?",
+            (email or None, code_hash, expires_ms, user_id),
+        )
+
+    def code_tried(self, user_id: int, right: bool) -> None:
+        if right:
+            self.conn.execute(
+                "UPDATE users SET email_verified = 1, email_code = NULL, email_code_tries = 0 WHERE id = ?",
+                (user_id,),
+            )
+        else:
+            self.conn.execute(
+                "UPDATE users SET email_code_tries = email_code_tries + 1 WHERE id = ?", (user_id,)
+            )
+
+    def set_notify(self, user_id: int, on: bool, delay_s: int, period_s: int) -> None:
+        self.conn.execute(
+            "UPDATE users SET notify = ?, notify_delay_s = ?, notify_period_s = ? WHERE id = ?",
+            (int(on), delay_s, period_s, user_id),
+        )
+
+    def notices_due(self, now_ms: int, limit: int) -> list[tuple[int, str, str, list[tuple[str, int]]]]:
+        """(user id, username, email, [(sender, count)]) for users with a verified address and
+        notices on who have something a person wrote waiting longer than their delay, newer
+        than their last notice, and no notice within their period."""
+        rows = self.conn.execute(
+            "SELECT u.id, u.username, u.email, o.sender, COUNT(*) FROM users u "
+            "JOIN offline o ON o.recipient_id = u.id "
+            "WHERE u.email_verified = 1 AND u.notify = 1 AND o.counts = 1 AND o.sender != '' "
+            "AND o.not_for IS NULL AND o.stored_ms <= ?1 - u.notify_delay_s * 1000 "
+            "AND o.stored_ms > u.last_notice_ms AND u.last_notice_ms <= ?1 - u.notify_period_s * 1000 "
+            "GROUP BY u.id, o.sender ORDER BY u.id, o.sender",
+            (now_ms,),
+        ).fetchall()
+        out: dict[int, tuple[int, str, str, list[tuple[str, int]]]] = {}
+        for uid, name, email, sender, count in rows:
+            if uid not in out:
+                if len(out) >= limit:
+                    break
+                out[uid] = (uid, name, email, [])
+            out[uid][3].append((sender, count))
+        return list(out.values())
+
+    def noticed(self, user_id: int, now_ms: int) -> None:
+        self.conn.execute("UPDATE users SET last_notice_ms = ? WHERE id = ?", (now_ms, user_id))
+
+    def set_password(self, user_id: int, pw_hash: bytes) -> None:
+        """A new password: every saved session (token) but none ends; devices stay linked."""
+        self.conn.execute("UPDATE users SET pw_hash = ? WHERE id = ?", (pw_hash, user_id))
+
+    def delete_user(self, user_id: int) -> None:
+        """Remove the account and everything of it: devices, tokens, buddies, what waits for
+        it and what it left waiting for others, its group posts and reads; a group it owned
+        goes to another member (an admin first), or away if nobody else is in it."""
+        row = self.conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
+        if row is None:
+            return
+        name = row[0]
+        with self.conn:
+            self.conn.execute("BEGIN")
+            for (gid,) in self.conn.execute(
+                "SELECT group_id FROM group_members WHERE user_id = ? AND role = 'owner'", (user_id,)
+            ).fetchall():
+                heir = self.conn.execute(
+                    "SELECT user_id FROM group_members WHERE group_id = ? AND user_id != ? "
+                    "AND role != 'invited' ORDER BY role = 'admin' DESC, user_id LIMIT 1",
+                    (gid, user_id),
+                ).fetchone()
+                if heir is None:
+                    self.conn.execute(
+                        "DELETE FROM offline WHERE grp = (SELECT gid FROM groups WHERE id = ?)", (gid,)
+                    )
+                    self.conn.execute("DELETE FROM groups WHERE id = ?", (gid,))
+                else:
+                    self.conn.execute(
+                        "UPDATE group_members SET role = 'owner' WHERE group_id = ? AND user_id = ?",
+                        (gid, heir[0]),
+                    )
+            self.conn.execute("DELETE FROM offline WHERE sender = ?", (name,))
+            self.conn.execute("DELETE FROM group_posts WHERE sender = ?", (name,))
+            self.conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # the rest cascades
 
     # -- devices ----------------------------------------------------------------
 
@@ -380,13 +506,15 @@ class Database:
         now_ms: int,
         grp: bytes | None = None,
         not_for: int | None = None,
+        counts: bool = False,
     ) -> int | None:
-        """Keep an envelope (``not_for``: a device's copy for its account's other devices);
-        returns its store id, or None when this id was already stored."""
+        """Keep an envelope (``not_for``: a device's copy for its account's other devices;
+        ``counts``: a person wrote it, for email notices); returns its store id, or None
+        when this id was already stored."""
         cur = self.conn.execute(
-            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, not_for) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (recipient_id, sender, msg_id, envelope, now_ms, grp, not_for),
+            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, not_for, "
+            "counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (recipient_id, sender, msg_id, envelope, now_ms, grp, not_for, int(counts)),
         )
         return cur.lastrowid if cur.rowcount else None
 
@@ -548,7 +676,7 @@ class Database:
         for user_id in recipients:
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, "
-                "post_id) VALUES (?, ?, ?, x'', ?, ?, ?)",
+                "post_id, counts) VALUES (?, ?, ?, x'', ?, ?, ?, 1)",
                 (user_id, sender, msg_id, now_ms, grp, post_id),
             )
             if cur.rowcount:

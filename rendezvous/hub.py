@@ -49,6 +49,7 @@ import heapq
 import itertools
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +62,7 @@ from p2pim.wire import control_pb2 as pb
 from p2pim.wire import nat_pb2 as nat_pb
 from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FRAME
 
+from .account import AccountHandlers, AccountWork, Mail
 from .admission import bump
 from .db import Database, User
 from .devices import DeviceHandlers
@@ -81,6 +83,7 @@ TOKEN_SIZE = 32
 TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,31}")
 MAX_HOST_ENDPOINTS = 16
+MAX_MAIL_QUEUE = 1000  # mails the shell has not sent yet
 MAX_SESSIONS = 8  # per user; the oldest is closed when a ninth logs in
 MAX_ACK_IDS = 1000  # store ids in one offline_ack
 MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a uint64 from the wire may not fit
@@ -135,6 +138,10 @@ class Limits:
     group_max_per_user: int = 100
     group_post_rate: float = 10.0
     group_post_burst: float = 50
+    # Email notices: the shortest delay and period a user may choose, and how often the
+    # server looks for notices that are due.
+    notice_min_s: float = 60.0
+    notice_sweep_s: float = 30.0
     heartbeat_s: int = DEFAULT_HEARTBEAT_S
     # Enforced by the shell (rendezvous.server):
     login_deadline_s: float = 20.0  # a connection that has not logged in by then is closed
@@ -193,7 +200,7 @@ class Session:
     backlog: Callable[[], int] = field(default=lambda: 0)
     # A register or login that needs a password hash: (frame, work) for the shell's thread
     # pool, which hands the result to finish_register / finish_login.
-    work: tuple[pb.Frame, HashWork | VerifyWork] | None = None
+    work: tuple[pb.Frame, HashWork | VerifyWork | AccountWork] | None = None
 
 
 @dataclass
@@ -218,6 +225,9 @@ class Counters:
     offline_dropped: int = 0  # with a buddy removal
     offline_expired: int = 0  # older than offline_max_age_s
     group_posts: int = 0
+    notices: int = 0
+    mail_dropped: int = 0
+    accounts_deleted: int = 0
     group_stored: int = 0  # copies of group posts kept for members
     group_events: int = 0
     group_quota_skipped: int = 0  # a member whose offline store was full missed a post
@@ -275,7 +285,8 @@ def _check_username(name: str) -> str:
 
 
 class Hub:
-    def __init__(self, db: Database, limits: Limits | None = None) -> None:
+    def __init__(self, db: Database, limits: Limits | None = None, mail: bool = False) -> None:
+        """``mail``: the shell can send email (an SMTP server is configured)."""
         self.db = db
         self.limits = limits or Limits()
         self.counters = Counters()
@@ -319,6 +330,10 @@ class Hub:
         self._handlers.update(self.groups.handlers())  # type: ignore[arg-type]
         self.devices = DeviceHandlers(self)
         self._handlers.update(self.devices.handlers())  # type: ignore[arg-type]
+        self.account = AccountHandlers(self, mail)
+        self._handlers.update(self.account.handlers())  # type: ignore[arg-type]
+        self._mail: deque[Mail] = deque()
+        self._next_sweep = 0.0
 
     # -- the core verbs (p2pim.sansio) ---------------------------------------------
 
@@ -329,11 +344,18 @@ class Hub:
         if frame is None:
             return
         kind = frame.WhichOneof("body")
-        work: HashWork | VerifyWork | None
+        work: HashWork | VerifyWork | AccountWork | None
         if kind == "register":
             work = self.begin_register(sock, frame, now)
         elif kind == "login":
             work = self.begin_login(sock, frame, now)
+        elif kind in ("account_password", "account_delete"):
+            try:
+                work = self.account.begin(sock, frame, now)
+                self._claim_hashing(sock)
+            except RequestError as exc:
+                self._send(sock, self._refusal(sock, frame, exc))
+                return
         else:
             self.receive(sock, frame, now)
             return
@@ -350,6 +372,7 @@ class Hub:
         while deadlines and (deadlines[0][2].username or deadlines[0][2].closed):
             heapq.heappop(deadlines)  # logged in or gone: no deadline any more
         due = min(deadlines[0][0], self._next_expire) if deadlines else self._next_expire
+        due = min(due, self._next_sweep) if self.account.mail else due
         return due if self._ack_due is None else min(due, self._ack_due)
 
     def handle_timer(self, now: float) -> None:
@@ -360,6 +383,9 @@ class Hub:
         if self._ack_due is not None and now >= self._ack_due:
             self.flush_acks()
         self.devices.expire(now)
+        if self.account.mail and now >= self._next_sweep:
+            self.counters.notices += self.account.sweep(now)
+            self._next_sweep = now + self.limits.notice_sweep_s
         if now >= self._next_expire:
             self.counters.offline_expired += self.expire(now)
             self._next_expire = now + EXPIRE_EVERY_S
@@ -370,9 +396,15 @@ class Hub:
         if acks:
             self.counters.offline_acked += self.db.ack_offline_many(acks)
 
-    def next_event(self) -> None:
-        """The hub tells its sessions (frames), not its shell."""
-        return None
+    def next_event(self) -> Mail | None:
+        """What the shell must do besides sending frames: mail (codes, notices)."""
+        return self._mail.popleft() if self._mail else None
+
+    def mail_out(self, mail: Mail) -> None:
+        if len(self._mail) >= MAX_MAIL_QUEUE:
+            self.counters.mail_dropped += 1
+            return
+        self._mail.append(mail)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -410,7 +442,12 @@ class Hub:
             except DecodeError:
                 raise ProtocolError("frame is not a valid protobuf Frame") from None
             kind = frame.WhichOneof("body")
-            if kind not in self._handlers and kind not in ("register", "login"):
+            if kind not in self._handlers and kind not in (
+                "register",
+                "login",
+                "account_password",
+                "account_delete",
+            ):
                 raise ProtocolError(f"unknown or missing request body ({kind or 'none'})")
         except ProtocolError as exc:
             self.counters.bad_frames += 1
@@ -485,10 +522,7 @@ class Hub:
                     int(1000 / self.limits.register_ip_rate),
                 )
             _check_username(req.username)
-            if not MIN_PASSWORD <= len(req.password) <= MAX_PASSWORD:
-                raise RequestError(
-                    pb.BAD_REQUEST, f"passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters"
-                )
+            self.check_password(req.password)
             if not valid_public_key(req.identity_key):
                 raise RequestError(
                     pb.BAD_REQUEST,
@@ -628,6 +662,27 @@ class Hub:
         )
         self._announce(session.username, now)
         self._pump_offline(session)
+
+    def check_password(self, password: str) -> None:
+        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+            raise RequestError(pb.BAD_REQUEST, f"passwords are {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+
+    def finish_account(
+        self, session: Session, frame: pb.Frame, work: AccountWork, ok: bool, new_hash: bytes, now: float
+    ) -> None:
+        if not session.closed:
+            self.account.finish(session, frame, work, ok, new_hash, now)
+
+    def delete_account(self, user: User, now: float) -> None:
+        """Remove ``user`` for good: its sessions end, its buddies see it go, nothing of it stays."""
+        for r in self.db.relations(user.id):
+            if r.state == "mutual":
+                self._event(r.username, pb.BuddyEvent.REMOVED, user, "mutual", now)
+                self.buddies.get(r.username, set()).discard(user.username)
+        for x in list(self.online.get(user.username, ())):
+            self._end(x, "the account was deleted", now)
+        self.db.delete_user(user.id)
+        self.counters.accounts_deleted += 1
 
     def new_token(self, user_id: int, device_id: int, now: float) -> bytes:
         """A resume token for ``device_id`` (kept hashed)."""
@@ -900,7 +955,13 @@ class Hub:
         if refused is not None:
             raise RequestError(pb.QUOTA_EXCEEDED, refused)
         store_id = self.db.store_offline(
-            recipient.id, session.username, req.msg_id, req.envelope, int(now * 1000), not_for=not_for
+            recipient.id,
+            session.username,
+            req.msg_id,
+            req.envelope,
+            int(now * 1000),
+            not_for=not_for,
+            counts=req.counts and not_for is None,
         )
         if store_id is not None:
             self.counters.stored += 1

@@ -43,8 +43,10 @@ from p2pim.driver import Driver
 from p2pim.sansio import Datagram
 from p2pim.wire import control_pb2 as pb
 
+from .account import AccountWork, Mail
 from .admission import Admission, Verdict, default_max_connections
 from .hub import MAX_FRAME, Close, Counters, HashWork, Hub, Session, error_frame
+from .mail import Mailer
 from .passwords import PasswordHasher
 
 log = logging.getLogger(__name__)
@@ -189,9 +191,10 @@ def _lower_priority() -> None:
 class RendezvousServer:
     """``await RendezvousServer(hub, hasher).start(host, port)``, then ``await close()``."""
 
-    def __init__(self, hub: Hub, hasher: PasswordHasher) -> None:
+    def __init__(self, hub: Hub, hasher: PasswordHasher, mailer: Mailer | None = None) -> None:
         self.hub = hub
         self.hasher = hasher
+        self.mailer = mailer
         lim = hub.limits
         self.admission = Admission(
             default_max_connections(lim.max_connections),
@@ -204,7 +207,8 @@ class RendezvousServer:
             max_workers=HASHING_THREADS, thread_name_prefix="argon2", initializer=_lower_priority
         )
         self._server: Server | None = None
-        self._driver = Driver(hub, self._send, clock=time.time)  # the hub keeps wall-clock time
+        # the hub keeps wall-clock time; its events are mails to send
+        self._driver = Driver(hub, self._send, self._mail, clock=time.time)
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: dict[Outgoing, float] = {}  # connections whose writer is blocked, since when
         self._accept_errors = _LogOnce("cannot accept connections")
@@ -234,6 +238,8 @@ class RendezvousServer:
         )
         self._driver.start()
         self._tasks = [asyncio.create_task(self._watchdog())]
+        if self.mailer is not None:
+            self.mailer.start()
 
     @property
     def port(self) -> int:
@@ -256,6 +262,12 @@ class RendezvousServer:
                     ws.transport.abort()
                 await self._server.wait_closed()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.mailer is not None:
+            await self.mailer.close()
+
+    def _mail(self, event: object) -> None:
+        if isinstance(event, Mail) and self.mailer is not None:
+            self.mailer.send(event)
 
     # -- housekeeping ------------------------------------------------------------------
 
@@ -340,11 +352,17 @@ class RendezvousServer:
             self.hub.finish_register(session, frame, pw_hash, time.time())
             return
         stored = work.user.pw_hash if work.user is not None else None
+        new_hash = b""
         try:
             ok = await loop.run_in_executor(self._pool, self.hasher.verify, stored, work.password)
+            if ok and isinstance(work, AccountWork) and work.new_password:
+                new_hash = await loop.run_in_executor(self._pool, self.hasher.hash, work.new_password)
         finally:
             self.hub.hash_done(session)
-        self.hub.finish_login(session, frame, work, ok, time.time())
+        if isinstance(work, AccountWork):
+            self.hub.finish_account(session, frame, work, ok, new_hash, time.time())
+        else:
+            self.hub.finish_login(session, frame, work, ok, time.time())
 
     # -- frames out ------------------------------------------------------------------------
 

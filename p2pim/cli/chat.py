@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import devices, files, groups
+from . import account, devices, files, groups
 from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
@@ -145,6 +145,7 @@ def add_parsers(sub: Any) -> None:
     files.add_parsers(sub, common, udp)
     groups.add_parsers(sub, common)
     devices.add_parsers(sub, common)
+    account.add_parsers(sub, common, pw)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -156,15 +157,18 @@ def _udp_port(text: str) -> int:
     return int(text)
 
 
-def _password(args: argparse.Namespace, confirm: bool) -> str:
+def _password(
+    args: argparse.Namespace, confirm: bool, prompt: str = "password: ", env_name: str = "P2PIM_PASSWORD"
+) -> str:
+    """From stdin (a line each, with --password-stdin), ``$env_name``, or a prompt."""
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\n")
-    env = os.environ.get("P2PIM_PASSWORD")
+    env = os.environ.get(env_name)
     if env:
         return env
     if not sys.stdin.isatty():
-        raise ChatError("no password: use a terminal, --password-stdin or $P2PIM_PASSWORD", 2)
-    first = getpass.getpass("password: ")
+        raise ChatError(f"no password: use a terminal, --password-stdin or ${env_name}", 2)
+    first = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != first:
         raise ChatError("the passwords differ", 2)
     return first
@@ -744,4 +748,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     **files.COMMANDS,
     **groups.COMMANDS,
     **devices.COMMANDS,
+    **account.COMMANDS,
 }

@@ -56,6 +56,7 @@ from ..paths.peer import DEFAULT_KEEPALIVE, Path
 from ..profile import Profile
 from ..wire import control_pb2 as pb
 from ..wire import envelope_pb2 as epb
+from .account import Account
 from .control import KEY_CHANGED, ClientError, Control, Unreachable
 from .devices import Devices
 from .events import (
@@ -171,6 +172,7 @@ class Client:
         )
         self.groups = Groups(self)
         self.devices = Devices(self)
+        self.account = Account(self)
         self._store_reqs: dict[int, bytes] = {}
         self._relay_reqs: OrderedDict[int, bytes] = OrderedDict()
         self._token = b""
@@ -688,6 +690,7 @@ class Client:
                 self._relay_reqs.popitem(last=False)
         else:
             frame.store.to, frame.store.msg_id, frame.store.envelope = item.peer, item.msg_id, item.envelope
+            frame.store.counts = not item.receipt  # a text or file offer: counts for email notices
             self._store_reqs[frame.id] = item.msg_id
         self.control.post(frame)
 

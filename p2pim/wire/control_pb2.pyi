@@ -217,6 +217,12 @@ class Frame(_message.Message):
     DEVICE_ADD_FIELD_NUMBER: _builtins.int
     DEVICE_LIST_FIELD_NUMBER: _builtins.int
     DEVICE_REMOVE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_INFO_FIELD_NUMBER: _builtins.int
+    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
+    ACCOUNT_VERIFY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_NOTIFY_FIELD_NUMBER: _builtins.int
+    ACCOUNT_PASSWORD_FIELD_NUMBER: _builtins.int
+    ACCOUNT_DELETE_FIELD_NUMBER: _builtins.int
     OK_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     CHALLENGE_FIELD_NUMBER: _builtins.int
@@ -229,6 +235,7 @@ class Frame(_message.Message):
     DEVICE_CHANNEL_FIELD_NUMBER: _builtins.int
     DEVICE_ADDED_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     BUDDY_EVENT_FIELD_NUMBER: _builtins.int
     RELAY_IN_FIELD_NUMBER: _builtins.int
@@ -307,6 +314,18 @@ class Frame(_message.Message):
     @_builtins.property
     def device_remove(self) -> Global___DeviceRemove: ...
     @_builtins.property
+    def account_info(self) -> Global___AccountInfoRequest: ...
+    @_builtins.property
+    def account_email(self) -> Global___AccountEmail: ...
+    @_builtins.property
+    def account_verify(self) -> Global___AccountVerify: ...
+    @_builtins.property
+    def account_notify(self) -> Global___AccountNotify: ...
+    @_builtins.property
+    def account_password(self) -> Global___AccountPassword: ...
+    @_builtins.property
+    def account_delete(self) -> Global___AccountDelete: ...
+    @_builtins.property
     def ok(self) -> Global___Ok:
         """server -> client replies"""
 
@@ -332,6 +351,8 @@ class Frame(_message.Message):
     def device_added(self) -> Global___DeviceAdded: ...
     @_builtins.property
     def devices(self) -> Global___DeviceList: ...
+    @_builtins.property
+    def account(self) -> Global___AccountInfo: ...
     @_builtins.property
     def presence(self) -> Global___PresenceUpdate:
         """server -> client pushes (id 0)"""
@@ -382,6 +403,12 @@ class Frame(_message.Message):
         device_add: Global___DeviceAdd | None = ...,
         device_list: Global___DeviceListRequest | None = ...,
         device_remove: Global___DeviceRemove | None = ...,
+        account_info: Global___AccountInfoRequest | None = ...,
+        account_email: Global___AccountEmail | None = ...,
+        account_verify: Global___AccountVerify | None = ...,
+        account_notify: Global___AccountNotify | None = ...,
+        account_password: Global___AccountPassword | None = ...,
+        account_delete: Global___AccountDelete | None = ...,
         ok: Global___Ok | None = ...,
         error: Global___Error | None = ...,
         challenge: Global___Challenge | None = ...,
@@ -394,6 +421,7 @@ class Frame(_message.Message):
         device_channel: Global___DeviceChannel | None = ...,
         device_added: Global___DeviceAdded | None = ...,
         devices: Global___DeviceList | None = ...,
+        account: Global___AccountInfo | None = ...,
         presence: Global___PresenceUpdate | None = ...,
         buddy_event: Global___BuddyEvent | None = ...,
         relay_in: Global___RelayIn | None = ...,
@@ -401,11 +429,11 @@ class Frame(_message.Message):
         device_link_in: Global___DeviceLinkIn | None = ...,
         device_event: Global___DeviceEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_delete", b"account_delete", "account_email", b"account_email", "account_info", b"account_info", "account_notify", b"account_notify", "account_password", b"account_password", "account_verify", b"account_verify", "body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_delete", b"account_delete", "account_email", b"account_email", "account_info", b"account_info", "account_notify", b"account_notify", "account_password", b"account_password", "account_verify", b"account_verify", "body", b"body", "buddies", b"buddies", "buddy_accept", b"buddy_accept", "buddy_decline", b"buddy_decline", "buddy_event", b"buddy_event", "buddy_list", b"buddy_list", "buddy_remove", b"buddy_remove", "buddy_request", b"buddy_request", "challenge", b"challenge", "counts", b"counts", "device_add", b"device_add", "device_added", b"device_added", "device_channel", b"device_channel", "device_event", b"device_event", "device_link_data", b"device_link_data", "device_link_in", b"device_link_in", "device_link_join", b"device_link_join", "device_link_open", b"device_link_open", "device_list", b"device_list", "device_remove", b"device_remove", "devices", b"devices", "endpoints", b"endpoints", "error", b"error", "group", b"group", "group_answer", b"group_answer", "group_counts", b"group_counts", "group_create", b"group_create", "group_delete", b"group_delete", "group_invite", b"group_invite", "group_leave", b"group_leave", "group_list", b"group_list", "group_post", b"group_post", "group_read", b"group_read", "group_remove", b"group_remove", "group_rename", b"group_rename", "group_set_role", b"group_set_role", "groups", b"groups", "id", b"id", "login", b"login", "login_ok", b"login_ok", "logout", b"logout", "lookup_endpoints", b"lookup_endpoints", "offline_ack", b"offline_ack", "offline_envelope", b"offline_envelope", "ok", b"ok", "presence", b"presence", "publish_endpoints", b"publish_endpoints", "register", b"register", "relay", b"relay", "relay_in", b"relay_in", "set_status", b"set_status", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "group_read", "device_link_open", "device_link_join", "device_link_data", "device_add", "device_list", "device_remove", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "device_channel", "device_added", "devices", "presence", "buddy_event", "relay_in", "offline_envelope", "device_link_in", "device_event"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["register", "login", "logout", "buddy_request", "buddy_accept", "buddy_decline", "buddy_remove", "buddy_list", "set_status", "publish_endpoints", "relay", "store", "offline_ack", "lookup_endpoints", "group_create", "group_invite", "group_answer", "group_leave", "group_remove", "group_rename", "group_set_role", "group_delete", "group_list", "group_post", "group_counts", "group_read", "device_link_open", "device_link_join", "device_link_data", "device_add", "device_list", "device_remove", "account_info", "account_email", "account_verify", "account_notify", "account_password", "account_delete", "ok", "error", "challenge", "login_ok", "buddies", "endpoints", "group", "groups", "counts", "device_channel", "device_added", "devices", "account", "presence", "buddy_event", "relay_in", "offline_envelope", "device_link_in", "device_event"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1020,19 +1048,25 @@ class Store(_message.Message):
     TO_FIELD_NUMBER: _builtins.int
     MSG_ID_FIELD_NUMBER: _builtins.int
     ENVELOPE_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
     to: _builtins.str
     msg_id: _builtins.bytes
     envelope: _builtins.bytes
+    counts: _builtins.bool
+    """Something a person wrote (a text, a file offer), not a receipt: it counts
+    for the recipient's email notices ("3 new messages from bob").
+    """
     def __init__(
         self,
         *,
         to: _builtins.str = ...,
         msg_id: _builtins.bytes = ...,
         envelope: _builtins.bytes = ...,
+        counts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "msg_id", b"msg_id", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "envelope", b"envelope", "msg_id", b"msg_id", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1870,3 +1904,171 @@ class DeviceEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceEvent: _TypeAlias = DeviceEvent  # noqa: Y015
+
+@_typing.final
+class AccountInfoRequest(_message.Message):
+    """-- the account (issue 16) -----------------------------------------------------
+
+    Email notices: a user may give an address, verified by a code sent to it; then,
+    while they are offline, when something waits for them in the offline store longer
+    than `delay_s`, the server mails "3 new messages from bob" (never the content), at
+    most once per `period_s`, each mail saying how to stop them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountInfoRequest: _TypeAlias = AccountInfoRequest  # noqa: Y015
+
+@_typing.final
+class AccountInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    DELAY_S_FIELD_NUMBER: _builtins.int
+    PERIOD_S_FIELD_NUMBER: _builtins.int
+    MAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    verified: _builtins.bool
+    notify: _builtins.bool
+    delay_s: _builtins.int
+    period_s: _builtins.int
+    mail: _builtins.bool
+    """this server sends email at all"""
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        notify: _builtins.bool = ...,
+        delay_s: _builtins.int = ...,
+        period_s: _builtins.int = ...,
+        mail: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_s", b"delay_s", "email", b"email", "mail", b"mail", "notify", b"notify", "period_s", b"period_s", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountInfo: _TypeAlias = AccountInfo  # noqa: Y015
+
+@_typing.final
+class AccountEmail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountEmail: _TypeAlias = AccountEmail  # noqa: Y015
+
+@_typing.final
+class AccountVerify(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountVerify: _TypeAlias = AccountVerify  # noqa: Y015
+
+@_typing.final
+class AccountNotify(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ON_FIELD_NUMBER: _builtins.int
+    DELAY_S_FIELD_NUMBER: _builtins.int
+    PERIOD_S_FIELD_NUMBER: _builtins.int
+    on: _builtins.bool
+    delay_s: _builtins.int
+    """0: keep the current one"""
+    period_s: _builtins.int
+    """0: keep the current one"""
+    def __init__(
+        self,
+        *,
+        on: _builtins.bool = ...,
+        delay_s: _builtins.int = ...,
+        period_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_s", b"delay_s", "on", b"on", "period_s", b"period_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountNotify: _TypeAlias = AccountNotify  # noqa: Y015
+
+@_typing.final
+class AccountPassword(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_PASSWORD_FIELD_NUMBER: _builtins.int
+    NEW_PASSWORD_FIELD_NUMBER: _builtins.int
+    old_password: _builtins.str
+    new_password: _builtins.str
+    def __init__(
+        self,
+        *,
+        old_password: _builtins.str = ...,
+        new_password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_password", b"new_password", "old_password", b"old_password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountPassword: _TypeAlias = AccountPassword  # noqa: Y015
+
+@_typing.final
+class AccountDelete(_message.Message):
+    """Removes the account: its devices, tokens, buddies, groups it alone was in,
+    what waits for it and what it left waiting for others.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    password: _builtins.str
+    def __init__(
+        self,
+        *,
+        password: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["password", b"password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountDelete: _TypeAlias = AccountDelete  # noqa: Y015
