@@ -652,7 +652,7 @@ class Hub:
                 login_ok=pb.LoginOk(
                     resume_token=token,
                     heartbeat_s=self.limits.heartbeat_s,
-                    offline_pending=self.db.offline_count(user.id),
+                    offline_pending=self.db.offline_count(user.id, device_id),
                     stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
                     device_id=device_id,
                     identity_key=user.identity_key,

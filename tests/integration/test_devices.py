@@ -85,15 +85,17 @@ def test_a_second_device_is_linked_and_every_device_gets_every_message(tmp_path:
         assert laptop.store.contact("bob") is not None  # the pinned keys came along
         added = await wait_for(desk, lambda e: isinstance(e, DeviceChange) and e.kind == "added")
         assert isinstance(added, DeviceChange) and added.devices == 2
+        phone = await link(laptop, srv.url, tmp_path, "alice-phone")  # a third, linked from the second
         rows = await desk.devices.list()
-        assert len(rows) == 2 and [r.this for r in rows].count(True) == 1
+        assert len(rows) == 3 and [r.this for r in rows].count(True) == 1
 
-        # bob writes: both devices show it, once each
+        # bob writes: every device shows it, once each
         for i in range(5):
             await bob.send("alice", f"hi {i}")
-        for c in (desk, laptop):
+        for c in (desk, laptop, phone):
             got = await collect(c, Message, 5)
             assert sorted(m.text for m in got) == [f"hi {i}" for i in range(5)]
+        await phone.close()  # the phone is off for the rest: it gets all of it at its next login
         # the laptop answers: bob gets it, the desk's history has it too
         await laptop.send("bob", "from the laptop")
         assert [m.text for m in await collect(bob, Message, 1)] == ["from the laptop"]
@@ -110,12 +112,17 @@ def test_a_second_device_is_linked_and_every_device_gets_every_message(tmp_path:
         desk = await relogin(srv.url, tmp_path, "alice")
         got = await collect(desk, Message, 3)
         assert sorted(m.text for m in got) == [f"while away {i}" for i in range(3)]
-        await asyncio.sleep(0.5)
-        for c in (desk, laptop):
-            texts = [t for out, t in history(c, "bob") if not out]
-            assert sorted(texts) == sorted(
-                [f"hi {i}" for i in range(5)] + [f"while away {i}" for i in range(3)]
-            )
+        phone = await device(srv.url, tmp_path, "alice-phone")
+        await phone.login("alice")
+        got = await collect(phone, Message, 3)
+        assert sorted(m.text for m in got) == [
+            f"while away {i}" for i in range(3)
+        ]  # once, though two took them
+        await until(lambda: (True, "from the laptop") in history(phone, "bob"))
+        said = sorted([f"hi {i}" for i in range(5)] + [f"while away {i}" for i in range(3)])
+        for c in (desk, laptop, phone):
+            assert sorted(t for out, t in history(c, "bob") if not out) == said
+        await phone.close()
 
         # the laptop is removed from the desk: its session ends at once, its token is void
         laptop_id = next(r.device_id for r in await desk.devices.list() if not r.this)
@@ -125,6 +132,10 @@ def test_a_second_device_is_linked_and_every_device_gets_every_message(tmp_path:
         await bob.send("alice", "after the removal")
         assert [m.text for m in await collect(desk, Message, 1)] == ["after the removal"]
         assert not laptop.connected and "after the removal" not in [t for _, t in history(laptop, "bob")]
+        phone = await device(srv.url, tmp_path, "alice-phone")  # the phone was off: it gets it now
+        await phone.login("alice")
+        assert [m.text for m in await collect(phone, Message, 1)] == ["after the removal"]
+        await phone.close()
         with pytest.raises(ClientError):
             again = await device(srv.url, tmp_path, "alice-laptop")
             try:
@@ -139,7 +150,7 @@ def test_a_second_device_is_linked_and_every_device_gets_every_message(tmp_path:
     finally:
         srv.stop()
     db = sqlite3.connect(tmp_path / "server.db")
-    assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 2  # alice's desk, bob's
+    assert db.execute("SELECT COUNT(*) FROM devices").fetchone()[0] == 3  # alice's desk and phone, bob's
     assert db.execute("SELECT COUNT(*) FROM offline").fetchone()[0] == 0  # every copy was taken
 
 
