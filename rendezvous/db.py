@@ -521,8 +521,8 @@ class Database:
     def offline_count(self, recipient_id: int, device_id: int = 0) -> int:
         """What waits for ``recipient_id``'s device ``device_id`` (not taken by it yet)."""
         row = self.conn.execute(
-            "SELECT COUNT(*) FROM offline o WHERE recipient_id = ?1 AND (o.not_for IS NULL OR o.not_for != ?2) "
-            "AND NOT EXISTS (SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = ?2)",
+            "SELECT COUNT(*) FROM offline o WHERE recipient_id = ?1 "
+            "AND (o.not_for IS NULL OR o.not_for != ?2) AND NOT EXISTS (SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = ?2)",
             (recipient_id, device_id),
         )
         return int(row.fetchone()[0])
