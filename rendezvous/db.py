@@ -148,6 +148,14 @@ class User:
     last_seen_ms: int
 
 
+# An offline row (``o``) the device ``:device`` is still to take: not its own copy for the
+# account's other devices, and not taken by it yet.
+FOR_DEVICE = (
+    "(o.not_for IS NULL OR o.not_for != :device) AND NOT EXISTS "
+    "(SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = :device)"
+)
+
+
 @dataclass(frozen=True)
 class AccountRow:
     email: str
@@ -521,9 +529,8 @@ class Database:
     def offline_count(self, recipient_id: int, device_id: int = 0) -> int:
         """What waits for ``recipient_id``'s device ``device_id`` (not taken by it yet)."""
         row = self.conn.execute(
-            "SELECT COUNT(*) FROM offline o WHERE recipient_id = ?1 "
-            "AND (o.not_for IS NULL OR o.not_for != ?2) AND NOT EXISTS (SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = ?2)",
-            (recipient_id, device_id),
+            f"SELECT COUNT(*) FROM offline o WHERE o.recipient_id = :user AND {FOR_DEVICE}",
+            {"user": recipient_id, "device": device_id},
         )
         return int(row.fetchone()[0])
 
@@ -538,11 +545,9 @@ class Database:
         store id above ``after_id``, oldest first."""
         rows = self.conn.execute(
             "SELECT o.id, o.sender, COALESCE(p.envelope, o.envelope), o.stored_ms, o.grp FROM offline o "
-            "LEFT JOIN group_posts p ON p.id = o.post_id WHERE o.recipient_id = ?1 AND o.id > ?2 "
-            "AND (o.not_for IS NULL OR o.not_for != ?4) AND NOT EXISTS "
-            "(SELECT 1 FROM offline_taken t WHERE t.store_id = o.id AND t.device_id = ?4) "
-            "ORDER BY o.id LIMIT ?3",
-            (recipient_id, after_id, limit, device_id),
+            "LEFT JOIN group_posts p ON p.id = o.post_id WHERE o.recipient_id = :user AND o.id > :after "
+            f"AND {FOR_DEVICE} ORDER BY o.id LIMIT :limit",
+            {"user": recipient_id, "after": after_id, "limit": limit, "device": device_id},
         ).fetchall()
         return [StoredEnvelope(*row) for row in rows]
 
