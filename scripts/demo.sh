@@ -2,7 +2,8 @@
 # make demo: a whole conversation on loopback, with nothing left behind.
 # Starts `rendezvous serve` with a throwaway SQLite database, registers alice and
 # bob (each with their own profile), makes them buddies, exchanges messages both
-# ways, sends one while bob is offline and shows it delivered at his login.
+# ways, sends one while bob is offline and shows it delivered at his login, then
+# links a second device to alice's account and shows a message reach both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=$PWD/.venv/bin
@@ -20,6 +21,7 @@ trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 alice() { echo "alice\$ p2pim $*"; "$BIN/p2pim" "$@" --profile alice | sed 's/^/  /'; }
 bob() { echo "bob\$   p2pim $*"; "$BIN/p2pim" "$@" --profile bob | sed 's/^/  /'; }
+laptop() { echo "alice's laptop\$ p2pim $*"; "$BIN/p2pim" "$@" --profile laptop | sed 's/^/  /'; }
 
 say "rendezvous serve (throwaway database in $work)"
 "$BIN/rendezvous" serve --port "$port" --stun-port $((port + 1)) --stun-alt-port $((port + 2)) \
@@ -64,3 +66,16 @@ say "alice's view (states: delivered, read, stored)"
 alice history bob
 alice fingerprint bob
 bob fingerprint
+
+say "a second device: alice links her laptop with a one-time code (SPAKE2; the server never sees the words)"
+"$BIN/p2pim" device link --profile alice --json > "$work/link.out" &
+linker=$!
+for _ in $(seq 50); do grep -q code "$work/link.out" && break; sleep 0.1; done
+code=$("$BIN/python" -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["code"])' "$work/link.out")
+echo "alice\$ p2pim device link   ->   code $code"
+laptop device join "$code" $S
+wait "$linker"
+alice device list
+bob send alice "to both of your devices"
+laptop login alice
+alice login alice

@@ -508,10 +508,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             "transfers": [files.transfer_json(t) for t in c.transfers(active=True)],
             "groups": mine,
             "group_outbox": len(c.groups.store.outgoing()),
+            "devices": c.device_count,
         }
+        others = c.device_count - 1
         lines = [
             f"{saved[1]} on {c.server}: {'connected' if connected else 'server unreachable'}",
-            f"fingerprint {c.profile.identity.fingerprint}",
+            f"fingerprint {c.profile.identity.fingerprint}"
+            + (f"; {others} other device{'s' * (others != 1)} (p2pim device list)" if others else ""),
             f"outbox: {outbox} message(s) waiting to go out",
             f"port mapping: {_port_mapping_text(portmap)}",
         ]
