@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import account, devices, files, groups
+from . import account, app, devices, files, groups
 from .render import event_line, print_history
 
 EXIT_SERVER_UNREACHABLE = 3
@@ -146,6 +146,7 @@ def add_parsers(sub: Any) -> None:
     groups.add_parsers(sub, common)
     devices.add_parsers(sub, common)
     account.add_parsers(sub, common, pw)
+    app.add_parsers(sub, common, udp)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -223,22 +224,24 @@ def _run(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], login:
         store = ClientStore(profile.db_path)
         saved = store.account()
         store.close()
+        if args.command in ("listen", "chat") and app.app_running(profile.path):
+            raise ChatError(f"p2pim app runs on profile {profile.name}: use its window, or stop it first", 2)
         # Only `listen` and `chat` show the user online; one-shot commands are quiet
         # sessions, so buddies do not see presence flicker each time a message is sent
         # from a script. Only commands that show messages take them in: a `send` must
         # not swallow what arrived while you were away (it waits for `listen`).
         # Sessions that move file bytes show online too: the other side sends (or asks
         # for) bytes only to a buddy it sees online.
-        moving = args.command in ("listen", "chat", "send-file", "accept")
+        moving = args.command in ("listen", "chat", "send-file", "accept", "app")
         auto = getattr(args, "auto_accept", False)
         client = Client(
             _server_for(args, saved),
             profile,
             reconnect=False,
             quiet=not moving,
-            direct=args.command in ("listen", "chat", "ping", "send-file", "accept"),
+            direct=args.command in ("listen", "chat", "ping", "send-file", "accept", "app"),
             udp_port=getattr(args, "udp_port", 0),
-            inbox=args.command in ("listen", "chat", "login"),
+            inbox=args.command in ("listen", "chat", "login", "app"),
             port_mapping=getattr(args, "port_mapping", True),
             transfers=moving,
             auto_accept=(getattr(args, "dir", None) or download_dir()) if auto else None,
@@ -752,4 +755,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     **groups.COMMANDS,
     **devices.COMMANDS,
     **account.COMMANDS,
+    **app.COMMANDS,
 }

@@ -1,0 +1,1 @@
+"""``p2pim app``: the messenger as a local web page (issue 18)."""

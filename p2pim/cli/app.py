@@ -1,0 +1,85 @@
+"""``p2pim app``: the long-lived client (paths, transfers, receipts) with its window in the
+browser (:mod:`p2pim.app`). One long-lived session per profile: the app will not start
+beside a running ``listen``/``chat`` (they move the file bytes), and they will not start
+beside the app."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import webbrowser
+from pathlib import Path
+from typing import Any
+
+APP_LOCK = "app.lock"
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser, udp: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("app", parents=[common, udp], help="the messenger in a browser window (local only)")
+    p.add_argument("--port", type=int, default=0, help="local port for the page (default: any free one)")
+    p.add_argument("--no-browser", action="store_true", help="print the address instead of opening it")
+
+
+def app_running(profile_dir: Path) -> bool:
+    """Whether ``p2pim app`` runs on this profile now (it holds its lock)."""
+    fd = os.open(profile_dir / APP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases a lock we took just now
+    return False
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from p2pim.app.bridge import Bridge
+    from p2pim.app.server import AppServer
+    from p2pim.files.disk import download_dir
+
+    from .chat import ChatError, _out, _run
+
+    async def body(c: Any) -> int:
+        fd = os.open(c.profile.path / APP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ChatError(f"p2pim app runs on profile {c.profile.name} already", 2) from None
+        try:
+            if not c.files.moving:
+                raise ChatError(
+                    f"another session (p2pim listen or chat) runs on profile {c.profile.name}: stop it first",
+                    2,
+                )
+            c.reconnect = True
+            server = AppServer(Bridge(c, download_dir()), c.profile.path / "uploads")
+            try:
+                await server.start(args.port)
+            except OSError as exc:
+                raise ChatError(f"cannot serve the page on port {args.port}: {exc.strerror}", 2) from None
+            _out(args, {"url": server.url}, f"p2pim app for {c.username}: {server.url}\n(Ctrl-C to stop)")
+            if not args.no_browser:
+                await asyncio.get_running_loop().run_in_executor(None, webbrowser.open, server.url)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await stop.wait()
+            finally:
+                await server.close()
+            return 0
+        finally:
+            os.close(fd)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run(args, body)
+    return 0
+
+
+COMMANDS = {"app": cmd_app}
