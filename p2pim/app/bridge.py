@@ -60,7 +60,9 @@ class Bridge:
             "devices": self.devices,
             "link": self.link,
             "account": self.account,
+            "nat": self.nat,
         }
+        self._nat: asyncio.Lock = asyncio.Lock()  # one diagnosis at a time
 
     # -- pages ---------------------------------------------------------------------------
 
@@ -258,6 +260,21 @@ class Bridge:
         else:
             state = await a.info()
         return asdict(state)
+
+    async def nat(self, req: dict[str, Any]) -> dict[str, Any]:
+        """`p2pim nat` against the rendezvous's STUN service: the report, its table, and what
+        it means in words."""
+        from ..nat.classify import ADVICE
+        from ..nat.discovery import Timings
+        from ..nat.runner import discover
+
+        if not self.client.stun_servers:
+            raise AppError("this rendezvous runs no STUN service: try p2pim nat --server HOST")
+        if self._nat.locked():
+            raise AppError("a diagnosis is running already")
+        async with self._nat:
+            report = await discover(self.client.stun_servers[0], Timings())
+        return {"report": report.to_json(), "table": report.render(), "advice": ADVICE[report.label]}
 
 
 def _transfer(t: Any) -> dict[str, Any]:

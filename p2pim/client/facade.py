@@ -145,6 +145,7 @@ class Client:
         self.reconnect = reconnect
         self.username = ""
         self.device_id = 0
+        self.stun_servers: list[tuple[str, int]] = []  # the rendezvous's STUN service (from the login)
         # the account's devices (as the server last said): with more, what we send or take
         # is copied to them
         self.device_count = int(self.store.setting("devices") or 1)
@@ -343,6 +344,8 @@ class Client:
                 await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
         self.username = self.messenger.name = self.groups.core.me = username
         self.keys.me, self.keys.own_key = username, self.profile.identity.public_key
+        host = urlsplit(self.server).hostname or "127.0.0.1"
+        self.stun_servers = [(a.ip or host, a.port) for a in reply.login_ok.stun]  # for NAT diagnostics
         self.device_id, self.device_count = reply.login_ok.device_id, max(1, reply.login_ok.devices)
         self.store.set_setting("devices", str(self.device_count))  # for sends while offline
         if token:
@@ -384,9 +387,7 @@ class Client:
             self.paths = None
             self.local_ready.set()
             return
-        host = urlsplit(self.server).hostname or "127.0.0.1"
-        stun = [(a.ip or host, a.port) for a in ok.stun]
-        self._tasks.append(asyncio.create_task(self._discover(stun)))
+        self._tasks.append(asyncio.create_task(self._discover(self.stun_servers)))
 
     def _on_portmap(self, mapping: Mapping | None, tried: tuple[str, ...], released: bool = False) -> None:
         """Kept for `p2pim status` (a one-shot session has no socket to map)."""

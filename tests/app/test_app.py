@@ -34,7 +34,7 @@ from websockets.exceptions import InvalidStatus
 from p2pim.client import Client
 from p2pim.profile import Profile
 
-from ..conftest import RendezvousProcess, tool
+from ..conftest import RendezvousProcess, free_udp_ports, tool
 from ..integration.chatutil import PASSWORD, befriend, new_user
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,6 +93,26 @@ def until(probe: Callable[[], Any], timeout: float = 20.0, what: str = "the page
         time.sleep(0.05)
 
 
+def click(driver: WebDriver, css: str, what: str) -> None:
+    """Click what ``css`` finds, again if the page redrew it meanwhile (lists are redrawn)."""
+
+    def once() -> bool:
+        driver.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    until(once, what=what)
+
+
+def read(driver: WebDriver, css: str, what: str, attr: str = "") -> str:
+    """The text (or ``attr``) of what ``css`` finds, once there is some."""
+
+    def once() -> str | None:
+        e = driver.find_element(By.CSS_SELECTOR, css)
+        return e.get_attribute(attr) if attr else e.text
+
+    return str(until(once, what=what))
+
+
 def shot(driver: WebDriver, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(out / f"{name}.png"))
@@ -107,9 +127,7 @@ def texts(driver: WebDriver) -> list[str]:
 
 
 def open_peer(driver: WebDriver, peer: str) -> None:
-    until(
-        lambda: driver.find_element(By.CSS_SELECTOR, f'li[data-peer="{peer}"]'), what=f"{peer} in the list"
-    ).click()
+    click(driver, f'li[data-peer="{peer}"]', f"{peer} in the list")
     until(lambda: driver.find_element(By.ID, "composer").is_displayed(), what="the composer")
 
 
@@ -121,7 +139,11 @@ def say(driver: WebDriver, text: str) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[RendezvousProcess, dict[str, str], Path]]:
-    srv = RendezvousProcess(tmp_path / "server.db", ("--heartbeat", "2"))
+    stun, alt = free_udp_ports(2)
+    srv = RendezvousProcess(
+        tmp_path / "server.db",
+        ("--heartbeat", "2", "--stun-ip", "127.0.0.1", "--stun-port", str(stun), "--stun-alt-port", str(alt)),
+    )
     home = tmp_path / "xdg"
     env = dict(
         os.environ,
@@ -161,10 +183,7 @@ def test_two_apps_in_a_real_browser(
         say(a, "hello bob, from the browser")
         mark = lambda: a.find_element(By.CSS_SELECTOR, "#messages li.mine .mark").get_attribute("data-state")  # noqa: E731
         assert until(lambda: mark() == "delivered", what="the delivered mark")
-        badge = until(
-            lambda: b.find_element(By.CSS_SELECTOR, 'li[data-peer="alice"] .unread'), what="bob's unread"
-        )
-        assert badge.text == "1"
+        assert read(b, 'li[data-peer="alice"] .unread', "bob's unread") == "1"
         shot(b, out, "buddies-unread")
         open_peer(b, "alice")
         assert until(lambda: texts(b) == ["hello bob, from the browser"], what="bob's history")
@@ -190,23 +209,18 @@ def test_two_apps_in_a_real_browser(
             """,
             FILE_SIZE,
         )
-        accept = until(lambda: b.find_element(By.CSS_SELECTOR, "#files li button.accept"), what="bob's offer")
+        until(lambda: b.find_element(By.CSS_SELECTOR, "#files li button.accept"), what="bob's offer")
         shot(b, out, "file-offer")
-        accept.click()
-        done = until(
-            lambda: (
-                b.find_element(By.CSS_SELECTOR, "#files li .file-state").text == "done"
-                and b.find_element(By.CSS_SELECTOR, "#files li .meta")
-            ),
-            what="the file done",
-        )
-        assert b.find_element(By.CSS_SELECTOR, "#files li .pct").text == "100%"
+        click(b, "#files li button.accept", "accept")
+        until(lambda: b.find_element(By.CSS_SELECTOR, "#files li .file-state").text == "done", what="done")
+        where = read(b, "#files li .meta", "where the file is")
+        assert read(b, "#files li .pct", "bob's 100%") == "100%"
         assert until(
             lambda: a.find_element(By.CSS_SELECTOR, "#files li .pct").text == "100%", what="alice's 100%"
         )
         expected = bytes((i * 7 + 3) & 255 for i in range(FILE_SIZE))
-        assert Path(done.text).parent == tmp_path / "downloads"
-        arrived = Path(done.text).read_bytes()
+        assert Path(where).parent == tmp_path / "downloads"
+        arrived = Path(where).read_bytes()
         assert hashlib.blake2b(arrived).digest() == hashlib.blake2b(expected).digest()
         shot(b, out, "file-done")
 
@@ -215,11 +229,9 @@ def test_two_apps_in_a_real_browser(
         a.find_element(By.ID, "group-members").send_keys("bob, carol")
         a.find_element(By.CSS_SELECTOR, "#new-group button").click()
         for page in (b, c):
-            item = until(lambda p=page: p.find_element(By.CSS_SELECTOR, "#groups li"), what="the invitation")
-            item.click()
-            until(lambda p=page: p.find_element(By.CSS_SELECTOR, "#invite button"), what="join").click()
-        group = until(lambda: a.find_element(By.CSS_SELECTOR, "#groups li"), what="alice's group")
-        peer = group.get_attribute("data-peer")
+            click(page, "#groups li", "the invitation")
+            click(page, "#invite button", "join")
+        peer = read(a, "#groups li", "alice's group", "data-peer")
         until(lambda: "3 members" in a.find_element(By.CSS_SELECTOR, "#groups li").text, what="three members")
         open_peer(a, str(peer))
         say(a, "team lunch at noon?")
@@ -238,20 +250,25 @@ def test_two_apps_in_a_real_browser(
         asyncio.run(new_key())
         until(lambda: a.find_element(By.CSS_SELECTOR, 'li[data-peer="dave"] .warn'), what="dave's key badge")
         open_peer(a, "dave")
-        warning = until(
-            lambda: a.find_element(By.CSS_SELECTOR, '#warning[data-key-warning="dave"]'), what="warning"
-        )
-        assert "key changed" in warning.text and "trust" in warning.text.lower()
-        pinned, offered = (line.split(": ", 1)[1] for line in warning.text.splitlines()[1:3])
+        warning = read(a, '#warning[data-key-warning="dave"]', "the warning")
+        assert "key changed" in warning and "trust" in warning.lower()
+        pinned, offered = (line.split(": ", 1)[1] for line in warning.splitlines()[1:3])
         assert pinned != offered and len(offered.split()) == 8  # both fingerprints, to compare
         shot(a, out, "key-changed")
-        a.find_element(By.ID, "trust").click()
+        click(a, "#trust", "trust")
         until(lambda: not a.find_elements(By.CSS_SELECTOR, 'li[data-peer="dave"] .warn'), what="trusted")
         assert not a.find_elements(By.CSS_SELECTOR, "#buddies .unread")  # what was shown is read
 
         a.find_element(By.ID, "tab-devices").click()
         until(lambda: "(this one)" in a.find_element(By.ID, "device-list").text, what="the devices screen")
         shot(a, out, "devices")
+        a.find_element(By.ID, "tab-nat").click()
+        a.find_element(By.ID, "nat-run").click()
+        table = until(lambda: a.find_element(By.ID, "nat-table").text, 30, "the NAT diagnosis")
+        assert "NAT type" in table and "Mapped address" in table  # p2pim nat's own table
+        assert a.find_elements(By.CSS_SELECTOR, "#nat-picture svg rect")  # and the picture
+        assert ":" in a.find_element(By.ID, "nat-advice").text
+        shot(a, out, "nat")
         a.set_window_size(420, 760)  # a narrow window stacks the columns
         a.find_element(By.ID, "tab-chats").click()
         shot(a, out, "narrow")

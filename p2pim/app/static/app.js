@@ -298,15 +298,52 @@
   }
   function show(screen) {
     const chats = screen === "chats";
-    $("chat").hidden = !chats; $("devices").hidden = chats; $("side").hidden = !chats;
-    $("tab-chats").setAttribute("aria-pressed", String(chats));
-    $("tab-devices").setAttribute("aria-pressed", String(!chats));
-    if (!chats) devices();
+    $("chat").hidden = !chats; $("side").hidden = !chats;
+    $("devices").hidden = screen !== "devices"; $("nat").hidden = screen !== "nat";
+    for (const s of ["chats", "devices", "nat"]) $(`tab-${s}`).setAttribute("aria-pressed", String(s === screen));
+    if (screen === "devices") devices();
   }
+
+  // -- the NAT page: words, a picture, the table ------------------------------------------
+  function svg(tag, attrs, text) {
+    const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function natPicture(r) {
+    const pic = svg("svg", { viewBox: "0 0 760 150", width: "760", height: "150", role: "img" });
+    const box = (x, title, line1, line2, fill = "#ffffff") => {
+      pic.append(svg("rect", { x, y: 30, width: 170, height: 84, rx: 10, fill, stroke: "#667085" }),
+                 svg("text", { x: x + 85, y: 56, "text-anchor": "middle", "font-weight": "600" }, title),
+                 svg("text", { x: x + 85, y: 78, "text-anchor": "middle", "font-size": "12" }, line1 || ""),
+                 svg("text", { x: x + 85, y: 96, "text-anchor": "middle", "font-size": "12" }, line2 || ""));
+    };
+    const arrow = (x1, x2) => pic.append(svg("line", { x1, y1: 72, x2, y2: 72, stroke: "#667085", "stroke-width": 2 }));
+    box(10, "this computer", r.local || "?", "");
+    arrow(180, 295);
+    const known = r.nat_present !== null && r.nat_present !== undefined;
+    const title = !known ? "a NAT?" : r.nat_present ? "your NAT" : "(no NAT)";
+    box(295, title, r.label, known && r.nat_present ? `${r.mapping} / ${r.filtering}` : "",
+        !known ? "#f2f4f7" : r.nat_present ? "#fff1c2" : "#e7f6ec");
+    arrow(465, 580);
+    box(580, "the Internet sees", r.mapped || "?", r.server ? `STUN ${r.server}` : "");
+    return pic;
+  }
+  $("nat-run").onclick = async () => {
+    $("nat-advice").textContent = "asking the STUN service…";
+    try {
+      const n = await ask("nat");
+      $("nat-advice").textContent = `${n.report.label}: ${n.advice}`;
+      $("nat-picture").replaceChildren(natPicture(n.report));
+      $("nat-table").textContent = n.table;
+    } catch (e) { $("nat-advice").textContent = e.message; }
+  };
 
   // -- wiring ------------------------------------------------------------------------------
   $("tab-chats").onclick = () => show("chats");
   $("tab-devices").onclick = () => show("devices");
+  $("tab-nat").onclick = () => show("nat");
   $("composer").onsubmit = (e) => { e.preventDefault(); send(); };
   $("text").onkeydown = (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); } };
   $("pick").onchange = () => { for (const f of $("pick").files) upload(f); $("pick").value = ""; };
