@@ -39,11 +39,12 @@ class AppError(Exception):
 
 
 class Bridge:
-    def __init__(
-        self, client: Client, downloads: Path, link_show: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, client: Client, downloads: Path, lan: Any = None) -> None:
+        """``lan``: a started :class:`p2pim.lan.node.LanNode` (``p2pim app --lan``): its peers
+        are listed and written to beside the buddies, "lan:NAME"."""
         self.client = client
         self.downloads = downloads
+        self.lan = lan
         self.pages: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self.counters = {"bad_requests": 0, "pages_behind": 0}
         self._open: str = ""  # the conversation the page shows: what comes there is read
@@ -85,7 +86,10 @@ class Bridge:
                 self.counters["pages_behind"] += 1
 
     async def pump(self) -> None:
-        """The client's events, to every page; what comes into the open conversation is read."""
+        """The client's events (and the LAN's), to every page; what comes into the open
+        conversation is read."""
+        if self.lan is not None:
+            self._lan_task = asyncio.get_running_loop().create_task(self._pump_lan())
         async for ev in self.client.events():
             data, _ = event_line(ev)
             self.tell(data)
@@ -94,6 +98,15 @@ class Bridge:
             if self._open and self.client.store.unread(self._open):
                 with contextlib.suppress(ClientError, Unreachable):
                     await self.read({"peer": self._open})
+
+    async def _pump_lan(self) -> None:
+        from ..lan.core import PREFIX
+
+        while True:
+            data, _ = event_line(await self.lan.events.get())
+            if data.get("event") == "message":
+                data["from"] = PREFIX + str(data["from"])  # "lan:bob", as the page names LAN peers
+            self.tell(data)
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request from a page: its answer (with the request's id)."""
@@ -142,7 +155,18 @@ class Bridge:
             "me": c.username, "server": c.server, "connected": c.connected,
             "fingerprint": c.profile.identity.fingerprint, "buddies": listed, "groups": groups,
             "transfers": [_transfer(t) for t in c.transfers()[-50:]], "devices": c.device_count,
+            "lan": self._lan_peers(),
         }  # fmt: skip
+
+    def _lan_peers(self) -> list[dict[str, Any]]:
+        if self.lan is None:
+            return []
+        from ..lan.core import PREFIX
+
+        return [
+            {**p.as_dict(), "peer": PREFIX + p.name, "unread": len(self.client.store.unread(PREFIX + p.name))}
+            for p in sorted(self.lan.core.peers.values(), key=lambda p: p.name)
+        ]
 
     async def history(self, req: dict[str, Any]) -> list[dict[str, Any]]:
         peer = str(req["peer"])
@@ -157,6 +181,15 @@ class Bridge:
         to, text = str(req["to"]), str(req["text"])
         if not text.strip():
             raise AppError("nothing to send")
+        if to.startswith("lan:"):
+            from ..lan.core import LanError
+
+            if self.lan is None:
+                raise AppError("this app does not run on the LAN (p2pim app --lan)")
+            try:
+                return bytes(self.lan.send(to.removeprefix("lan:"), text)).hex()
+            except LanError as exc:
+                raise AppError(str(exc)) from None
         return (await self.client.send(to, text)).hex()
 
     async def open(self, req: dict[str, Any]) -> int:
@@ -167,6 +200,10 @@ class Bridge:
 
     async def read(self, req: dict[str, Any]) -> int:
         peer = str(req["peer"])
+        if peer.startswith(("lan:", "ipmsg:")):  # the LAN has no read receipts: shown here, read here
+            unread = self.client.store.unread(peer)
+            self.client.store.mark_read(unread)
+            return len(unread)
         if peer.startswith("#"):
             unread = self.client.store.unread(peer)
             if unread:

@@ -22,6 +22,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, udp: argparse.Argumen
     p = sub.add_parser("app", parents=[common, udp], help="the messenger in a browser window (local only)")
     p.add_argument("--port", type=int, default=0, help="local port for the page (default: any free one)")
     p.add_argument("--no-browser", action="store_true", help="print the address instead of opening it")
+    p.add_argument(
+        "--lan", action="store_true", help="also chat on the LAN (p2pim peers, IP Messenger clients)"
+    )
+    p.add_argument("--lan-interface", help="the LAN's network interface (default: every one)")
 
 
 def app_running(profile_dir: Path) -> bool:
@@ -57,7 +61,8 @@ def cmd_app(args: argparse.Namespace) -> int:
                     2,
                 )
             c.reconnect = True
-            server = AppServer(Bridge(c, download_dir()), c.profile.path / "uploads")
+            lan = await _lan(c, args) if args.lan else None
+            server = AppServer(Bridge(c, download_dir(), lan), c.profile.path / "uploads")
             try:
                 await server.start(args.port)
             except OSError as exc:
@@ -73,6 +78,8 @@ def cmd_app(args: argparse.Namespace) -> int:
                 await stop.wait()
             finally:
                 await server.close()
+                if lan is not None:
+                    await lan.close()
             return 0
         finally:
             os.close(fd)
@@ -80,6 +87,23 @@ def cmd_app(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return _run(args, body)
     return 0
+
+
+async def _lan(c: Any, args: argparse.Namespace) -> Any:
+    """The LAN node beside the client, as `p2pim lan` runs it, named as the account."""
+    from p2pim.lan.core import LanCore
+    from p2pim.lan.node import LanNode, LanNodeError
+
+    from .chat import ChatError
+
+    core = LanCore(c.profile.identity, c.username, c.store, 0, host=os.uname().nodename or "p2pim")
+    try:
+        node = LanNode(core, args.lan_interface, 2426, 2425)
+        node.start(0)
+    except LanNodeError as exc:
+        raise ChatError(str(exc), 2) from None
+    await node.enable_files(c.profile.path, None)
+    return node
 
 
 COMMANDS = {"app": cmd_app}

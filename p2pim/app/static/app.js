@@ -100,6 +100,21 @@
       li.onkeydown = (e) => { if (e.key === "Enter") open(g.peer, `#${g.name}`, g); };
       groups.append(li);
     }
+    const lan = $("lan");
+    lan.replaceChildren();
+    for (const p of state.lan || []) {
+      const li = el("li", { role: "option", tabindex: "0", "data-peer": p.peer,
+                            "aria-selected": current && current.peer === p.peer ? "true" : "false" },
+        el("span", { class: `dot ${p.away ? "away" : "online"}` }), el("span", { class: "name" }, p.name),
+        el("span", { class: p.encrypted ? "badge direct" : "badge warn",
+                     title: p.encrypted ? "p2pim: end-to-end encrypted" : `${p.client}: not encrypted` },
+           p.encrypted ? "LAN" : `${p.client}, unencrypted`),
+        p.unread ? el("span", { class: "unread" }, p.unread) : "");
+      li.onclick = () => open(p.peer, p.name, false);
+      li.onkeydown = (e) => { if (e.key === "Enter") open(p.peer, p.name, false); };
+      lan.append(li);
+    }
+    $("lan-box").hidden = !lan.children.length;
     if (current) showPeerInfo();
   }
   async function buddy(action, user) {

@@ -1,0 +1,95 @@
+"""`p2pim app --lan` on a real LAN (natlab: two hosts on one router's bridge, the rendezvous
+on the public side): the app lists the `p2pim lan` peer next door, and a message goes
+both ways between the app's page (its WebSocket, driven from inside the host's namespace,
+with the token and the app's own Origin) and the peer's `p2pim lan`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+
+from natlab.classify import tool
+from natlab.matrix import JsonProcess, start_pair, stop_all
+from natlab.profiles import NatProfile
+from natlab.topology import new_prefix, standard
+from tests.labutil import lab
+
+pytestmark = lab
+
+# Runs inside alice's namespace: the page's side of the WebSocket.
+PAGE = r"""
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def main(url):
+    port = url.split(":")[2].split("/")[0]
+    token = url.split("t=", 1)[1]
+    async with connect(f"ws://127.0.0.1:{port}/ws?t={token}", origin=f"http://127.0.0.1:{port}") as ws:
+        ids = iter(range(1, 10**6))
+        async def ask(op, **args):
+            rid = next(ids)
+            await ws.send(json.dumps({"id": rid, "op": op, **args}))
+            while True:
+                got = json.loads(await ws.recv())
+                if got.get("id") == rid:
+                    return got
+                if got.get("event"):
+                    print(json.dumps(got), flush=True)
+        for _ in range(100):
+            lan = (await ask("state"))["ok"]["lan"]
+            if any(p["name"] == "bob" for p in lan):
+                break
+            await asyncio.sleep(0.2)
+        print(json.dumps({"event": "lan_listed", "lan": lan}), flush=True)
+        sent = await ask("send", to="lan:bob", text="hello bob, from the app")
+        print(json.dumps({"event": "sent", **sent}), flush=True)
+        async for raw in ws:
+            got = json.loads(raw)
+            print(json.dumps(got), flush=True)
+            if got.get("event") == "message" and got.get("from") == "lan:bob":
+                history = await ask("history", peer="lan:bob")
+                print(json.dumps({"event": "history", **history}), flush=True)
+                return
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_the_app_talks_to_a_lan_peer() -> None:
+    topo = standard(new_prefix(), [NatProfile("port-restricted")], hosts_per_nat=2)  # rdv; h1, h1b on nat1
+    tmp = tempfile.mkdtemp(prefix="p2pim-applan-")
+    procs: list[JsonProcess] = []
+    server = None
+    try:
+        server, envs = start_pair(topo, tmp, "h1", "h1b")
+        app = JsonProcess(
+            topo, "h1", [tool("p2pim"), "app", "--lan", "--no-browser", "--json"], envs["alice"]
+        )
+        procs.append(app)
+        started = app.wait(lambda e: "url" in e, 20)
+        assert started is not None, "p2pim app did not start"
+        url = str(next(e["url"] for _, e in app.log if "url" in e))
+        bob = JsonProcess(topo, "h1b", [tool("p2pim"), "lan", "--json", "--interval", "1"], envs["bob"])
+        procs.append(bob)
+        assert bob.wait(lambda e: e.get("event") == "ready", 15) is not None
+        page = JsonProcess(topo, "h1", [sys.executable, "-c", PAGE, url], envs["alice"])
+        procs.append(page)
+        listed = page.wait(lambda e: e.get("event") == "lan_listed", 30)
+        assert listed is not None
+        lan = next(e["lan"] for _, e in page.log if e.get("event") == "lan_listed")
+        bob_row = next(p for p in lan if p["name"] == "bob")  # type: ignore[union-attr]
+        assert bob_row["encrypted"] is True and bob_row["peer"] == "lan:bob"
+        assert bob.wait(
+            lambda e: e.get("event") == "message" and e.get("text") == "hello bob, from the app", 15
+        )
+        bob.type("alice: and back, over the LAN")
+        assert page.wait(lambda e: e.get("event") == "history", 15) is not None
+        history = next(e for _, e in page.log if e.get("event") == "history")["ok"]
+        said = [(m["outgoing"], m["text"]) for m in history]  # type: ignore[index]
+        assert said == [(True, "hello bob, from the app"), (False, "and back, over the LAN")], said
+        came = [e for _, e in page.log if e.get("event") == "message"]
+        assert len(came) == 1 and came[0].get("encrypted") is True  # once, end to end
+    finally:
+        stop_all(topo, procs, server)
+        subprocess.run(["rm", "-rf", tmp], check=False)
