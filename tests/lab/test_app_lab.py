@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from natlab.classify import tool
-from natlab.matrix import JsonProcess, start_pair, stop_all
+from natlab.matrix import JsonProcess, profile, start_pair, stop_all
 from natlab.profiles import NatProfile
 from natlab.topology import new_prefix, standard
 from tests.labutil import lab
@@ -90,6 +90,90 @@ def test_the_app_talks_to_a_lan_peer() -> None:
         assert said == [(True, "hello bob, from the app"), (False, "and back, over the LAN")], said
         came = [e for _, e in page.log if e.get("event") == "message"]
         assert len(came) == 1 and came[0].get("encrypted") is True  # once, end to end
+    finally:
+        stop_all(topo, procs, server)
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+# Runs inside each user's namespace: that user's page, for the pair across two NATs.
+PAIR = r"""
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+
+async def main(url, peer, say, expect):
+    port = url.split(":")[2].split("/")[0]
+    token = url.split("t=", 1)[1]
+    async with connect(f"ws://127.0.0.1:{port}/ws?t={token}", origin=f"http://127.0.0.1:{port}") as ws:
+        ids = iter(range(1, 10**6))
+        came = {}  # msg id -> text: what arrived, whenever (as the window, by id)
+        async def ask(op, **args):
+            rid = next(ids)
+            await ws.send(json.dumps({"id": rid, "op": op, **args}))
+            while True:
+                got = json.loads(await ws.recv())
+                if got.get("id") == rid:
+                    return got
+                if got.get("event") == "message":
+                    came[got["msg_id"]] = got["text"]
+                print(json.dumps(got), flush=True)
+        await ask("open", peer=peer)
+        # what came before this page connected is in the history (the window shows it on open)
+        before = (await ask("history", peer=peer))["ok"]
+        came.update((m["msg_id"], m["text"]) for m in before if not m["outgoing"])
+        for _ in range(300):  # the path badge: direct, once the punch worked
+            row = next(b for b in (await ask("state"))["ok"]["buddies"] if b["name"] == peer)
+            if row["path"]["via"] == "direct":
+                break
+            await asyncio.sleep(0.1)
+        print(json.dumps({"event": "path_seen", **row["path"]}), flush=True)
+        await ask("send", to=peer, text=say)
+        while expect not in came.values():
+            got = json.loads(await ws.recv())
+            if got.get("event") == "message":
+                came[got["msg_id"]] = got["text"]
+            print(json.dumps(got), flush=True)
+        await asyncio.sleep(1.0)  # anything shown twice would come meanwhile
+        history = await ask("history", peer=peer)
+        print(json.dumps({"event": "history", "came": list(came.values()), **history}), flush=True)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_two_apps_across_two_nats() -> None:
+    profiles = [profile("port-restricted"), profile("full-cone", side="b")]
+    topo = standard(new_prefix(), profiles)  # rdv; h1 behind nat1, h2 behind nat2
+    tmp = tempfile.mkdtemp(prefix="p2pim-apppair-")
+    procs: list[JsonProcess] = []
+    server = None
+    try:
+        server, envs = start_pair(topo, tmp, "h1", "h2")
+        urls = {}
+        for who, host in (("alice", "h1"), ("bob", "h2")):
+            app = JsonProcess(topo, host, [tool("p2pim"), "app", "--no-browser", "--json"], envs[who])
+            procs.append(app)
+            assert app.wait(lambda e: "url" in e, 20) is not None, f"{who}'s app did not start"
+            urls[who] = str(next(e["url"] for _, e in app.log if "url" in e))
+        script = [sys.executable, "-c", PAIR]
+        pages = {
+            "alice": JsonProcess(
+                topo, "h1", [*script, urls["alice"], "bob", "hi bob", "hi alice"], envs["alice"]
+            ),
+            "bob": JsonProcess(
+                topo, "h2", [*script, urls["bob"], "alice", "hi alice", "hi bob"], envs["bob"]
+            ),
+        }
+        procs += list(pages.values())
+        for who, page in pages.items():
+            assert page.wait(lambda e: e.get("event") == "history", 60) is not None, f"{who}'s page"
+            seen = next(e for _, e in page.log if e.get("event") == "path_seen")
+            assert seen.get("via") == "direct", seen  # the badge says direct, across the NATs
+            done = next(e for _, e in page.log if e.get("event") == "history")
+            history = done["ok"]
+            texts = sorted((m["outgoing"], m["text"]) for m in history)  # type: ignore[index]
+            assert done["came"] == ["hi alice" if who == "alice" else "hi bob"]  # shown once
+            mine, theirs = ("hi bob", "hi alice") if who == "alice" else ("hi alice", "hi bob")
+            assert texts == sorted([(True, mine), (False, theirs)]), texts  # each once
     finally:
         stop_all(topo, procs, server)
         subprocess.run(["rm", "-rf", tmp], check=False)
