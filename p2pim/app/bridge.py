@@ -48,6 +48,7 @@ class Bridge:
         self.pages: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self.counters = {"bad_requests": 0, "pages_behind": 0}
         self._open: str = ""  # the conversation the page shows: what comes there is read
+        self._keep: set[asyncio.Task[None]] = set()  # links and the LAN pump, while they run
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "state": self.state,
             "history": self.history,
@@ -75,6 +76,11 @@ class Bridge:
         self.pages[key] = queue
         return key, queue
 
+    async def close(self) -> None:
+        for task in list(self._keep):
+            task.cancel()
+        await asyncio.gather(*self._keep, return_exceptions=True)
+
     def detach(self, key: int) -> None:
         self.pages.pop(key, None)
 
@@ -89,7 +95,7 @@ class Bridge:
         """The client's events (and the LAN's), to every page; what comes into the open
         conversation is read."""
         if self.lan is not None:
-            self._lan_task = asyncio.get_running_loop().create_task(self._pump_lan())
+            self._keep.add(asyncio.get_running_loop().create_task(self._pump_lan()))
         async for ev in self.client.events():
             data, _ = event_line(ev)
             self.tell(data)
@@ -282,7 +288,8 @@ class Bridge:
                 self.tell({"event": "link_failed", "reason": exc.message})
 
         task = asyncio.get_running_loop().create_task(run())
-        self._keep = task  # keep a reference while it runs
+        self._keep.add(task)
+        task.add_done_callback(self._keep.discard)
         return {"code": await asyncio.wait_for(shown, 20)}
 
     async def account(self, req: dict[str, Any]) -> dict[str, Any]:

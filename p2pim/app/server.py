@@ -73,6 +73,7 @@ class AppServer:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
+        await self.bridge.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
