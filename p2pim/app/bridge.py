@@ -39,11 +39,13 @@ class AppError(Exception):
 
 
 class Bridge:
-    def __init__(self, client: Client, downloads: Path, lan: Any = None) -> None:
+    def __init__(self, client: Client, downloads: Path, lan: Any = None, uploads: Path | None = None) -> None:
         """``lan``: a started :class:`p2pim.lan.node.LanNode` (``p2pim app --lan``): its peers
-        are listed and written to beside the buddies, "lan:NAME"."""
+        are listed and written to beside the buddies, "lan:NAME". ``uploads``: where files
+        dropped on the page wait while they are offered (each goes once its transfer ends)."""
         self.client = client
         self.downloads = downloads
+        self.uploads = uploads
         self.lan = lan
         self.pages: dict[int, asyncio.Queue[dict[str, Any]]] = {}
         self.counters = {"bad_requests": 0, "pages_behind": 0}
@@ -99,11 +101,27 @@ class Bridge:
         async for ev in self.client.events():
             data, _ = event_line(ev)
             self.tell(data)
+            if str(data.get("event", "")).startswith("file_"):
+                self._tidy(str(data.get("id", "")))
             # A text, a group post, a file's answer: whatever lands in the open conversation
             # is read there (and its sender told).
             if self._open and self.client.store.unread(self._open):
                 with contextlib.suppress(ClientError, Unreachable):
                     await self.read({"peer": self._open})
+
+    def _tidy(self, file_id: str) -> None:
+        """A dropped file's copy goes once its transfer is over (done, declined, cancelled, failed)."""
+        if self.uploads is None or not file_id:
+            return
+        try:
+            t = self.client.find_file(file_id)
+        except ClientError:
+            return
+        path = Path(t.path)
+        if t.outgoing and t.final and path.parent.parent == self.uploads:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                path.parent.rmdir()
 
     async def _pump_lan(self) -> None:
         from ..lan.core import PREFIX

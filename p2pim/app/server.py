@@ -40,11 +40,13 @@ MAX_WORKING = 16  # requests of one page being answered at once
 
 
 class AppServer:
-    def __init__(self, bridge: Bridge, upload_dir: Path, host: str = "127.0.0.1") -> None:
+    def __init__(self, bridge: Bridge, host: str = "127.0.0.1") -> None:
+        """``bridge.uploads``: where dropped files are kept while they are offered."""
         self.bridge = bridge
         self.host = host
         self.token = secrets.token_urlsafe(32)
-        self.upload_dir = upload_dir
+        assert bridge.uploads is not None
+        self.upload_dir = bridge.uploads
         self.port = 0
         self.refused = {"token": 0, "host": 0, "origin": 0}
         self._runner: web.AppRunner | None = None

@@ -62,7 +62,7 @@ def cmd_app(args: argparse.Namespace) -> int:
                 )
             c.reconnect = True
             lan = await _lan(c, args) if args.lan else None
-            server = AppServer(Bridge(c, download_dir(), lan), c.profile.path / "uploads")
+            server = AppServer(Bridge(c, download_dir(), lan, c.profile.path / "uploads"))
             try:
                 await server.start(args.port)
             except OSError as exc:

@@ -222,6 +222,8 @@ def test_two_apps_in_a_real_browser(
         assert Path(where).parent == tmp_path / "downloads"
         arrived = Path(where).read_bytes()
         assert hashlib.blake2b(arrived).digest() == hashlib.blake2b(expected).digest()
+        uploads = home / "p2pim" / "profiles" / "alice" / "uploads"  # the dropped copy goes once sent
+        until(lambda: not [f for f in uploads.rglob("*") if f.is_file()], what="the upload tidied away")
         shot(b, out, "file-done")
 
         # a group: alice makes it, bob and carol join, alice's message reaches both
