@@ -1,8 +1,11 @@
 """Relay throughput and latency, and server memory per idle client, for one rendezvous process.
 
 Runs a real ``rendezvous serve`` (loopback, throwaway database) and drives it
-from this process over real WebSockets with the wire protocol (raw frames, no
-client database: the load generator must not be the thing measured).
+over real WebSockets with the wire protocol (raw frames, no client database)
+from ``--generators`` processes of their own, each with its share of the
+clients and pairs (a pair's sender and receiver in one process, which times
+it): the load generator must not be the thing measured. One generator process
+is what this bench did before (its own queueing in the figures).
 
 1. Memory: RSS of the server before any client, then with ``--clients``
    logged-in idle connections; the difference per client.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -30,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,27 +88,20 @@ def prepare_db(path: Path, n: int) -> list[Identity]:
 
 
 def source_address(i: int) -> str:
-    """Clients come from 50 loopback addresses (100 each), as users come from many: the
-    server's per-address caps stay at their defaults."""
-    return f"127.0.{10 + i % 50}.1"
+    """Clients come from 200 loopback addresses (25 each), as users come from many: the
+    server's per-address caps (new connections: 10/s, bursts of 50) stay at their defaults."""
+    return f"127.0.{10 + i % 200}.1"
 
 
 async def login(url: str, i: int, ident: Identity) -> ClientConnection:
     return await wire.login(url, f"u{i}", ident, PASSWORD, local=source_address(i))
 
 
-async def connect_all(url: str, idents: list[Identity], parallel: int = 100) -> list[ClientConnection]:
-    sem = asyncio.Semaphore(parallel)
-
-    async def one(i: int) -> ClientConnection:
-        async with sem:
-            return await login(url, i, idents[i])
-
-    return list(await asyncio.gather(*(one(i) for i in range(len(idents)))))
-
-
-async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, seconds: float) -> dict[str, float]:
-    """Senders u0, u2, ... relay to u1, u3, ... at ``rate`` messages/s in total."""
+async def relay_run(
+    conns: dict[int, ClientConnection], pairs: list[int], rate: float, seconds: float
+) -> tuple[int, int, list[float], float]:
+    """Pair p's sender u(2p) relays to u(2p+1), for the ``pairs`` given, at ``rate``
+    messages/s in all; returns (sent, received, latencies in s, seconds elapsed)."""
     latencies: list[float] = []
     received = 0
     stop = asyncio.Event()
@@ -121,7 +119,7 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
                 latencies.append(time.perf_counter() - sent)
                 received += 1
 
-    receivers = [asyncio.create_task(receiver(conns[2 * p + 1])) for p in range(pairs)]
+    receivers = [asyncio.create_task(receiver(conns[2 * p + 1])) for p in pairs]
     pad = b"\0" * (PAYLOAD - 8)
     sent = 0
     t0 = time.perf_counter()
@@ -129,7 +127,7 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
     while (now := time.perf_counter()) < t0 + seconds:
         due = int((now - t0) * rate) - sent
         for _ in range(due):
-            p = sent % pairs
+            p = pairs[sent % len(pairs)]
             data = struct.pack("!d", time.perf_counter()) + pad
             frame = pb.Frame(relay=pb.Relay(to=f"u{2 * p + 1}", data=data))
             await conns[2 * p].send(frame.SerializeToString())
@@ -140,6 +138,10 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
     await asyncio.sleep(1.0)  # stragglers
     stop.set()
     await asyncio.gather(*receivers)
+    return sent, received, latencies, elapsed
+
+
+def summary(rate: int, sent: int, received: int, latencies: list[float], elapsed: float) -> dict[str, float]:
     lat = sorted(latencies)
     return {
         "offered_per_s": rate,
@@ -151,6 +153,55 @@ async def relay_run(conns: list[ClientConnection], pairs: int, rate: int, second
         "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else -1,
         "max_ms": round(1000 * lat[-1], 2) if lat else -1,
     }
+
+
+def generator(pipe: Connection, url: str, seeds: dict[int, bytes], pairs: list[int]) -> None:
+    """One load-generator process: logs its clients in, then runs what the parent asks."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(50)
+
+        async def one(i: int) -> tuple[int, ClientConnection]:
+            async with sem:
+                return i, await login(url, i, Identity.from_seed(seeds[i]))
+
+        conns = dict(await asyncio.gather(*(one(i) for i in seeds)))
+        pipe.send("ready")
+        while True:
+            order = await loop.run_in_executor(None, pipe.recv)
+            if order[0] == "run":
+                pipe.send(await relay_run(conns, pairs, order[1], order[2]))
+            else:
+                await asyncio.gather(*(c.close() for c in conns.values()))
+                pipe.send("closed")
+                return
+
+    asyncio.run(main())
+
+
+def start_generators(
+    url: str, idents: list[Identity], pairs: int, count: int
+) -> list[tuple[multiprocessing.process.BaseProcess, Connection]]:
+    """``count`` generator processes: pair p (clients 2p, 2p+1) in process p % count, the idle
+    clients spread over them."""
+    ctx = multiprocessing.get_context("spawn")
+    out = []
+    for g in range(count):
+        mine = [p for p in range(pairs) if p % count == g]
+        members = {2 * p for p in mine} | {2 * p + 1 for p in mine}
+        idle = [i for i in range(2 * pairs, len(idents)) if i % count == g]
+        seeds = {i: idents[i].seed for i in sorted(members | set(idle))}
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=generator, args=(child, url, seeds, mine), daemon=True)
+        proc.start()
+        out.append((proc, parent))
+    for _, pipe in out:
+        if pipe.recv() != "ready":
+            raise RuntimeError("a generator did not log its clients in")
+    return out
 
 
 async def bench(args: argparse.Namespace) -> dict[str, object]:
@@ -191,7 +242,9 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.sleep(1)
         base = rss_kb(server.pid)
         t0 = time.perf_counter()
-        conns = await connect_all(url, idents)
+        gens = await asyncio.get_running_loop().run_in_executor(
+            None, start_generators, url, idents, args.pairs, args.generators
+        )
         login_s = time.perf_counter() - t0
         await asyncio.sleep(3)  # idle
         loaded = rss_kb(server.pid)
@@ -205,7 +258,13 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         runs = []
         for rate in args.rates:
             cpu0 = cpu_seconds(server.pid)
-            r = await relay_run(conns, args.pairs, rate, args.seconds)
+            for _, pipe in gens:
+                pipe.send(("run", rate / len(gens), args.seconds))
+            parts = [await asyncio.get_running_loop().run_in_executor(None, pipe.recv) for _, pipe in gens]
+            r = summary(
+                rate, sum(p[0] for p in parts), sum(p[1] for p in parts),
+                [x for p in parts for x in p[2]], max(p[3] for p in parts),
+            )  # fmt: skip
             # The server's own CPU per relayed message: steadier than latency on a shared box.
             r["server_cpu_us_per_msg"] = round(
                 1e6 * (cpu_seconds(server.pid) - cpu0) / max(1, r["received"]), 1
@@ -217,7 +276,10 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
                 f"server CPU {r['server_cpu_us_per_msg']} us/msg",
                 flush=True,
             )
-        await asyncio.gather(*(c.close() for c in conns))
+        for proc, pipe in gens:
+            pipe.send(("close",))
+            pipe.recv()
+            proc.join(10)
     finally:
         server.terminate()
         server.communicate(timeout=30)
@@ -239,7 +301,8 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         "runs": runs,
         "best_rate_with_p99_under_target": best,
         "throughput_target_met": best >= TARGET_RATE,
-        "note": "load generator and server share the machine's cores",
+        "generators": args.generators,
+        "note": "the load generator's processes and the server share the machine's cores",
     }
 
 
@@ -253,6 +316,7 @@ def main() -> None:
         "--rates", type=lambda s: [int(x) for x in s.split(",")], default=[5000, 8000, 10000, 12000]
     )
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--generators", type=int, default=2, help="load-generator processes (default 2)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "relay.json")
     args = parser.parse_args()
     if args.clients < 2 * args.pairs:
