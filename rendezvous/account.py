@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from p2pim.ratelimit import RateLimiter
 from p2pim.wire import control_pb2 as pb
 
-from .errors import RequestError
+from .errors import RequestError, error_frame
 
 if TYPE_CHECKING:
     from .db import User
@@ -167,7 +167,7 @@ class AccountHandlers:
     ) -> None:
         if not ok:
             self.hub.counters.login_failures += 1
-            self.hub._send(session, _error(frame.id, pb.AUTH_FAILED, "wrong password"))
+            self.hub._send(session, error_frame(frame.id, pb.AUTH_FAILED, "wrong password"))
             return
         if frame.WhichOneof("body") == "account_password":
             self.db.set_password(work.user.id, new_hash)
@@ -202,7 +202,3 @@ class AccountHandlers:
             self.db.noticed(user_id, int(now * 1000))
             sent += 1
         return sent
-
-
-def _error(request_id: int, code: int, message: str) -> pb.Frame:
-    return pb.Frame(id=request_id, error=pb.Error(code=code, message=message))  # type: ignore[arg-type]

@@ -228,10 +228,8 @@ class Database:
 
     # -- accounts -------------------------------------------------------------
 
-    def add_user(
-        self, username: str, pw_hash: bytes, identity_key: bytes, now_ms: int, device: str = ""
-    ) -> bool:
-        """False if the name (or the key) is taken. The key is also the first device's."""
+    def add_user(self, username: str, pw_hash: bytes, identity_key: bytes, now_ms: int) -> bool:
+        """False if the name is taken. The key is also the first device's."""
         try:
             with self.conn:
                 self.conn.execute("BEGIN")
@@ -241,7 +239,7 @@ class Database:
                 )
                 self.conn.execute(
                     "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
-                    (cur.lastrowid, identity_key, device or "first device", now_ms),
+                    (cur.lastrowid, identity_key, "first device", now_ms),
                 )
         except sqlite3.IntegrityError:
             return False

@@ -66,18 +66,18 @@ from .account import AccountHandlers, AccountWork, Mail
 from .admission import bump
 from .db import Database, User
 from .devices import DeviceHandlers
-from .errors import RequestError
+from .errors import RequestError, error_frame
 from .groups import GroupHandlers
 from .passwords import MAX_PASSWORD, MIN_PASSWORD
 
 MAX_RELAY = 64 * 1024  # one relayed datagram
 RELAY_BUSY_MS = 20  # "the recipient is not keeping up": send again after this
-EXPIRE_EVERY_S = 3600.0
+EXPIRE_EVERY_S = 3600.0  # how often old offline envelopes and tokens are deleted
 # Acknowledged offline envelopes are deleted in batches: one transaction per ack cost an
 # fsync each, and a group post brings one ack per member. Losing a batch to a crash only
 # means those envelopes come again, and clients drop what they have seen (by message id).
 ACK_FLUSH_S = 0.2
-ACK_FLUSH_IDS = 512  # how often old offline envelopes and tokens are deleted
+ACK_FLUSH_IDS = 512
 NONCE_SIZE = 32
 TOKEN_SIZE = 32
 TOKEN_LIFETIME_MS = 90 * 24 * 3600 * 1000
@@ -88,7 +88,14 @@ MAX_SESSIONS = 8  # per user; the oldest is closed when a ninth logs in
 MAX_ACK_IDS = 1000  # store ids in one offline_ack
 MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a uint64 from the wire may not fit
 MAX_PAUSE_S = 1.0  # the longest the shell stops reading a connection after a RATE_LIMITED
-UNMETERED = ("offline_ack", "logout")  # acks pace the backlog: metering them would stall it
+UNMETERED = ("offline_ack", "logout")
+# Requests that wait for a password hash in the shell's pool (begin_* here, then finish_*).
+HASHED = (
+    "register",
+    "login",
+    "account_password",
+    "account_delete",
+)  # acks pace the backlog: metering them would stall it
 
 
 @dataclass(frozen=True)
@@ -268,13 +275,6 @@ class ProtocolError(Exception):
     """The peer broke the protocol: send the error, then close its connection."""
 
 
-def error_frame(request_id: int, code: int, message: str, retry_after_ms: int = 0) -> pb.Frame:
-    return pb.Frame(
-        id=request_id,
-        error=pb.Error(code=code, message=message, retry_after_ms=retry_after_ms),  # type: ignore[arg-type]
-    )
-
-
 def _check_username(name: str) -> str:
     if not USERNAME_RE.fullmatch(name):
         raise RequestError(
@@ -442,12 +442,7 @@ class Hub:
             except DecodeError:
                 raise ProtocolError("frame is not a valid protobuf Frame") from None
             kind = frame.WhichOneof("body")
-            if kind not in self._handlers and kind not in (
-                "register",
-                "login",
-                "account_password",
-                "account_delete",
-            ):
+            if kind not in self._handlers and kind not in HASHED:
                 raise ProtocolError(f"unknown or missing request body ({kind or 'none'})")
         except ProtocolError as exc:
             self.counters.bad_frames += 1
@@ -622,8 +617,7 @@ class Hub:
             self._send(session, error_frame(frame.id, exc.code, exc.message))
             return
         if device_id < 0:  # every device lost: the key this login signed with is the account's now
-            user = self._new_identity(user, req.device_key, req.device_name, now)
-            device_id = self.db.devices(user.id)[0].id
+            user, device_id = self._new_identity(user, req.device_key, req.device_name, now)
         sessions = self.online.setdefault(user.username, [])
         if len(sessions) >= MAX_SESSIONS:
             old = sessions[0]
@@ -675,10 +669,8 @@ class Hub:
 
     def delete_account(self, user: User, now: float) -> None:
         """Remove ``user`` for good: its sessions end, its buddies see it go, nothing of it stays."""
-        for r in self.db.relations(user.id):
-            if r.state == "mutual":
-                self._event(r.username, pb.BuddyEvent.REMOVED, user, "mutual", now)
-                self.buddies.get(r.username, set()).discard(user.username)
+        for buddy in self._tell_buddies(user, pb.BuddyEvent.REMOVED, now):
+            self.buddies.get(buddy, set()).discard(user.username)
         for x in list(self.online.get(user.username, ())):
             self._end(x, "the account was deleted", now)
         self.db.delete_user(user.id)
@@ -690,18 +682,24 @@ class Hub:
         self.db.add_token(user_id, _token_hash(token), int(now * 1000) + TOKEN_LIFETIME_MS, device_id)
         return token
 
-    def _new_identity(self, user: User, key: bytes, name: str, now: float) -> User:
-        """``user`` lost every device: ``key`` is its identity key and only device now. Its
-        other sessions end; its buddies are told (their clients warn: a key change)."""
-        self.db.reset_identity(user.id, key, name.strip()[:64] or "new device", int(now * 1000))
+    def _new_identity(self, user: User, key: bytes, name: str, now: float) -> tuple[User, int]:
+        """``user`` lost every device: ``key`` is its identity key and only device now (its
+        id returned with the user). Its other sessions end; its buddies are told (their
+        clients warn: a key change)."""
+        device_id = self.db.reset_identity(user.id, key, name.strip()[:64] or "new device", int(now * 1000))
         for old in list(self.online.get(user.username, ())):
             self._end(old, "the account's key was reset (login --new-key): this device is not linked", now)
         fresh = self.db.user(user.username)
         assert fresh is not None
-        for r in self.db.relations(user.id):
-            if r.state == "mutual":
-                self._event(r.username, pb.BuddyEvent.KEY_CHANGED, fresh, "mutual", now)
-        return fresh
+        self._tell_buddies(fresh, pb.BuddyEvent.KEY_CHANGED, now)
+        return fresh, device_id
+
+    def _tell_buddies(self, user: User, kind: int, now: float) -> list[str]:
+        """A buddy event about ``user`` to each of its mutual buddies online; returns their names."""
+        buddies = [r.username for r in self.db.relations(user.id) if r.state == "mutual"]
+        for buddy in buddies:
+            self._event(buddy, kind, user, "mutual", now)
+        return buddies
 
     def end_device(self, username: str, device_id: int, reason: str, now: float) -> None:
         """Close every session of a removed device, now."""

@@ -45,7 +45,8 @@ from p2pim.wire import control_pb2 as pb
 
 from .account import AccountWork, Mail
 from .admission import Admission, Verdict, default_max_connections
-from .hub import MAX_FRAME, Close, Counters, HashWork, Hub, Session, error_frame
+from .errors import error_frame
+from .hub import MAX_FRAME, Close, Counters, HashWork, Hub, Session
 from .mail import Mailer
 from .passwords import PasswordHasher
 
