@@ -136,7 +136,7 @@ class Identity:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, bytes(self.signing_key))
+            os.write(fd, self.seed)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..cli.files import transfer_json
 from ..cli.render import event_line
 from ..client import Client, ClientError, Unreachable
 from ..groups.seal import label
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 MAX_HISTORY = 500
 MAX_PAGES = 8  # pages (tabs) connected at once
 PAGE_QUEUE = 1000  # events waiting for a page that is slow to take them; past it, it reloads
+# Events that add a line to a conversation's history, and those that can end a transfer.
+LANDS = {"message", "group_message", "file_offered", "file_answered", "file_done", "file_failed"}
+ENDS = {"file_answered", "file_done", "file_failed"}
 
 
 class AppError(Exception):
@@ -101,11 +104,12 @@ class Bridge:
         async for ev in self.client.events():
             data, _ = event_line(ev)
             self.tell(data)
-            if str(data.get("event", "")).startswith("file_"):
+            kind = data.get("event")
+            if kind in ENDS:
                 self._tidy(str(data.get("id", "")))
-            # A text, a group post, a file's answer: whatever lands in the open conversation
-            # is read there (and its sender told).
-            if self._open and self.client.store.unread(self._open):
+            # A text, a group post, a file's offer or answer: whatever lands in the open
+            # conversation's history is read there (and its sender told).
+            if kind in LANDS and self._open and self.client.store.unread(self._open):
                 with contextlib.suppress(ClientError, Unreachable):
                     await self.read({"peer": self._open})
 
@@ -178,7 +182,7 @@ class Bridge:
         return {
             "me": c.username, "server": c.server, "connected": c.connected,
             "fingerprint": c.profile.identity.fingerprint, "buddies": listed, "groups": groups,
-            "transfers": [_transfer(t) for t in c.transfers()[-50:]], "devices": c.device_count,
+            "transfers": [transfer_json(t) for t in c.transfers()[-50:]], "devices": c.device_count,
             "lan": self._lan_peers(),
         }  # fmt: skip
 
@@ -224,18 +228,16 @@ class Bridge:
 
     async def read(self, req: dict[str, Any]) -> int:
         peer = str(req["peer"])
-        if peer.startswith(("lan:", "ipmsg:")):  # the LAN has no read receipts: shown here, read here
-            unread = self.client.store.unread(peer)
+        if not peer.startswith(("#", "lan:", "ipmsg:")):
+            return await self.client.mark_read(peer)  # a buddy: read receipts go back
+        # a group (its posts' senders see "read by") or the LAN (no read receipts there)
+        unread = self.client.store.unread(peer)
+        if unread:
             self.client.store.mark_read(unread)
-            return len(unread)
-        if peer.startswith("#"):
-            unread = self.client.store.unread(peer)
-            if unread:
-                self.client.store.mark_read(unread)
+            if peer.startswith("#"):
                 with contextlib.suppress(ClientError, Unreachable):
                     await self.client.groups.mark_read(bytes.fromhex(peer[1:]), unread)
-            return len(unread)
-        return await self.client.mark_read(peer)
+        return len(unread)
 
     async def buddy(self, req: dict[str, Any]) -> bool:
         action, user = str(req["action"]), str(req["user"])
@@ -262,11 +264,11 @@ class Bridge:
             t = await c.cancel_file(t.file_id)
         else:
             raise AppError(f"no file action {action!r}")
-        return _transfer(t)
+        return transfer_json(t)
 
     async def offer(self, peer: str, path: Path) -> dict[str, Any]:
         """A file the page dropped (uploaded to the app first): offer it to ``peer``."""
-        return _transfer(await self.client.send_file(peer, path))
+        return transfer_json(await self.client.send_file(peer, path))
 
     async def group(self, req: dict[str, Any]) -> Any:
         g, action = self.client.groups, str(req["action"])
@@ -337,11 +339,3 @@ class Bridge:
         async with self._nat:
             report = await discover(self.client.stun_servers[0], Timings())
         return {"report": report.to_json(), "table": report.render(), "advice": ADVICE[report.label]}
-
-
-def _transfer(t: Any) -> dict[str, Any]:
-    return {
-        "file_id": t.file_id.hex(), "peer": t.peer, "outgoing": t.outgoing, "name": t.name,
-        "size": t.size, "state": t.state, "done": t.durable, "path": t.path, "detail": t.detail,
-        "updated_ms": t.updated_ms or int(time.time() * 1000),
-    }  # fmt: skip

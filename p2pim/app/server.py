@@ -191,6 +191,9 @@ class AppServer:
             return web.json_response({"error": f"cannot keep the file: {exc.strerror}"}, status=507)
         try:
             return web.json_response({"ok": await self.bridge.offer(to, path)})
-        except Exception as exc:  # said to the page; the app carries on
+        except Exception as exc:  # said to the page; the app carries on, the copy goes
+            with contextlib.suppress(OSError):
+                path.unlink()
+                folder.rmdir()
             message = getattr(exc, "message", "") or str(exc)
             return web.json_response({"error": message}, status=400)

@@ -285,7 +285,8 @@ class Client:
         """Log in with a password, or (no password) with the token saved by an earlier login.
 
         ``new_key`` (with the password): every device of the account is lost; a new identity
-        key is made here and becomes the account's (its buddies see a key change).
+        key is made here and becomes the account's (its buddies see a key change). File
+        transfers keep the key this Client started with: make a new Client for them.
 
         Returns how many offline envelopes the server holds for us (they arrive as events).
         """
@@ -299,9 +300,6 @@ class Client:
             token = saved[2]
         fresh = Identity.generate() if new_key else None
         ok = await self._login(username, password, token, want_token=bool(password), new_identity=fresh)
-        if fresh is not None:
-            self.profile.reset(fresh)
-            self.messenger.identity = self.groups.core.identity = self.files.host.identity = fresh
         if ok.resume_token:
             self._token = ok.resume_token
         if remember:
@@ -342,6 +340,9 @@ class Client:
                 if not busy or attempt == BUSY_RETRIES:
                     raise
                 await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
+        if new_identity is not None:  # the server made it the account's key: ours before anything uses it
+            self.profile.reset(new_identity)
+            self.messenger.identity = self.groups.core.identity = new_identity
         self.username = self.messenger.name = self.groups.core.me = username
         self.keys.me, self.keys.own_key = username, self.profile.identity.public_key
         host = urlsplit(self.server).hostname or "127.0.0.1"

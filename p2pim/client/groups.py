@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..groups.core import GroupCore, GroupError
+from ..groups.seal import label
 from ..groups.store import ROLE_NAMES, GroupRow, GroupStore, Item, Outgoing
 from ..messaging.envelope import EnvelopeError, parse_envelope
 from ..wire import control_pb2 as pb
@@ -133,12 +134,12 @@ class Groups:
     async def send(self, group: str, text: str) -> bytes:
         """Seal ``text`` for the group and queue it (our key first to whoever lacks it)."""
         row = self.find(group)
-        msg_id = self.core.post(row.gid, text)
+        env = self.core.post(row.gid, text)
         self._pump()
-        posted = self.client.store.message(msg_id)
-        if posted is not None:  # our other devices' histories get it too
-            self.client.copy_to_devices(posted.peer, True, text, msg_id, posted.sent_at_ms)
-        return msg_id
+        self.client.copy_to_devices(
+            label(row.gid), True, text, env.msg_id, env.sent_at_ms
+        )  # our other devices
+        return env.msg_id
 
     def _pump(self) -> None:
         """After the core acted: its events to the user; what it queued to the flusher and,

@@ -103,7 +103,7 @@ class GroupCore:
 
     # -- out ---------------------------------------------------------------------------
 
-    def post(self, gid: bytes, text: str) -> bytes:
+    def post(self, gid: bytes, text: str) -> epb.Envelope:
         """Seal ``text`` for the group and queue it (our key first to whoever lacks it)."""
         try:
             body = text_body(text)
@@ -115,7 +115,7 @@ class GroupCore:
         env = gseal.seal(self.identity, self.me, gid, epoch, key, body)
         post = Post(gid, self.me, epoch, body.seq, env.msg_id, gseal.label(gid), text, env.sent_at_ms)
         self._queue([("post", gid.hex(), env.msg_id, env.SerializeToString())], post)
-        return env.msg_id
+        return env
 
     def _my_key(self, gid: bytes) -> tuple[int, bytes]:
         """Our key for ``gid``, handed to every member who lacks it: a new one (a new epoch)

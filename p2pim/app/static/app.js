@@ -253,8 +253,8 @@
     try {
       const r = await (await fetch(url, { method: "POST", body, headers: { "X-P2PIM-Token": token } })).json();
       if (r.error) throw new Error(r.error);
-      const t = r.ok;
-      transfers.set(t.file_id, { id: t.file_id, peer: t.peer, name: t.name, size: t.size, done: 0,
+      const t = r.ok;  // a transfer as `p2pim files --json` shows it
+      transfers.set(t.id, { id: t.id, peer: t.peer, name: t.name, size: t.size, done: 0,
                                  outgoing: true, state: t.state });
       drawFiles();
     } catch (e) { problem(e.message); }
