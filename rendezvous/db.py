@@ -371,15 +371,16 @@ class Database:
         return cur.lastrowid
 
     def remove_device(self, user_id: int, device_id: int) -> bool:
-        """Remove a device (its tokens go with it); what waited only for it is dropped."""
+        """Remove a device (its tokens and what it took go with it): the copies it left for
+        the account's other devices are now for all of them, and what waited only for it
+        is dropped."""
         with self.conn:
             self.conn.execute("BEGIN")
             cur = self.conn.execute("DELETE FROM devices WHERE id = ? AND user_id = ?", (device_id, user_id))
             if cur.rowcount:
                 self.conn.execute(
-                    "DELETE FROM offline WHERE recipient_id = ? AND not_for IS NOT NULL "
-                    "AND not_for NOT IN (SELECT id FROM devices WHERE user_id = ?)",
-                    (user_id, user_id),
+                    "UPDATE offline SET not_for = NULL WHERE recipient_id = ? AND not_for = ?",
+                    (user_id, device_id),
                 )
                 self._drop_taken_by_all(user_id)
         return cur.rowcount > 0
@@ -404,10 +405,12 @@ class Database:
         self.conn.execute("UPDATE devices SET last_seen_ms = ? WHERE id = ?", (now_ms, device_id))
 
     def _drop_taken_by_all(self, user_id: int) -> None:
-        """Envelopes every device of ``user_id`` has taken (one fewer device now) go."""
+        """Envelopes every device of ``user_id`` has taken (one fewer device now) go; a copy
+        counts as taken by the device it is from (the rule of :meth:`ack_offline_many`)."""
         self.conn.execute(
-            "DELETE FROM offline WHERE recipient_id = ?1 AND id IN (SELECT store_id FROM offline_taken "
-            "GROUP BY store_id HAVING COUNT(*) >= (SELECT COUNT(*) FROM devices WHERE user_id = ?1))",
+            "DELETE FROM offline WHERE recipient_id = ?1 AND "
+            "(SELECT COUNT(*) FROM offline_taken t WHERE t.store_id = offline.id) + (not_for IS NOT NULL) "
+            ">= (SELECT COUNT(*) FROM devices WHERE user_id = ?1)",
             (user_id,),
         )
 

@@ -133,6 +133,28 @@ def test_server_db_offline_store_dedups_and_acks_only_own(tmp_path: Path) -> Non
     assert db.expire(now_ms=10_000, max_age_ms=5_000) == 1
 
 
+def test_server_db_a_removed_device_leaves_its_copies_to_the_others(tmp_path: Path) -> None:
+    """Three devices; one is removed: the copies it made for the others still reach each of
+    them (not dropped), and a copy the remaining devices have all had goes (not kept)."""
+    db = Database(tmp_path / "s.db")
+    assert db.add_user("alice", b"h", b"k" * 32, 0)
+    alice = db.user("alice")
+    assert alice is not None
+    d1 = db.devices(alice.id)[0].id
+    d2, d3 = db.add_device(alice.id, b"2" * 32, "laptop", 0), db.add_device(alice.id, b"3" * 32, "phone", 0)
+    assert d2 is not None and d3 is not None
+    from_d3 = db.store_offline(alice.id, "alice", b"a" * 16, b"sent on the phone", 1, not_for=d3)
+    from_bob = db.store_offline(alice.id, "bob", b"b" * 16, b"to alice", 1)
+    from_d1 = db.store_offline(alice.id, "alice", b"c" * 16, b"sent on the desk", 1, not_for=d1)
+    assert db.ack_offline(alice.id, [from_d3, from_bob, from_d1], d2) == 0  # taken by the laptop
+    assert db.remove_device(alice.id, d3)
+    assert [e.id for e in db.pending_offline(alice.id, device_id=d1)] == [from_d3, from_bob]
+    assert db.pending_offline(alice.id, device_id=d2) == []
+    assert not db.conn.execute("SELECT 1 FROM offline WHERE id = ?", (from_d1,)).fetchone()  # all had it
+    assert db.ack_offline(alice.id, [from_d3, from_bob], d1) == 2
+    assert db.offline_count(alice.id) == 0
+
+
 def test_server_db_is_private_to_its_user(tmp_path: Path) -> None:
     Database(tmp_path / "data" / "s.db").close()
     assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
