@@ -61,12 +61,7 @@ async def measure(
     stop = asyncio.Event()
 
     async def receive(ws: ClientConnection) -> None:
-        while not stop.is_set():
-            try:
-                data = await asyncio.wait_for(ws.recv(), 0.2)
-            except TimeoutError:
-                continue
-            frame = pb.Frame.FromString(data)  # type: ignore[arg-type]
+        async for frame in wire.frames(ws, stop):
             if frame.WhichOneof("body") == "relay_in":
                 latencies.append(time.perf_counter() - struct.unpack_from("!d", frame.relay_in.data)[0])
 

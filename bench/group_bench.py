@@ -69,12 +69,7 @@ async def run(url: str, conns: dict[int, ClientConnection], rate: int, seconds: 
 
     async def reader(i: int, ws: ClientConnection) -> None:
         nonlocal copies
-        while not stop.is_set():
-            try:
-                data = await asyncio.wait_for(ws.recv(), 0.2)
-            except TimeoutError:
-                continue
-            frame = pb.Frame.FromString(data)  # type: ignore[arg-type]
+        async for frame in wire.frames(ws, stop):
             if frame.WhichOneof("body") != "offline_envelope":
                 continue
             off = frame.offline_envelope

@@ -108,12 +108,7 @@ async def relay_run(
 
     async def receiver(ws: ClientConnection) -> None:
         nonlocal received
-        while not stop.is_set():
-            try:
-                data = await asyncio.wait_for(ws.recv(), 0.5)
-            except TimeoutError:
-                continue
-            frame = pb.Frame.FromString(data)  # type: ignore[arg-type]
+        async for frame in wire.frames(ws, stop, poll=0.5):
             if frame.WhichOneof("body") == "relay_in":
                 (sent,) = struct.unpack_from("!d", frame.relay_in.data)
                 latencies.append(time.perf_counter() - sent)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+from collections.abc import AsyncIterator
 
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -19,6 +20,16 @@ from p2pim.identity import Identity
 from p2pim.wire import control_pb2 as pb
 
 LOGIN_TRIES = 1000
+
+
+async def frames(ws: ClientConnection, stop: asyncio.Event, poll: float = 0.2) -> AsyncIterator[pb.Frame]:
+    """What the server pushes on ``ws``, until ``stop`` is set (looked at every ``poll`` s)."""
+    while not stop.is_set():
+        try:
+            data = await asyncio.wait_for(ws.recv(), poll)
+        except TimeoutError:
+            continue
+        yield pb.Frame.FromString(data)  # type: ignore[arg-type]
 
 
 def free_port() -> int:
