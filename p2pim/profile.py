@@ -10,6 +10,7 @@ contacts with pinned keys, history, outbox, and the server session).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,19 @@ from pathlib import Path
 from .identity import Identity
 
 PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive lock on ``path`` (made 0600 if absent), held while the returned file
+    descriptor is open; None when another process holds it. One session of a kind per
+    profile: the transfer mover, the app."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class ProfileError(Exception):

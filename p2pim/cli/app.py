@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
 import webbrowser
@@ -30,13 +29,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser, udp: argparse.Argumen
 
 def app_running(profile_dir: Path) -> bool:
     """Whether ``p2pim app`` runs on this profile now (it holds its lock)."""
-    fd = os.open(profile_dir / APP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    from p2pim.profile import try_lock
+
+    fd = try_lock(profile_dir / APP_LOCK)
+    if fd is None:
         return True
-    finally:
-        os.close(fd)  # also releases a lock we took just now
+    os.close(fd)  # releases the lock we took just now
     return False
 
 
@@ -44,16 +42,14 @@ def cmd_app(args: argparse.Namespace) -> int:
     from p2pim.app.bridge import Bridge
     from p2pim.app.server import AppServer
     from p2pim.files.disk import download_dir
+    from p2pim.profile import try_lock
 
     from .chat import ChatError, _out, _run
 
     async def body(c: Any) -> int:
-        fd = os.open(c.profile.path / APP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ChatError(f"p2pim app runs on profile {c.profile.name} already", 2) from None
+        fd = try_lock(c.profile.path / APP_LOCK)
+        if fd is None:
+            raise ChatError(f"p2pim app runs on profile {c.profile.name} already", 2)
         try:
             if not c.files.moving:
                 raise ChatError(

@@ -26,7 +26,6 @@ up accepted transfers from there (:data:`RESCAN_S`).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import time
 from collections import OrderedDict
@@ -41,6 +40,7 @@ from ..messaging.core import Opened
 from ..messaging.delivery import Via
 from ..messaging.ids import new_msg_id
 from ..messaging.store import ClientStore, owned_by
+from ..profile import try_lock
 from ..quic.links import FrameIn, LinkEvent, LinkUp, QuicLinks
 from ..sansio import Datagram
 from ..wire import envelope_pb2 as epb
@@ -164,13 +164,8 @@ class FileService:
             lock = (
                 f"transfers{'.' + self.prefix.rstrip(':') if self.prefix else ''}.lock"  # one per host kind
             )
-            fd = os.open(self.host.lock_dir / lock, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)  # another session of this profile moves the bytes
-            else:
-                self._lock_fd = fd
+            self._lock_fd = try_lock(self.host.lock_dir / lock)  # None: another session moves the bytes
+            if self._lock_fd is not None:
                 self._rescan = asyncio.create_task(self._rescan_loop())
         self.driver.start()
         self.quic.start()
