@@ -189,7 +189,7 @@ class DeviceHandlers:
     def _devices(self, session: Session) -> list[Device]:
         return self.hub.db.devices(session.user_id)
 
-    def _info(self, d: Device, session: Session, seen: bool = True) -> pb.DeviceInfo:
+    def _info(self, d: Device, session: Session) -> pb.DeviceInfo:
         online = any(x.device_id == d.id for x in self.hub.online.get(session.username, ()))
         return pb.DeviceInfo(
             device_id=d.id, name=d.name, created_ms=d.created_ms, last_seen_ms=d.last_seen_ms,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..wire import control_pb2 as pb
 
@@ -119,17 +120,12 @@ class GroupStore:
 
     def made_for(self, gid: bytes, owner: str, epoch: int) -> set[str] | None:
         """The members our key of ``epoch`` was made for (None: not known, a key from before)."""
-        r = self.conn.execute(
-            "SELECT made_for FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
-        ).fetchone()
-        return None if r is None or r[0] is None else set(r[0].split("\n")) - {""}
+        names = self._field("made_for", gid, owner, epoch)
+        return None if names is None else _split(names)
 
     def next_seq(self, gid: bytes, owner: str, epoch: int) -> int:
         """The next place in ``owner``'s order in ``epoch``: ours to give, or a member's to show."""
-        r = self.conn.execute(
-            "SELECT next_seq FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
-        ).fetchone()
-        return int(r[0]) if r else 0
+        return int(self._field("next_seq", gid, owner, epoch) or 0)
 
     def shown(self, gid: bytes, owner: str, epoch: int, seq: int) -> None:
         """``owner``'s message ``seq`` of ``epoch`` is in the history: the next to show is after it."""
@@ -140,10 +136,7 @@ class GroupStore:
 
     def given(self, gid: bytes, owner: str, epoch: int) -> set[str]:
         """Whom our key of ``epoch`` was handed to."""
-        r = self.conn.execute(
-            "SELECT given FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
-        ).fetchone()
-        return set(r[0].split("\n")) - {""} if r else set()
+        return _split(self._field("given", gid, owner, epoch) or "")
 
     def give(self, gid: bytes, owner: str, epoch: int, names: set[str]) -> None:
         names = self.given(gid, owner, epoch) | names
@@ -153,10 +146,15 @@ class GroupStore:
         )
 
     def key(self, gid: bytes, owner: str, epoch: int) -> bytes | None:
+        key = self._field("key", gid, owner, epoch)
+        return None if key is None else bytes(key)
+
+    def _field(self, column: str, gid: bytes, owner: str, epoch: int) -> Any:
+        """One column of ``owner``'s key of ``epoch`` (None: no such key, or a NULL there)."""
         r = self.conn.execute(
-            "SELECT key FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
+            f"SELECT {column} FROM group_keys WHERE gid = ? AND owner = ? AND epoch = ?", (gid, owner, epoch)
         ).fetchone()
-        return bytes(r[0]) if r else None
+        return r[0] if r else None
 
     def current_key(self, gid: bytes, owner: str) -> tuple[int, bytes] | None:
         r = self.conn.execute(
@@ -201,3 +199,7 @@ class GroupStore:
 
 def _names(names: set[str]) -> str:
     return "\n".join(sorted(names))
+
+
+def _split(names: str) -> set[str]:
+    return set(names.split("\n")) - {""}
