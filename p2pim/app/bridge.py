@@ -230,13 +230,12 @@ class Bridge:
         peer = str(req["peer"])
         if not peer.startswith(("#", "lan:", "ipmsg:")):
             return await self.client.mark_read(peer)  # a buddy: read receipts go back
-        # a group (its posts' senders see "read by") or the LAN (no read receipts there)
         unread = self.client.store.unread(peer)
-        if unread:
+        if unread and peer.startswith("#"):  # its posts' senders see "read by"
+            with contextlib.suppress(ClientError, Unreachable):
+                await self.client.groups.mark_read(bytes.fromhex(peer[1:]), unread)
+        elif unread:  # the LAN: no read receipts there
             self.client.store.mark_read(unread)
-            if peer.startswith("#"):
-                with contextlib.suppress(ClientError, Unreachable):
-                    await self.client.groups.mark_read(bytes.fromhex(peer[1:]), unread)
         return len(unread)
 
     async def buddy(self, req: dict[str, Any]) -> bool:

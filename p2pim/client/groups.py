@@ -115,7 +115,9 @@ class Groups:
         return {c.msg_id: (c.members, c.delivered, c.read) for c in reply.counts.counts}
 
     async def mark_read(self, gid: bytes, msg_ids: list[bytes]) -> None:
-        """Tell the server we have shown these posts (their senders see "read by")."""
+        """We have shown these posts: read here, and the server told (their senders see
+        "read by"; if it cannot be told now, they are read here all the same)."""
+        self.client.store.mark_read(msg_ids)
         await self.client.control.request("group_read", pb.GroupRead(group=gid, msg_ids=msg_ids))
 
     def find(self, name: str, invited: bool = False) -> GroupRow:
