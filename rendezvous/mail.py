@@ -94,7 +94,8 @@ class Mailer:
             port=c.port,
             username=c.username or None,
             password=c.password or None,
-            start_tls=c.starttls or None if not c.tls else False,
+            # TLS from the start, or STARTTLS required, or (neither) upgraded if offered
+            start_tls=False if c.tls else (True if c.starttls else None),
             use_tls=c.tls,
             timeout=TIMEOUT_S,
         )

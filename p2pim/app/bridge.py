@@ -54,6 +54,7 @@ class Bridge:
         self.counters = {"bad_requests": 0, "pages_behind": 0}
         self._open: str = ""  # the conversation the page shows: what comes there is read
         self._keep: set[asyncio.Task[None]] = set()  # links and the LAN pump, while they run
+        self._linking: asyncio.Task[None] | None = None
         self._ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "state": self.state,
             "history": self.history,
@@ -294,7 +295,10 @@ class Bridge:
         return [asdict(d) for d in await self.client.devices.list()]
 
     async def link(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Show a link code (as an event) and wait for the new device, in the background."""
+        """Show a link code (as an event) and wait for the new device, in the background;
+        one link at a time."""
+        if self._linking is not None and not self._linking.done():
+            raise AppError("a link is waiting for its device already")
         shown: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
         async def run() -> None:
@@ -306,7 +310,7 @@ class Bridge:
                     shown.set_exception(exc)
                 self.tell({"event": "link_failed", "reason": exc.message})
 
-        task = asyncio.get_running_loop().create_task(run())
+        task = self._linking = asyncio.get_running_loop().create_task(run())
         self._keep.add(task)
         task.add_done_callback(self._keep.discard)
         return {"code": await asyncio.wait_for(shown, 20)}
