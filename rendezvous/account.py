@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from p2pim.ratelimit import RateLimiter
 from p2pim.wire import control_pb2 as pb
 
+from .db import NOTICE_LOCK
 from .errors import RequestError, error_frame
 
 if TYPE_CHECKING:
@@ -182,9 +183,13 @@ class AccountHandlers:
         """Mail the notices that are due (offline users only); returns how many."""
         if not self.mail:
             return 0
+        with self.db.chore(NOTICE_LOCK) as mine:  # several nodes: one sweeps, the others skip
+            return self._sweep(now) if mine else 0
+
+    def _sweep(self, now: float) -> int:
         sent = 0
         for user_id, name, email, senders in self.db.notices_due(int(now * 1000), NOTICES_PER_SWEEP):
-            if name in self.hub.online:
+            if self.hub.is_online(name):
                 continue  # on now: it is being delivered
             total = sum(n for _, n in senders)
             many = f"{total} new message{'s' * (total != 1)}"

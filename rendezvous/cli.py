@@ -11,10 +11,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import sqlite3
 import ssl
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .passwords import COSTS
@@ -57,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=7788, help="control TCP port (default %(default)s)")
     serve.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// instead of ws://")
     serve.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    serve.add_argument("--db", help=f"SQLite database (default {default_db()})")
+    serve.add_argument(
+        "--db",
+        help=f"SQLite file, or postgresql://USER@HOST/DB for a cluster's shared state (password in "
+        f"$PGPASSWORD or ~/.pgpass) (default {default_db()})",
+    )
     serve.add_argument(
         "--kdf-cost",
         choices=sorted(COSTS),
@@ -130,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="groups one user may be in or invited to (default 100)",
     )
+    cluster = serve.add_argument_group("several processes or machines (PostgreSQL and a NATS bus)")
+    cluster.add_argument("--bus", metavar="NATS_URL", help="nats://HOST:PORT[,...]: the bus between nodes")
+    cluster.add_argument(
+        "--node", help="this node's name, unique in the cluster (default HOSTNAME-PORT; -wI per worker)"
+    )
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing --port (SO_REUSEPORT), each a node (default 1)",
+    )
+    cluster.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
+    ops = serve.add_argument_group("operations")
+    ops.add_argument(
+        "--ops-port", type=int, default=0, help="/healthz, /readyz, /metrics here (0: off; +I per worker)"
+    )
+    ops.add_argument("--ops-host", default="127.0.0.1", help="address for --ops-port (default %(default)s)")
+    ops.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log lines (default text)"
+    )
+    ops.add_argument(
+        "--drain-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM: clients are told to move; wait this long for them to go (default 10)",
+    )
     mail = serve.add_argument_group("email notices (an SMTP server to send through)")
     mail.add_argument("--smtp", metavar="HOST[:PORT]", help="send verification codes and notices through it")
     mail.add_argument("--smtp-user", default="", help="log in to the SMTP server as this user")
@@ -169,10 +203,78 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
+def _node_name(args: argparse.Namespace) -> str:
+    base = args.node or f"{socket.gethostname()}-{args.port}"
+    return f"{base}-w{args.worker_index}" if args.worker_index >= 0 else base
+
+
+def _shown_db(target: str) -> str:
+    return re.sub(r"//[^@/]*@", "//", target)  # a URL's password stays out of logs
+
+
+def _check_cluster(args: argparse.Namespace) -> str | None:
+    """What is wrong with the cluster options, if anything."""
+    postgres = (args.db or "").startswith(("postgresql://", "postgres://"))
+    if args.workers < 1:
+        return "--workers is 1 or more"
+    if args.workers > 1 and not args.bus:
+        return "--workers needs --bus (the workers are nodes of one cluster)"
+    if args.bus and not postgres:
+        return "--bus needs --db postgresql://... (the nodes share their state there, not in a SQLite file)"
+    if args.bus and args.node and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.node):
+        return "--node is 1-64 letters, digits, '-' or '_'"
+    return None
+
+
+def _run_workers(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--workers N``: N processes, each a node, sharing the port; SIGTERM/SIGINT go to all
+    (each drains); one that dies is started again after a second."""
+    base = [sys.executable, "-m", "rendezvous", *argv, "--node", _node_name(args)]
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for i in range(args.workers):
+        procs[i] = subprocess.Popen([*base, "--worker-index", str(i)])
+    print(
+        f"rendezvous: {args.workers} workers on port {args.port} (pids {[p.pid for p in procs.values()]})",
+        flush=True,
+    )
+    failed = 0
+    while procs:
+        for i, p in list(procs.items()):
+            code = p.poll()
+            if code is None:
+                continue
+            if stopping:
+                del procs[i]
+                failed = failed or code
+            else:  # a worker died: its clients reconnect to the others; start it again
+                print(
+                    f"rendezvous: worker {i} exited with {code}; starting it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(1.0)
+                procs[i] = subprocess.Popen([*base, "--worker-index", str(i)])
+        time.sleep(0.2)
+    return failed
+
+
 async def _run_serve(args: argparse.Namespace) -> int:
-    from .db import Database, SchemaTooNew
+    from .bus import BusUnavailable
+    from .db import Database, SchemaTooNew, StoreUnavailable
     from .hub import Hub, Limits
     from .mail import MailConfig, Mailer
+    from .ops import Ops
     from .passwords import PasswordHasher
     from .server import RendezvousServer
 
@@ -224,18 +326,22 @@ async def _run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rendezvous: {exc}", file=sys.stderr)
         return 2
-    db_path = Path(args.db) if args.db else default_db()
+    db_path = args.db or str(default_db())
     try:
         db = Database(db_path)
-    except (SchemaTooNew, sqlite3.Error, OSError) as exc:
-        print(f"rendezvous: cannot open database {db_path}: {exc}", file=sys.stderr)
+    except (SchemaTooNew, sqlite3.Error, OSError, StoreUnavailable) as exc:
+        print(f"rendezvous: cannot open database {_shown_db(db_path)}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
-    hub = Hub(db, limits, mail=mailer is not None)
-    server = RendezvousServer(hub, PasswordHasher(args.kdf_cost), mailer)
-    stun = None
+    node = _node_name(args)
+    hub = Hub(db, limits, mail=mailer is not None, node=node if args.bus else "")
+    server = RendezvousServer(hub, PasswordHasher(args.kdf_cost), mailer, bus_url=args.bus or "")
+    stun = ops = None
     try:
-        await server.start(args.host, args.port, tls)
-        if not args.no_stun:
+        await server.start(args.host, args.port, tls, reuse_port=args.worker_index >= 0)
+        if args.ops_port:
+            ops = Ops(server, node)
+            await ops.start(args.ops_host, args.ops_port + max(0, args.worker_index))
+        if not args.no_stun and args.worker_index <= 0:  # one worker answers STUN (it keeps no state)
             stun_ip = args.stun_ip or args.host
             core = StunServerCore(stun_ip, args.stun_port, args.alt_ip, args.stun_alt_port)
             stun = await StunService.start(core)
@@ -245,16 +351,24 @@ async def _run_serve(args: argparse.Namespace) -> int:
         print(f"rendezvous: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         await server.close()
         return EXIT_START_FAILED
+    except BusUnavailable as exc:
+        print(f"rendezvous: {exc}", file=sys.stderr)
+        await server.close()
+        return EXIT_START_FAILED
     scheme = "wss" if tls else "ws"
     where = f"{scheme}://{args.host}:{server.port}"
     stun_text = ", ".join(f"{ip}:{port}" for ip, port in stun.addresses) if stun else "off"
+    in_cluster = f"; node {node} on {args.bus}" if args.bus else ""
     print(
-        f"rendezvous: control on {where}; STUN on {stun_text}; database {db_path}; "
-        f"up to {server.admission.max_total} connections",
+        f"rendezvous: control on {where}; STUN on {stun_text}; database {_shown_db(db_path)}; "
+        f"up to {server.admission.max_total} connections{in_cluster}",
         flush=True,
     )
     await _wait_for_signal()
+    await server.drain(args.drain_s)
     await server.close()
+    if ops is not None:
+        await ops.close()
     if stun is not None:
         stun.close()
     db.close()
@@ -282,10 +396,38 @@ async def _run_stun(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    if args.command == "serve" and args.log_format == "json":
+        from .ops import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter(_node_name(args)))
+        logging.basicConfig(level=level, handlers=[handler])
+    else:
+        logging.basicConfig(level=level)
     if args.command == "stun":
         return asyncio.run(_run_stun(args))
     if args.command == "serve":
+        problem = _check_cluster(args)
+        if problem:
+            print(f"rendezvous: {problem}", file=sys.stderr)
+            return 2
+        if args.workers > 1 and args.worker_index < 0:
+            return _run_workers(args, _without(argv, "--workers"))
         return asyncio.run(_run_serve(args))
     return 2
+
+
+def _without(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out

@@ -1,21 +1,26 @@
-"""The server's SQLite store: accounts, resume tokens, buddies, offline envelopes.
+"""The server's store: accounts, resume tokens, buddies, groups, devices, offline envelopes.
 
-WAL mode with ``synchronous=FULL``: every method that changes state commits
-before it returns, so whatever the server acknowledges survives ``kill -9``
-and power loss. The schema is versioned with ``PRAGMA user_version`` and
-upgraded by the ordered :data:`MIGRATIONS`; a database newer than this code is
-refused rather than damaged.
+SQLite (one file, the default) or PostgreSQL (a cluster's shared state), behind
+:mod:`rendezvous.sql`; the queries here are written once, in what both engines
+speak. Every method that changes state commits before it returns (SQLite: WAL
+with ``synchronous=FULL``; PostgreSQL: ``synchronous_commit`` on), so whatever
+the server acknowledges survives ``kill -9`` and power loss. The schema is
+versioned and upgraded by the ordered :data:`MIGRATIONS` on both; a database
+newer than this code is refused rather than damaged.
 """
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pim.sqlite import SchemaTooNew, open_db
+from .sql import Connection, SchemaTooNew, StoreUnavailable, connect
 
-__all__ = ["MIGRATIONS", "Database", "SchemaTooNew"]
+__all__ = ["MIGRATIONS", "Database", "SchemaTooNew", "StoreUnavailable"]
+NOTICE_LOCK = 0x6E6F7469  # one node at a time sends email notices (see Database.try_lock)
+NO_LIMIT = 2**62
 
 MIGRATIONS: list[str] = [
     # 1: first schema
@@ -215,13 +220,26 @@ class Member:
 
 
 class Database:
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        self.conn = open_db(self.path, MIGRATIONS, foreign_keys=True)
+    def __init__(self, target: Path | str) -> None:
+        """``target``: a SQLite file, or a ``postgresql://`` URL."""
+        self.conn: Connection = connect(str(target), MIGRATIONS)
+        self.path = getattr(self.conn, "path", str(target))
+        self.engine = self.conn.engine
 
     @property
     def schema_version(self) -> int:
-        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        return self.conn.schema_version()
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything inside commits together (or not at all); nests."""
+        return self.conn.transaction()
+
+    @contextmanager
+    def chore(self, key: int) -> Iterator[bool]:
+        """A transaction holding a lock only one node gets at a time (True if this one did):
+        for work one node must do for all, like the email sweep."""
+        with self.conn.transaction():
+            yield self.conn.try_lock(key)
 
     def close(self) -> None:
         self.conn.close()
@@ -230,19 +248,18 @@ class Database:
 
     def add_user(self, username: str, pw_hash: bytes, identity_key: bytes, now_ms: int) -> bool:
         """False if the name is taken. The key is also the first device's."""
-        try:
-            with self.conn:
-                self.conn.execute("BEGIN")
-                cur = self.conn.execute(
-                    "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, ?)",
-                    (username, pw_hash, identity_key, now_ms),
-                )
-                self.conn.execute(
-                    "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
-                    (cur.lastrowid, identity_key, "first device", now_ms),
-                )
-        except sqlite3.IntegrityError:
-            return False
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "INSERT INTO users (username, pw_hash, identity_key, created_ms) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                (username, pw_hash, identity_key, now_ms),
+            ).fetchone()
+            if row is None:
+                return False
+            self.conn.execute(
+                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
+                (row[0], identity_key, "first device", now_ms),
+            )
         return True
 
     # -- the account: email, notices, password, deletion ----------------------------
@@ -289,10 +306,10 @@ class Database:
             "SELECT u.id, u.username, u.email, o.sender, COUNT(*) FROM users u "
             "JOIN offline o ON o.recipient_id = u.id "
             "WHERE u.email_verified = 1 AND u.notify = 1 AND o.counts = 1 AND o.sender != '' "
-            "AND o.not_for IS NULL AND o.stored_ms <= ?1 - u.notify_delay_s * 1000 "
-            "AND o.stored_ms > u.last_notice_ms AND u.last_notice_ms <= ?1 - u.notify_period_s * 1000 "
+            "AND o.not_for IS NULL AND o.stored_ms <= :now - u.notify_delay_s * 1000 "
+            "AND o.stored_ms > u.last_notice_ms AND u.last_notice_ms <= :now - u.notify_period_s * 1000 "
             "GROUP BY u.id, o.sender ORDER BY u.id, o.sender",
-            (now_ms,),
+            {"now": now_ms},
         ).fetchall()
         out: dict[int, tuple[int, str, str, list[tuple[str, int]]]] = {}
         for uid, name, email, sender, count in rows:
@@ -318,8 +335,7 @@ class Database:
         if row is None:
             return
         name = row[0]
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             for (gid,) in self.conn.execute(
                 "SELECT group_id FROM group_members WHERE user_id = ? AND role = 'owner'", (user_id,)
             ).fetchall():
@@ -361,21 +377,18 @@ class Database:
 
     def add_device(self, user_id: int, key: bytes, name: str, now_ms: int) -> int | None:
         """The new device's id; None if that key is some device's already."""
-        try:
-            cur = self.conn.execute(
-                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
-                (user_id, key, name, now_ms),
-            )
-        except sqlite3.IntegrityError:
-            return None
-        return cur.lastrowid
+        row = self.conn.execute(
+            "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            (user_id, key, name, now_ms),
+        ).fetchone()
+        return int(row[0]) if row else None
 
     def remove_device(self, user_id: int, device_id: int) -> bool:
         """Remove a device (its tokens and what it took go with it): the copies it left for
         the account's other devices are now for all of them, and what waited only for it
         is dropped."""
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             cur = self.conn.execute("DELETE FROM devices WHERE id = ? AND user_id = ?", (device_id, user_id))
             if cur.rowcount:
                 self.conn.execute(
@@ -387,19 +400,19 @@ class Database:
 
     def reset_identity(self, user_id: int, key: bytes, name: str, now_ms: int) -> int:
         """Every device was lost: ``key`` is the account's identity key and its only device."""
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             self.conn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
             self.conn.execute("DELETE FROM tokens WHERE user_id = ?", (user_id,))
             self.conn.execute("UPDATE users SET identity_key = ? WHERE id = ?", (key, user_id))
             self.conn.execute(
                 "DELETE FROM offline WHERE recipient_id = ? AND not_for IS NOT NULL", (user_id,)
             )
-            cur = self.conn.execute(
-                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?)",
+            row = self.conn.execute(
+                "INSERT INTO devices (user_id, device_key, name, created_ms) VALUES (?, ?, ?, ?) "
+                "RETURNING id",
                 (user_id, key, name, now_ms),
-            )
-        return int(cur.lastrowid or 0)
+            ).fetchone()
+        return int(row[0])
 
     def device_seen(self, device_id: int, now_ms: int) -> None:
         self.conn.execute("UPDATE devices SET last_seen_ms = ? WHERE id = ?", (now_ms, device_id))
@@ -408,10 +421,11 @@ class Database:
         """Envelopes every device of ``user_id`` has taken (one fewer device now) go; a copy
         counts as taken by the device it is from (the rule of :meth:`ack_offline_many`)."""
         self.conn.execute(
-            "DELETE FROM offline WHERE recipient_id = ?1 AND "
-            "(SELECT COUNT(*) FROM offline_taken t WHERE t.store_id = offline.id) + (not_for IS NOT NULL) "
-            ">= (SELECT COUNT(*) FROM devices WHERE user_id = ?1)",
-            (user_id,),
+            "DELETE FROM offline WHERE recipient_id = :user AND "
+            "(SELECT COUNT(*) FROM offline_taken t WHERE t.store_id = offline.id) "
+            "+ CASE WHEN not_for IS NULL THEN 0 ELSE 1 END "
+            ">= (SELECT COUNT(*) FROM devices WHERE user_id = :user)",
+            {"user": user_id},
         )
 
     def user(self, username: str) -> User | None:
@@ -452,18 +466,20 @@ class Database:
         return row[0] if row else None
 
     def add_request(self, a: int, b: int) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO relations VALUES (?, ?, 'sent')", (a, b))
+        self.conn.execute("INSERT INTO relations VALUES (?, ?, 'sent') ON CONFLICT DO NOTHING", (a, b))
 
     def make_mutual(self, a: int, b: int) -> None:
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.execute("INSERT OR REPLACE INTO relations VALUES (?, ?, 'mutual')", (a, b))
-            self.conn.execute("INSERT OR REPLACE INTO relations VALUES (?, ?, 'mutual')", (b, a))
+        with self.conn.transaction():
+            for x, y in ((a, b), (b, a)):
+                self.conn.execute(
+                    "INSERT INTO relations VALUES (?, ?, 'mutual') "
+                    "ON CONFLICT (user_id, other_id) DO UPDATE SET state = excluded.state",
+                    (x, y),
+                )
 
     def remove_relation(self, a: int, b: int) -> bool:
         """Delete whatever links a and b (request either way, or buddyship); True if anything did."""
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             cur = self.conn.execute(
                 "DELETE FROM relations "
                 "WHERE (user_id = ? AND other_id = ?) OR (user_id = ? AND other_id = ?)",
@@ -520,12 +536,12 @@ class Database:
         """Keep an envelope (``not_for``: a device's copy for its account's other devices;
         ``counts``: a person wrote it, for email notices); returns its store id, or None
         when this id was already stored."""
-        cur = self.conn.execute(
-            "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, not_for, "
-            "counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        row = self.conn.execute(
+            "INSERT INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, not_for, "
+            "counts) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
             (recipient_id, sender, msg_id, envelope, now_ms, grp, not_for, int(counts)),
-        )
-        return cur.lastrowid if cur.rowcount else None
+        ).fetchone()
+        return int(row[0]) if row else None
 
     def offline_count(self, recipient_id: int, device_id: int = 0) -> int:
         """What waits for ``recipient_id``'s device ``device_id`` (not taken by it yet)."""
@@ -540,7 +556,7 @@ class Database:
         return int(row.fetchone()[0] or 0)
 
     def pending_offline(
-        self, recipient_id: int, after_id: int = 0, limit: int = -1, device_id: int = 0
+        self, recipient_id: int, after_id: int = 0, limit: int = NO_LIMIT, device_id: int = 0
     ) -> list[StoredEnvelope]:
         """Envelopes for ``recipient_id`` (its device ``device_id`` has not taken yet) with a
         store id above ``after_id``, oldest first."""
@@ -562,20 +578,24 @@ class Database:
         returns how many envelopes went. With one device (most accounts) an envelope goes at
         once; with more, when each device (but the one it is a copy from) has taken it."""
         devices: dict[int, int] = {}
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             deleted = 0
-            for recipient_id, device_id, sid in acks:
+            for recipient_id, device_id, sid in sorted(acks, key=lambda a: a[2]):  # one lock order
                 if recipient_id not in devices:
                     devices[recipient_id] = self.device_count(recipient_id)
+                # locked (PostgreSQL): two devices on two nodes taking one envelope at once
+                # must not both count themselves the second-to-last
                 row = self.conn.execute(
-                    "SELECT post_id, not_for, (SELECT COUNT(*) FROM offline_taken WHERE store_id = ?1) "
-                    "FROM offline WHERE id = ?1 AND recipient_id = ?2",
+                    "SELECT post_id, not_for FROM offline WHERE id = ? AND recipient_id = ?"
+                    + self.conn.for_update,
                     (sid, recipient_id),
                 ).fetchone()
                 if row is None:
                     continue
-                post_id, not_for, taken = row
+                taken = self.conn.execute(
+                    "SELECT COUNT(*) FROM offline_taken WHERE store_id = ?", (sid,)
+                ).fetchone()[0]
+                post_id, not_for = row
                 if post_id is not None and taken == 0:  # a group post's copy: one more delivered
                     self.conn.execute(
                         "UPDATE group_posts SET delivered = delivered + 1 WHERE id = ?", (post_id,)
@@ -584,7 +604,9 @@ class Database:
                     self.conn.execute("DELETE FROM offline WHERE id = ?", (sid,))
                     deleted += 1
                 else:
-                    self.conn.execute("INSERT OR IGNORE INTO offline_taken VALUES (?, ?)", (sid, device_id))
+                    self.conn.execute(
+                        "INSERT INTO offline_taken VALUES (?, ?) ON CONFLICT DO NOTHING", (sid, device_id)
+                    )
         return deleted
 
     def drop_offline_between(self, a: User, b: User) -> int:
@@ -603,11 +625,10 @@ class Database:
         return Group(int(row[0]), bytes(row[1]), str(row[2]), int(row[3])) if row else None
 
     def add_group(self, gid: bytes, name: str, now_ms: int) -> Group:
-        cur = self.conn.execute(
-            "INSERT INTO groups (gid, name, created_ms) VALUES (?, ?, ?)", (gid, name, now_ms)
-        )
-        assert cur.lastrowid is not None
-        return Group(cur.lastrowid, gid, name, 0)
+        row = self.conn.execute(
+            "INSERT INTO groups (gid, name, created_ms) VALUES (?, ?, ?) RETURNING id", (gid, name, now_ms)
+        ).fetchone()
+        return Group(int(row[0]), gid, name, 0)
 
     def members(self, group_id: int) -> list[Member]:
         rows = self.conn.execute(
@@ -625,15 +646,20 @@ class Database:
             )
         else:
             self.conn.execute(
-                "INSERT OR REPLACE INTO group_members VALUES (?, ?, ?)", (group_id, user_id, role)
+                "INSERT INTO group_members VALUES (?, ?, ?) "
+                "ON CONFLICT (group_id, user_id) DO UPDATE SET role = excluded.role",
+                (group_id, user_id, role),
             )
 
     def rename_group(self, group_id: int, name: str) -> None:
         self.conn.execute("UPDATE groups SET name = ? WHERE id = ?", (name, group_id))
 
     def next_seq(self, group_id: int) -> int:
-        self.conn.execute("UPDATE groups SET seq = seq + 1 WHERE id = ?", (group_id,))
-        return int(self.conn.execute("SELECT seq FROM groups WHERE id = ?", (group_id,)).fetchone()[0])
+        return int(
+            self.conn.execute(
+                "UPDATE groups SET seq = seq + 1 WHERE id = ? RETURNING seq", (group_id,)
+            ).fetchone()[0]
+        )
 
     def delete_group(self, group_id: int) -> None:
         self.conn.execute("DELETE FROM groups WHERE id = ?", (group_id,))
@@ -665,7 +691,7 @@ class Database:
         marks = ",".join("?" * len(user_ids))
         rows = self.conn.execute(
             "SELECT recipient_id, COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0), "
-            "COALESCE(SUM(sender = ?), 0), "
+            "COALESCE(SUM(CASE WHEN sender = ? THEN 1 ELSE 0 END), 0), "
             "COALESCE(SUM(CASE WHEN sender = ? THEN LENGTH(envelope) END), 0) "
             f"FROM offline WHERE recipient_id IN ({marks}) GROUP BY recipient_id",
             (sender, sender, *user_ids),
@@ -678,17 +704,17 @@ class Database:
     ) -> list[int]:
         """Keep a group post once, and a row for each recipient that points at it (a copy that
         was there already, a retransmission, is not added again); returns who got a new row."""
-        cur = self.conn.execute(
-            "INSERT INTO group_posts (envelope, gid, msg_id, sender, stored_ms) VALUES (?, ?, ?, ?, ?)",
+        post_id = self.conn.execute(
+            "INSERT INTO group_posts (envelope, gid, msg_id, sender, stored_ms) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING id",
             (envelope, grp, msg_id, sender, now_ms),
-        )
-        post_id = cur.lastrowid
+        ).fetchone()[0]
         added = []
         for user_id in recipients:
             cur = self.conn.execute(
-                "INSERT OR IGNORE INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, "
-                "post_id, counts) VALUES (?, ?, ?, x'', ?, ?, ?, 1)",
-                (user_id, sender, msg_id, now_ms, grp, post_id),
+                "INSERT INTO offline (recipient_id, sender, msg_id, envelope, stored_ms, grp, "
+                "post_id, counts) VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT DO NOTHING",
+                (user_id, sender, msg_id, b"", now_ms, grp, post_id),
             )
             if cur.rowcount:
                 added.append(user_id)
@@ -716,13 +742,13 @@ class Database:
     def mark_read(self, gid: bytes, reader: int, msg_ids: list[bytes]) -> int:
         """``reader`` read these posts (not their own): counted once each; returns how many new."""
         added = 0
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             for msg_id in msg_ids:
                 cur = self.conn.execute(
-                    "INSERT OR IGNORE INTO group_reads SELECT p.id, ? FROM group_posts p "
+                    "INSERT INTO group_reads SELECT p.id, ? FROM group_posts p "
                     "JOIN users u ON u.username = p.sender "
-                    "WHERE p.gid = ? AND p.msg_id = ? AND u.id != ? ORDER BY p.id LIMIT 1",
+                    "WHERE p.gid = ? AND p.msg_id = ? AND u.id != ? ORDER BY p.id LIMIT 1 "
+                    "ON CONFLICT DO NOTHING",
                     (reader, gid, msg_id, reader),
                 )
                 added += cur.rowcount
@@ -739,10 +765,17 @@ class Database:
             )
         return cur.rowcount
 
+    def store_size(self) -> tuple[int, int]:
+        """(envelopes waiting, their bytes, group posts' counted once): for the metrics."""
+        rows, size = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(envelope)), 0) FROM offline"
+        ).fetchone()
+        posts = self.conn.execute("SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM group_posts").fetchone()[0]
+        return int(rows), int(size) + int(posts)
+
     def expire(self, now_ms: int, max_age_ms: int) -> int:
         """Drop offline envelopes and tokens past their time."""
-        with self.conn:
-            self.conn.execute("BEGIN")
+        with self.conn.transaction():
             cur = self.conn.execute("DELETE FROM offline WHERE stored_ms < ?", (now_ms - max_age_ms,))
             self.conn.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,))
             # group posts no member's row points at any more (every copy taken), kept as long

@@ -16,15 +16,24 @@ account's identity key sealed under it. A channel takes one join, lives
 :data:`LINK_TTL_S`, carries at most :data:`LINK_MAX_MESSAGES` messages of at most
 :data:`LINK_MAX_BYTES`, and is burnt by the first failed exchange: whoever guesses a
 channel number gets one try at the words, and the user sees the link fail.
+
+In a cluster the two devices may be on different nodes: a channel lives on the node of
+the device that opened it; a join for a channel this node does not have is asked of every
+node (:class:`bus_pb2.LinkHop`), the one that has it answers, and from then on each
+message hops to the other node (:class:`RemoteEnd`). The limits are the owner node's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from p2pim.identity import valid_public_key, verify_login
+from p2pim.wire import bus_pb2 as bus
 from p2pim.wire import control_pb2 as pb
 
 from .errors import RequestError
@@ -42,12 +51,28 @@ MAX_DEVICES = 16  # per account
 MAX_DEVICE_NAME = 64
 
 
+@dataclass(frozen=True)
+class RemoteEnd:
+    """The joiner of a channel here is connected to another node."""
+
+    node: str
+
+
+@dataclass
+class Joining:
+    """A session here joined a channel another node holds (``node`` once it answered)."""
+
+    session: Session
+    expires: float
+    node: str = ""
+
+
 @dataclass
 class Channel:
     number: int
     owner: Session
     expires: float
-    joiner: Session | None = None
+    joiner: Session | RemoteEnd | None = None
     messages: int = 0
     added: int = 0  # the device the owner added through it
 
@@ -56,6 +81,7 @@ class Channel:
 class DeviceHandlers:
     hub: Hub
     channels: dict[int, Channel] = field(default_factory=dict)
+    joining: dict[int, Joining] = field(default_factory=dict)  # channels held by other nodes
 
     def handlers(self) -> dict[str, object]:
         return {
@@ -117,7 +143,15 @@ class DeviceHandlers:
         self.expire(now)
         if session.username or self._channel_of(session) is not None:
             raise RequestError(pb.BAD_REQUEST, "a device joins a link before it logs in, once")
-        channel = self.channels.get(frame.device_link_join.channel)
+        number = frame.device_link_join.channel
+        channel = self.channels.get(number)
+        cluster = self.hub.cluster
+        if channel is None and cluster is not None and 0 < number < CHANNEL_RANGE:
+            if number in self.joining or len(self.joining) >= MAX_CHANNELS:
+                raise RequestError(pb.LINK_FAILED, "that link code is being joined already")
+            self.joining[number] = Joining(session, now + LINK_TTL_S)
+            cluster.link(number, b"", to_creator=True)  # whoever holds it answers
+            return pb.Frame(ok=pb.Ok())
         if channel is None or channel.joiner is not None:
             raise RequestError(
                 pb.LINK_FAILED, "no such link code (or it expired, or was used): make a new one"
@@ -128,18 +162,35 @@ class DeviceHandlers:
 
     def link_data(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         req = frame.device_link_data
+        joining = self._joining_of(session)
+        if joining is not None:  # the channel is on another node: it checks and forwards
+            number, far = joining
+            if not far.node or now > far.expires:
+                raise RequestError(pb.LINK_FAILED, "the link is over (it expired, or the other side left)")
+            assert self.hub.cluster is not None
+            self.hub.cluster.link(number, frame.SerializeToString(), to_creator=True, node=far.node)
+            if req.close:
+                self.joining.pop(number, None)
+            return pb.Frame(ok=pb.Ok())
         channel = self._channel_of(session)
         if channel is None or channel.joiner is None or now > channel.expires:
             raise RequestError(pb.LINK_FAILED, "the link is over (it expired, or the other side left)")
-        if len(req.data) > LINK_MAX_BYTES or channel.messages >= LINK_MAX_MESSAGES:
+        self._pass(channel, session, req, now)
+        return pb.Frame(ok=pb.Ok())
+
+    def _pass(
+        self, channel: Channel, sender: Session | RemoteEnd, req: pb.DeviceLinkData, now: float
+    ) -> None:
+        """One message through ``channel`` from ``sender`` to its other end."""
+        if len(req.data) > LINK_MAX_BYTES or channel.messages >= LINK_MAX_MESSAGES or now > channel.expires:
             self._close(channel, "too much")
             raise RequestError(pb.BAD_REQUEST, "too much through one link")
         channel.messages += 1
-        other = channel.joiner if session is channel.owner else channel.owner
+        other = channel.joiner if sender is channel.owner else channel.owner
+        assert other is not None
         self._to(other, pb.DeviceLinkIn(data=req.data, closed=req.close))
         if req.close:
             self._drop(channel)
-        return pb.Frame(ok=pb.Ok())
 
     def add(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         """The linked device registers the new one (it proved it knows the code): its key
@@ -181,10 +232,62 @@ class DeviceHandlers:
 
     def disconnect(self, session: Session) -> None:
         self._close_of(session)
+        joining = self._joining_of(session)
+        if joining is not None:
+            number, far = joining
+            del self.joining[number]
+            if far.node and self.hub.cluster is not None:
+                bye = pb.Frame(device_link_data=pb.DeviceLinkData(close=True))
+                self.hub.cluster.link(number, bye.SerializeToString(), to_creator=True, node=far.node)
 
     def expire(self, now: float) -> None:
         for channel in [c for c in self.channels.values() if now > c.expires]:
             self._close(channel, "expired")
+        for number in [n for n, j in self.joining.items() if now > j.expires]:
+            del self.joining[number]
+
+    def hop_in(self, node: str, hop: bus.LinkHop, now: float) -> None:
+        """A channel's traffic from another node (see the module's docstring)."""
+        if hop.to_creator:  # from a joiner on ``node`` to a channel here (or not: ignored)
+            channel = self.channels.get(hop.channel)
+            if channel is None:
+                return
+            if not hop.frame:  # a join
+                if channel.joiner is not None or now > channel.expires:
+                    return  # taken, or gone: the joiner's link times out
+                channel.joiner = RemoteEnd(node)
+                assert self.hub.cluster is not None
+                self.hub.cluster.link(hop.channel, b"", to_creator=False, node=node)  # "it is here"
+                self._to(channel.owner, pb.DeviceLinkIn())
+                return
+            if channel.joiner != RemoteEnd(node):
+                return
+            try:
+                frame = pb.Frame.FromString(hop.frame)
+            except DecodeError:
+                self.hub.counters.bus_bad += 1
+                return
+            if frame.WhichOneof("body") == "device_link_data":
+                with contextlib.suppress(RequestError):
+                    self._pass(channel, channel.joiner, frame.device_link_data, now)
+            return
+        joining = self.joining.get(hop.channel)  # from the channel's node to a joiner here
+        if joining is None or (joining.node and joining.node != node):
+            return
+        if not hop.frame:
+            joining.node = node  # the answer to our join
+            return
+        try:
+            msg = pb.DeviceLinkIn.FromString(hop.frame)
+        except DecodeError:
+            self.hub.counters.bus_bad += 1
+            return
+        self.hub._send(joining.session, pb.Frame(device_link_in=msg))
+        if msg.closed:
+            del self.joining[hop.channel]
+
+    def _joining_of(self, session: Session) -> tuple[int, Joining] | None:
+        return next(((n, j) for n, j in self.joining.items() if j.session is session), None)
 
     def _devices(self, session: Session) -> list[Device]:
         return self.hub.db.devices(session.user_id)
@@ -215,15 +318,20 @@ class DeviceHandlers:
 
     def _close(self, channel: Channel, why: str) -> None:
         for s in (channel.owner, channel.joiner):
-            if s is not None and not s.closed:
+            if isinstance(s, RemoteEnd) or (s is not None and not s.closed):
                 self._to(s, pb.DeviceLinkIn(closed=True, data=why.encode()))
         self._drop(channel)
 
     def _drop(self, channel: Channel) -> None:
         self.channels.pop(channel.number, None)
 
-    def _to(self, session: Session, msg: pb.DeviceLinkIn) -> None:
-        self.hub._send(session, pb.Frame(device_link_in=msg))
+    def _to(self, end: Session | RemoteEnd, msg: pb.DeviceLinkIn) -> None:
+        if isinstance(end, RemoteEnd):
+            channel = next(c.number for c in self.channels.values() if c.joiner == end)
+            assert self.hub.cluster is not None
+            self.hub.cluster.link(channel, msg.SerializeToString(), to_creator=False, node=end.node)
+        else:
+            self.hub._send(end, pb.Frame(device_link_in=msg))
 
 
 def _ms(now: float) -> int:

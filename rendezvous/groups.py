@@ -77,8 +77,7 @@ class GroupHandlers:
             raise RequestError(
                 pb.GROUP_FULL, f"a group has at most {self.hub.limits.group_max_members} members"
             )
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             group = self.db.add_group(os.urandom(GID_SIZE), name, _ms(now))
             self.db.set_member(group.id, session.user_id, "owner")
             self._event(group, EV.CREATED, session.username, session.username, now)
@@ -100,8 +99,7 @@ class GroupHandlers:
                 pb.GROUP_FULL, f"a group has at most {self.hub.limits.group_max_members} members"
             )
         self._room_for(other.id, f"{other.username} is")
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.db.set_member(group.id, other.id, "invited")
             self._event(group, EV.INVITED, me.username, other.username, now, also=[other])
         self._pump()
@@ -113,8 +111,7 @@ class GroupHandlers:
         me = self._member(group, session.user_id)
         if me is None or me.role != "invited":
             raise RequestError(pb.NOT_A_MEMBER, "you were not invited to that group")
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.db.set_member(group.id, me.user_id, "member" if req.accept else None)
             kind = EV.JOINED if req.accept else EV.DECLINED
             self._event(group, kind, me.username, me.username, now, also=[me])
@@ -145,8 +142,7 @@ class GroupHandlers:
     def rename(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         req = frame.group_rename
         group, me = self._membership(session, req.group, roles=("owner", "admin"))
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.db.rename_group(group.id, _name(req.name))
             self._event(self._group(group.gid), EV.RENAMED, me.username, me.username, now)
         self._pump()
@@ -161,8 +157,7 @@ class GroupHandlers:
         role = ROLE_NAMES.get(req.role)
         if role in (None, "invited"):
             raise RequestError(pb.BAD_REQUEST, "a role is owner, admin or member")
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.db.set_member(group.id, other.user_id, role)
             if role == "owner":  # handed over: the old owner stays, as an admin
                 self.db.set_member(group.id, me.user_id, "admin")
@@ -172,8 +167,7 @@ class GroupHandlers:
 
     def delete(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         group, me = self._membership(session, frame.group_delete.group, roles=("owner",))
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.hub.counters.offline_dropped += self.db.drop_group_messages(group.gid)
             self._event(group, EV.DELETED, me.username, me.username, now, invited_too=True)
             self.db.delete_group(group.id)
@@ -203,8 +197,7 @@ class GroupHandlers:
             for m in self.db.members(group.id)
             if m.user_id != me.user_id and m.role != "invited"
         }
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             to = []
             for user_id, usage in self.db.offline_usages(list(others), me.username).items():
                 if lim.offline_refusal(usage, more, others[user_id]) is not None:
@@ -244,8 +237,7 @@ class GroupHandlers:
 
     def _out(self, group: Group, who: Member, kind: int, actor: str, now: float) -> None:
         """``who`` leaves the group (or is removed): told, and nothing of it waits for them."""
-        with self.db.conn:
-            self.db.conn.execute("BEGIN")
+        with self.db.transaction():
             self.hub.counters.offline_dropped += self.db.drop_group_messages(group.gid, who.user_id)
             self.db.set_member(group.id, who.user_id, None)
             if not self.db.members(group.id):
@@ -280,9 +272,7 @@ class GroupHandlers:
     def _pump(self) -> None:
         """Push what the last change stored to its recipients who are online."""
         touched, self._touched = self._touched, set()
-        for name in touched:
-            for s in self.hub.online.get(name, ()):
-                self.hub._pump_offline(s, stored=True)
+        self.hub.pump_users(touched)
 
     def _info(self, group: Group, members: list[Member] | None = None) -> pb.GroupInfo:
         listed = [

@@ -44,13 +44,14 @@ queue are enforced by the shell, from the same :class:`Limits`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import itertools
 import os
 import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -64,7 +65,8 @@ from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FR
 
 from .account import AccountHandlers, AccountWork, Mail
 from .admission import bump
-from .db import Database, User
+from .cluster import Cluster
+from .db import Database, StoreUnavailable, User
 from .devices import DeviceHandlers
 from .errors import RequestError, error_frame
 from .groups import GroupHandlers
@@ -88,6 +90,8 @@ MAX_SESSIONS = 8  # per user; the oldest is closed when a ninth logs in
 MAX_ACK_IDS = 1000  # store ids in one offline_ack
 MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a uint64 from the wire may not fit
 MAX_PAUSE_S = 1.0  # the longest the shell stops reading a connection after a RATE_LIMITED
+LATE_LOOK_S = 1.0  # in a cluster, a login reads the store once more this much later (see _late)
+STORE_RETRY_MS = 1000  # the database is away: what a refused request is told to wait
 UNMETERED = ("offline_ack", "logout")
 # Requests that wait for a password hash in the shell's pool (begin_* here, then finish_*).
 HASHED = (
@@ -238,6 +242,10 @@ class Counters:
     group_stored: int = 0  # copies of group posts kept for members
     group_events: int = 0
     group_quota_skipped: int = 0  # a member whose offline store was full missed a post
+    store_unavailable: int = 0  # requests (and chores) the database could not take
+    bus_in: int = 0
+    bus_out: int = 0
+    bus_bad: int = 0
     # counted by the shell
     connections_refused: int = 0
     login_timeouts: int = 0
@@ -285,8 +293,11 @@ def _check_username(name: str) -> str:
 
 
 class Hub:
-    def __init__(self, db: Database, limits: Limits | None = None, mail: bool = False) -> None:
-        """``mail``: the shell can send email (an SMTP server is configured)."""
+    def __init__(
+        self, db: Database, limits: Limits | None = None, mail: bool = False, node: str = ""
+    ) -> None:
+        """``mail``: the shell can send email (an SMTP server is configured). ``node``: this
+        hub's name in a cluster (its outputs then include bus messages, :mod:`rendezvous.cluster`)."""
         self.db = db
         self.limits = limits or Limits()
         self.counters = Counters()
@@ -297,6 +308,7 @@ class Hub:
         self.online: dict[str, list[Session]] = {}
         self._shown: dict[str, pb.Presence.ValueType] = {}  # presence buddies were last told
         self.buddies: dict[str, set[str]] = {}  # mutual buddies of each online user
+        self.watchers: dict[str, set[str]] = {}  # the reverse: online users each name is a buddy of
         self._out: list[Datagram] = []
         lim = self.limits
         self._user_limiter = RateLimiter(lim.login_user_rate, lim.login_user_burst)
@@ -334,6 +346,8 @@ class Hub:
         self._handlers.update(self.account.handlers())  # type: ignore[arg-type]
         self._mail: deque[Mail] = deque()
         self._next_sweep = 0.0
+        self.cluster = Cluster(self, node) if node else None
+        self._late: deque[tuple[float, Session]] = deque()  # logins to look at the store for again
 
     # -- the core verbs (p2pim.sansio) ---------------------------------------------
 
@@ -343,6 +357,17 @@ class Hub:
         frame = self.parse(sock, data)
         if frame is None:
             return
+        try:
+            self._dispatch(sock, frame, now)
+        except StoreUnavailable as exc:
+            self._unavailable(sock, frame.id, exc)
+
+    def _unavailable(self, session: Session, frame_id: int, exc: StoreUnavailable) -> None:
+        """The database is away: this request was not carried out; the client retries."""
+        self.counters.store_unavailable += 1
+        self._send(session, error_frame(frame_id, pb.UNAVAILABLE, f"{exc}; retry", STORE_RETRY_MS))
+
+    def _dispatch(self, sock: Session, frame: pb.Frame, now: float) -> None:
         kind = frame.WhichOneof("body")
         work: HashWork | VerifyWork | AccountWork | None
         if kind == "register":
@@ -362,6 +387,13 @@ class Hub:
         if work is not None:
             sock.work = (frame, work)
 
+    def receive_bus(self, data: bytes, now: float) -> None:
+        """One message from another node of the cluster (:mod:`rendezvous.cluster`)."""
+        if self.cluster is not None:
+            self.counters.bus_in += 1
+            with self._chore():
+                self.cluster.receive(data, now)
+
     def datagrams_to_send(self, now: float) -> list[Datagram]:
         """Frames (bytes) and closes (:class:`Close`, after what came before) per session, in order."""
         out, self._out = self._out, []
@@ -373,6 +405,8 @@ class Hub:
             heapq.heappop(deadlines)  # logged in or gone: no deadline any more
         due = min(deadlines[0][0], self._next_expire) if deadlines else self._next_expire
         due = min(due, self._next_sweep) if self.account.mail else due
+        if self.cluster is not None:
+            due = min(due, self.cluster.get_timer(), self._late[0][0] if self._late else due)
         return due if self._ack_due is None else min(due, self._ack_due)
 
     def handle_timer(self, now: float) -> None:
@@ -380,20 +414,36 @@ class Hub:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, session = heapq.heappop(self._deadlines)
             self.login_deadline(session, now)
-        if self._ack_due is not None and now >= self._ack_due:
-            self.flush_acks()
+        if self.cluster is not None:
+            self.cluster.handle_timer(now)  # beats go out even while the database is away
         self.devices.expire(now)
+        # Each chore on its own: one the database cannot take now waits for its next turn.
+        with self._chore():
+            while self._late and self._late[0][0] <= now:
+                self._look_again(self._late.popleft()[1])
+        with self._chore():
+            if self._ack_due is not None and now >= self._ack_due:
+                self.flush_acks()
         if self.account.mail and now >= self._next_sweep:
-            self.counters.notices += self.account.sweep(now)
             self._next_sweep = now + self.limits.notice_sweep_s
+            with self._chore():
+                self.counters.notices += self.account.sweep(now)
         if now >= self._next_expire:
-            self.counters.offline_expired += self.expire(now)
             self._next_expire = now + EXPIRE_EVERY_S
+            with self._chore():
+                self.counters.offline_expired += self.expire(now)
+
+    @contextlib.contextmanager
+    def _chore(self) -> Iterator[None]:
+        try:
+            yield
+        except StoreUnavailable:
+            self.counters.store_unavailable += 1
 
     def flush_acks(self) -> None:
         """Delete the acknowledged offline envelopes, all in one transaction."""
         acks, self._acks, self._ack_due = self._acks, [], None
-        if acks:
+        if acks:  # lost if the database is away: those envelopes come again, and are dropped as seen
             self.counters.offline_acked += self.db.ack_offline_many(acks)
 
     def next_event(self) -> Mail | None:
@@ -533,7 +583,12 @@ class Hub:
 
     def finish_register(self, session: Session, frame: pb.Frame, pw_hash: bytes, now: float) -> None:
         req = frame.register
-        if self.db.add_user(req.username, pw_hash, req.identity_key, int(now * 1000)):
+        try:
+            added = self.db.add_user(req.username, pw_hash, req.identity_key, int(now * 1000))
+        except StoreUnavailable as exc:
+            self._unavailable(session, frame.id, exc)
+            return
+        if added:
             self.counters.registered += 1
             self._send(session, pb.Frame(id=frame.id, ok=pb.Ok()))
         else:
@@ -599,7 +654,10 @@ class Hub:
     def finish_login(
         self, session: Session, frame: pb.Frame, work: VerifyWork, password_ok: bool, now: float
     ) -> None:
-        self._finish(session, frame, work.user if password_ok else None, now)
+        try:
+            self._finish(session, frame, work.user if password_ok else None, now)
+        except StoreUnavailable as exc:
+            self._unavailable(session, frame.id, exc)
 
     def _finish(
         self, session: Session, frame: pb.Frame, user: User | None, now: float, by_token: int | None = None
@@ -618,6 +676,19 @@ class Hub:
             return
         if device_id < 0:  # every device lost: the key this login signed with is the account's now
             user, device_id = self._new_identity(user, req.device_key, req.device_name, now)
+        # What the database says first: if it is away, nothing below has changed.
+        cursor = self.db.last_offline_id(user.id) if req.leave_offline else 0
+        buddies = self.db.mutual_buddies(user.id) if user.username not in self.buddies else None
+        token = self.new_token(user.id, device_id, now) if req.want_token else b""
+        ok = pb.LoginOk(
+            resume_token=token,
+            heartbeat_s=self.limits.heartbeat_s,
+            offline_pending=self.db.offline_count(user.id, device_id),
+            stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
+            device_id=device_id,
+            identity_key=user.identity_key,
+            devices=self.db.device_count(user.id),
+        )
         sessions = self.online.setdefault(user.username, [])
         if len(sessions) >= MAX_SESSIONS:
             old = sessions[0]
@@ -626,36 +697,25 @@ class Hub:
             )
             self._close(old)
             self._go_offline(old, now)
+            sessions = self.online.setdefault(user.username, [])
         session.username, session.user_id, session.device_id = user.username, user.id, device_id
         session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
         session.quiet = req.quiet
         session.leave_offline = req.leave_offline
-        if req.leave_offline:  # skip the backlog; what is stored from now on (receipts) still comes
-            session.offline_cursor = self.db.last_offline_id(user.id)
+        session.offline_cursor = (
+            cursor  # leave_offline: skip the backlog; what is stored from now on still comes
+        )
+        if buddies is not None:
+            self._set_buddies(user.username, buddies)
         sessions.append(session)
-        if user.username not in self.buddies:
-            self.buddies[user.username] = self.db.mutual_buddies(user.id)
         self.counters.logins += 1
-        token = self.new_token(user.id, device_id, now) if req.want_token else b""
         if token or req.resume_token:
             session.token_hash = _token_hash(token or req.resume_token)
-        self._send(
-            session,
-            pb.Frame(
-                id=frame.id,
-                login_ok=pb.LoginOk(
-                    resume_token=token,
-                    heartbeat_s=self.limits.heartbeat_s,
-                    offline_pending=self.db.offline_count(user.id, device_id),
-                    stun=[nat_pb.Address(ip=ip, port=port) for ip, port in self.stun],
-                    device_id=device_id,
-                    identity_key=user.identity_key,
-                    devices=self.db.device_count(user.id),
-                ),
-            ),
-        )
-        self._announce(session.username, now)
+        self._send(session, pb.Frame(id=frame.id, login_ok=ok))
+        self._changed_here(session.username, now)
         self._pump_offline(session)
+        if self.cluster is not None:  # a store on another node that did not know of us yet
+            self._late.append((now + LATE_LOOK_S, session))
 
     def check_password(self, password: str) -> None:
         if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
@@ -665,15 +725,17 @@ class Hub:
         self, session: Session, frame: pb.Frame, work: AccountWork, ok: bool, new_hash: bytes, now: float
     ) -> None:
         if not session.closed:
-            self.account.finish(session, frame, work, ok, new_hash, now)
+            try:
+                self.account.finish(session, frame, work, ok, new_hash, now)
+            except StoreUnavailable as exc:
+                self._unavailable(session, frame.id, exc)
 
     def delete_account(self, user: User, now: float) -> None:
         """Remove ``user`` for good: its sessions end, its buddies see it go, nothing of it stays."""
-        for buddy in self._tell_buddies(user, pb.BuddyEvent.REMOVED, now):
-            self.buddies.get(buddy, set()).discard(user.username)
-        for x in list(self.online.get(user.username, ())):
-            self._end(x, "the account was deleted", now)
+        buddies = self._tell_buddies(user, pb.BuddyEvent.REMOVED, now)
+        self._end_everywhere(user.username, 0, "the account was deleted", now)
         self.db.delete_user(user.id)
+        self._buddies_changed(buddies)
         self.counters.accounts_deleted += 1
 
     def new_token(self, user_id: int, device_id: int, now: float) -> bytes:
@@ -687,8 +749,9 @@ class Hub:
         id returned with the user). Its other sessions end; its buddies are told (their
         clients warn: a key change)."""
         device_id = self.db.reset_identity(user.id, key, name.strip()[:64] or "new device", int(now * 1000))
-        for old in list(self.online.get(user.username, ())):
-            self._end(old, "the account's key was reset (login --new-key): this device is not linked", now)
+        self._end_everywhere(
+            user.username, 0, "the account's key was reset (login --new-key): this device is not linked", now
+        )
         fresh = self.db.user(user.username)
         assert fresh is not None
         self._tell_buddies(fresh, pb.BuddyEvent.KEY_CHANGED, now)
@@ -702,8 +765,17 @@ class Hub:
         return buddies
 
     def end_device(self, username: str, device_id: int, reason: str, now: float) -> None:
-        """Close every session of a removed device, now."""
-        for x in [x for x in self.online.get(username, ()) if x.device_id == device_id]:
+        """Close every session of a removed device, now, on every node."""
+        self._end_everywhere(username, device_id, reason, now)
+
+    def _end_everywhere(self, username: str, device_id: int, reason: str, now: float) -> None:
+        """End ``username``'s sessions (of one device, or 0: all) here and on other nodes."""
+        self.end_local(username, device_id, reason, now)
+        if self.cluster is not None:
+            self.cluster.end(username, device_id, reason)
+
+    def end_local(self, username: str, device_id: int, reason: str, now: float) -> None:
+        for x in [x for x in self.online.get(username, ()) if not device_id or x.device_id == device_id]:
             self._end(x, reason, now)
 
     def _end(self, session: Session, reason: str, now: float) -> None:
@@ -714,22 +786,64 @@ class Hub:
 
     # -- presence -------------------------------------------------------------
 
-    def presence_of(self, name: str) -> pb.Presence.ValueType:
-        """What buddies see: online if any shown session is, else away if any is, else offline."""
+    def local_presence(self, name: str) -> pb.Presence.ValueType:
+        """What buddies see of ``name``'s sessions here: online if any shown one is, else away
+        if any is, else offline."""
         shown = [x.presence for x in self.online.get(name, ()) if not x.quiet]
         if pb.ONLINE in shown:
             return pb.ONLINE
         return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
 
+    def presence_of(self, name: str) -> pb.Presence.ValueType:
+        """The same over every node of the cluster."""
+        here = self.local_presence(name)
+        if self.cluster is None or here == pb.ONLINE:
+            return here
+        there = self.cluster.presence(name)
+        return pb.ONLINE if there == pb.ONLINE else (pb.AWAY if pb.AWAY in (here, there) else pb.OFFLINE)
+
+    def is_online(self, name: str) -> bool:
+        """Has ``name`` a session anywhere (a quiet one too)?"""
+        return name in self.online or (self.cluster is not None and name in self.cluster.users)
+
+    def local_endpoints(self, name: str) -> pb.Endpoints | None:
+        """What ``lookup_endpoints`` answers for ``name`` from its sessions here."""
+        sessions = self.online.get(name)
+        if not sessions:
+            return None
+        published = [x for x in sessions if x.endpoints is not None]
+        peer = published[-1] if published else sessions[-1]
+        reply = pb.Endpoints(username=name)
+        reply.observed.ip, reply.observed.port = peer.remote
+        if peer.endpoints is not None:
+            reply.host.extend(peer.endpoints.host)
+            reply.mapped.CopyFrom(peer.endpoints.mapped)
+            reply.nat.CopyFrom(peer.endpoints.nat)
+        return reply
+
     def _to_user(self, name: str, frame: pb.Frame) -> bool:
-        """Send to every session of ``name``; False if there is none."""
+        """Send to every session of ``name``, on any node; False if there is none."""
         sessions = self.online.get(name, [])
         for x in sessions:
             self._send(x, frame)
-        return bool(sessions)
+        elsewhere = self.cluster is not None and self.cluster.deliver(name, frame)
+        return bool(sessions) or elsewhere
 
-    def _announce(self, name: str, now: float) -> None:
-        """Tell online mutual buddies about ``name``'s presence, if it changed."""
+    def deliver_local(self, name: str, frames: list[bytes], device_id: int = 0) -> None:
+        """Frames for ``name``'s sessions here (from another node, or presence from this one)."""
+        for x in self.online.get(name, ()):
+            if not x.closed and (not device_id or x.device_id == device_id):
+                self._out.extend(Datagram(x, data, x.remote) for data in frames)
+
+    def _changed_here(self, name: str, now: float) -> None:
+        """``name``'s sessions here changed (came, went, status, endpoints)."""
+        self.announce(name, now)
+        if self.cluster is not None:
+            self.cluster.state(name, now)
+
+    def announce(self, name: str, now: float) -> None:
+        """Tell ``name``'s mutual buddies connected here about its presence, if it changed
+        (in a cluster each node tells its own: :mod:`rendezvous.cluster`)."""
         presence = self.presence_of(name)
         if self._shown.get(name, pb.OFFLINE) == presence:
             return
@@ -738,9 +852,41 @@ class Hub:
             del self._shown[name]
         update = pb.Frame(
             presence=pb.PresenceUpdate(username=name, presence=presence, last_seen_ms=int(now * 1000))
-        )
-        for buddy in self.buddies.get(name, ()):
-            self._to_user(buddy, update)
+        ).SerializeToString()
+        for buddy in self.watchers.get(name, ()):
+            self.deliver_local(buddy, [update])
+
+    def _set_buddies(self, name: str, buddies: set[str]) -> None:
+        """``name`` (connected here) has these mutual buddies: kept both ways (``watchers``)."""
+        for old in self.buddies.get(name, set()) - buddies:
+            self._unwatch(old, name)
+        for new in buddies:
+            self.watchers.setdefault(new, set()).add(name)
+        self.buddies[name] = buddies
+
+    def _drop_buddies(self, name: str) -> None:
+        for buddy in self.buddies.pop(name, set()):
+            self._unwatch(buddy, name)
+
+    def _unwatch(self, buddy: str, name: str) -> None:
+        watching = self.watchers.get(buddy)
+        if watching is not None:
+            watching.discard(name)
+            if not watching:
+                del self.watchers[buddy]
+
+    def reload_buddies(self, name: str) -> None:
+        """``name``'s buddy list changed (here or on another node): read it again."""
+        sessions = self.online.get(name)
+        if sessions:
+            self._set_buddies(name, self.db.mutual_buddies(sessions[0].user_id))
+
+    def _buddies_changed(self, names: Iterable[str]) -> None:
+        names = list(names)
+        for name in names:
+            self.reload_buddies(name)
+        if self.cluster is not None:
+            self.cluster.changed(names)
 
     def _go_offline(self, session: Session, now: float) -> None:
         sessions = self.online.get(session.username, [])
@@ -748,12 +894,13 @@ class Hub:
             return
         sessions.remove(session)
         session.presence = pb.OFFLINE
-        self.db.set_last_seen(session.user_id, int(now * 1000))
-        self.db.device_seen(session.device_id, int(now * 1000))
-        self._announce(session.username, now)
         if not sessions:
             del self.online[session.username]
-            self.buddies.pop(session.username, None)
+            self._drop_buddies(session.username)
+        self._changed_here(session.username, now)
+        with self._chore():  # buddies saw it go; a database away only misses its "last seen"
+            self.db.set_last_seen(session.user_id, int(now * 1000))
+            self.db.device_seen(session.device_id, int(now * 1000))
 
     def _logout(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame | None:
         if frame.logout.revoke_token and session.token_hash:
@@ -767,7 +914,7 @@ class Hub:
         if frame.set_status.presence not in (pb.ONLINE, pb.AWAY):
             raise RequestError(pb.BAD_REQUEST, "status is online or away (log out to go offline)")
         session.presence = frame.set_status.presence
-        self._announce(session.username, now)
+        self._changed_here(session.username, now)
         return pb.Frame(ok=pb.Ok())
 
     # -- buddies --------------------------------------------------------------
@@ -792,7 +939,7 @@ class Hub:
         )
 
     def _event(self, to: str, kind: int, about: User, state: str, now: float) -> None:
-        if to in self.online:
+        if self.is_online(to):
             entry = self._buddy_entry(about.username, about.identity_key, state, int(now * 1000))
             self._to_user(to, pb.Frame(buddy_event=pb.BuddyEvent(kind=kind, buddy=entry)))  # type: ignore[arg-type]
 
@@ -826,13 +973,11 @@ class Hub:
 
     def _accept(self, session: Session, other: User, now: float) -> pb.Frame:
         self.db.make_mutual(session.user_id, other.id)
-        for a, b in ((session.username, other.username), (other.username, session.username)):
-            if a in self.buddies:
-                self.buddies[a].add(b)
+        self._buddies_changed([session.username, other.username])
         self._event(other.username, pb.BuddyEvent.ACCEPTED, self._me(session), "mutual", now)
         # Both sides learn each other's presence now, as if the other had just logged in.
         for a, b in ((session.username, other.username), (other.username, session.username)):
-            if a in self.online and self.presence_of(b) != pb.OFFLINE:
+            if self.is_online(a) and self.presence_of(b) != pb.OFFLINE:
                 self._to_user(
                     a, pb.Frame(presence=pb.PresenceUpdate(username=b, presence=self.presence_of(b)))
                 )
@@ -853,8 +998,7 @@ class Hub:
         # What waits between them goes too: a removed buddy's envelopes (garbage, say)
         # must not keep filling the store, and ours are not for them any more.
         self.counters.offline_dropped += self.db.drop_offline_between(self._me(session), other)
-        for a, b in ((session.username, other.username), (other.username, session.username)):
-            self.buddies.get(a, set()).discard(b)
+        self._buddies_changed([session.username, other.username])
         self._event(other.username, pb.BuddyEvent.REMOVED, self._me(session), "mutual", now)
         return pb.Frame(ok=pb.Ok())
 
@@ -881,22 +1025,18 @@ class Hub:
         if len(eps.host) > MAX_HOST_ENDPOINTS:
             raise RequestError(pb.BAD_REQUEST, f"at most {MAX_HOST_ENDPOINTS} host addresses")
         session.endpoints = eps
+        if self.cluster is not None:
+            self.cluster.state(session.username, now)
         return pb.Frame(ok=pb.Ok())
 
     def _lookup_endpoints(self, session: Session, frame: pb.Frame, now: float) -> pb.Frame:
         name = frame.lookup_endpoints.username
         self._require_buddy(session, name)
-        sessions = self.online.get(name)
-        if not sessions:
+        reply = self.local_endpoints(name)
+        if reply is None and self.cluster is not None:
+            reply = self.cluster.endpoints(name)
+        if reply is None:
             raise RequestError(pb.PEER_OFFLINE, f"{name} is offline")
-        published = [x for x in sessions if x.endpoints is not None]
-        peer = published[-1] if published else sessions[-1]
-        reply = pb.Endpoints(username=name)
-        reply.observed.ip, reply.observed.port = peer.remote
-        if peer.endpoints is not None:
-            reply.host.extend(peer.endpoints.host)
-            reply.mapped.CopyFrom(peer.endpoints.mapped)
-            reply.nat.CopyFrom(peer.endpoints.nat)
         return pb.Frame(endpoints=reply)
 
     # -- relay and offline store ---------------------------------------------------
@@ -963,9 +1103,29 @@ class Hub:
         )
         if store_id is not None:
             self.counters.stored += 1
-            for peer in self.online.get(req.to, ()):
-                self._pump_offline(peer, stored=True)
+            self.pump_users([req.to])
         return pb.Frame(ok=pb.Ok())
+
+    def pump_users(self, names: Iterable[str]) -> None:
+        """Something was stored for them: push it to their sessions, here and elsewhere."""
+        names = list(names)
+        for name in names:
+            self.pump_local(name)
+        if self.cluster is not None:
+            self.cluster.pump(names)
+
+    def pump_local(self, name: str) -> None:
+        for peer in self.online.get(name, ()):
+            self._pump_offline(peer, stored=True)
+
+    def pump_everyone(self) -> None:
+        """Every session here reads the store again (what came while the bus was cut)."""
+        for sessions in self.online.values():
+            for x in sessions:
+                self._pump_offline(x, stored=True)
+
+    def _look_again(self, session: Session) -> None:
+        self._pump_offline(session, stored=True)
 
     def _pump_offline(self, session: Session, stored: bool = False) -> None:
         """Push the next stored envelopes to ``session``, up to its window of unanswered ones.

@@ -45,6 +45,9 @@ from p2pim.wire import control_pb2 as pb
 
 from .account import AccountWork, Mail
 from .admission import Admission, Verdict, default_max_connections
+from .bus import NatsBus
+from .cluster import BUS
+from .db import StoreUnavailable
 from .errors import error_frame
 from .hub import MAX_FRAME, Close, Counters, HashWork, Hub, Session
 from .mail import Mailer
@@ -63,6 +66,10 @@ HASHING_NICE = 10  # password hashing yields the CPU to relaying (see _lower_pri
 HASHING_THREADS = max(1, (os.cpu_count() or 2) - 1)
 STALLED_S = 1.0  # a write stuck this long: the reader stopped, it is not merely slow
 REFUSAL_LINGER_S = 0.5  # a refused connection's chance to read our 503 before it is cut
+# Draining (SIGTERM): each client is told to move with this close code (RFC 6455's "service
+# restart"); clients given several URLs go to another node at once.
+DRAIN_CODE = 1012
+DRAIN_REASON = "this node is draining: reconnect to another"
 
 
 class Outgoing:
@@ -192,10 +199,19 @@ def _lower_priority() -> None:
 class RendezvousServer:
     """``await RendezvousServer(hub, hasher).start(host, port)``, then ``await close()``."""
 
-    def __init__(self, hub: Hub, hasher: PasswordHasher, mailer: Mailer | None = None) -> None:
+    def __init__(
+        self, hub: Hub, hasher: PasswordHasher, mailer: Mailer | None = None, bus_url: str = ""
+    ) -> None:
+        """``bus_url``: the NATS server(s) of a cluster (the hub must have a node name)."""
         self.hub = hub
         self.hasher = hasher
         self.mailer = mailer
+        self.bus: NatsBus | None = None
+        if bus_url:
+            assert hub.cluster is not None, "a bus needs a hub with a node name"
+            self.bus = NatsBus(bus_url, hub.cluster.node, self._bus_in)
+        self.draining = False
+        self._outs: set[Outgoing] = set()  # every connection's queue (for the drain)
         lim = hub.limits
         self.admission = Admission(
             default_max_connections(lim.max_connections),
@@ -215,8 +231,13 @@ class RendezvousServer:
         self._accept_errors = _LogOnce("cannot accept connections")
         self._bugs = _LogOnce("internal error handling a frame")
 
-    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+    async def start(
+        self, host: str, port: int, tls: ssl.SSLContext | None = None, reuse_port: bool = False
+    ) -> None:
+        """``reuse_port``: several worker processes share the port (SO_REUSEPORT)."""
         asyncio.get_running_loop().set_exception_handler(self._loop_error)
+        if self.bus is not None:
+            await self.bus.start()  # BusUnavailable: the caller says so and exits
         lim = self.hub.limits
         admitted = type(
             "Admitted", (_Admitted,), {"admission": self.admission, "counters": self.hub.counters}
@@ -236,6 +257,7 @@ class RendezvousServer:
             ping_interval=hb,
             ping_timeout=hb,
             close_timeout=CLOSE_GRACE_S,  # a peer that does not answer our close must not hold up shutdown
+            reuse_port=reuse_port,
         )
         self._driver.start()
         self._tasks = [asyncio.create_task(self._watchdog())]
@@ -247,9 +269,23 @@ class RendezvousServer:
         assert self._server is not None
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
+    async def drain(self, seconds: float) -> None:
+        """Stop taking connections and tell every client to move (close 1012, after what is
+        queued for it); wait up to ``seconds`` for them to go. :meth:`close` follows."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close(close_connections=False)  # the listening sockets only
+        for out in list(self._outs):
+            self._put(out, Close(DRAIN_CODE, DRAIN_REASON))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while self._outs and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         self._driver.stop()
-        self.hub.flush_acks()  # what clients acknowledged goes now, not with the next start
+        with contextlib.suppress(StoreUnavailable):
+            self.hub.flush_acks()  # what clients acknowledged goes now, not with the next start
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
@@ -265,6 +301,12 @@ class RendezvousServer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.mailer is not None:
             await self.mailer.close()
+        if self.bus is not None:
+            await self.bus.close()
+
+    def _bus_in(self, data: bytes) -> None:
+        self.hub.receive_bus(data, time.time())
+        self._driver.kick()
 
     def _mail(self, event: object) -> None:
         if isinstance(event, Mail) and self.mailer is not None:
@@ -297,6 +339,7 @@ class RendezvousServer:
         remote = ws.remote_address
         session = self.hub.connect((str(remote[0]), int(remote[1])), time.time())
         out = Outgoing(ws, session, self.hub.limits.send_queue_bytes)
+        self._outs.add(out)
         session.transport = out
         session.backlog = functools.partial(self._backlog, out)
         self._driver.kick()
@@ -338,6 +381,7 @@ class RendezvousServer:
                     with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                         await asyncio.wait_for(out.writer, CLOSE_GRACE_S)
             self._busy.pop(out, None)
+            self._outs.discard(out)
 
     async def _hash(self, out: Outgoing) -> None:
         """A register or login waits for its password hash, in the thread pool (nice 10)."""
@@ -368,7 +412,11 @@ class RendezvousServer:
     # -- frames out ------------------------------------------------------------------------
 
     def _send(self, dg: Datagram) -> None:
-        """Move what the hub queued into that connection's own queue; never waits."""
+        """Move what the hub queued into that connection's own queue (or the bus's); never waits."""
+        if dg.sock is BUS:
+            if self.bus is not None:
+                self.bus.publish(dg.addr, dg.data)
+            return
         out = dg.sock.transport
         assert isinstance(out, Outgoing)
         self._put(out, dg.data)

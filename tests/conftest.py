@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from natlab.classify import tool
+from bench.services import Nats, Postgres
 
 
 def free_udp_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
@@ -86,10 +87,10 @@ def free_tcp_port(ip: str = "127.0.0.1") -> int:
 
 
 class RendezvousProcess:
-    """A real ``rendezvous serve`` on loopback, with its own database file."""
+    """A real ``rendezvous serve`` on loopback, with its own database file (or PostgreSQL URL)."""
 
     def __init__(
-        self, db: Path, extra: tuple[str, ...] = (), port: int | None = None, files: int | None = None
+        self, db: Path | str, extra: tuple[str, ...] = (), port: int | None = None, files: int | None = None
     ) -> None:
         """``files``: the server's open-file limit (soft and hard), to run it out of descriptors."""
         self.db = db
@@ -154,3 +155,32 @@ def small_disk(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One real PostgreSQL for the session (Debian's); each test takes a database of its own."""
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The server's store on each engine: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "server.db")
+    server: Postgres = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+@pytest.fixture
+def nats() -> Iterator[Nats]:
+    """A real ``nats-server`` (Debian's) of this test's own."""
+    server = Nats()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -48,7 +48,8 @@ def add_parsers(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--server",
-        help=f"rendezvous URL (default: the one you logged in to, else $P2PIM_SERVER, else {DEFAULT_SERVER})",
+        help="rendezvous URL, or a cluster's nodes as URL,URL,... (the first that answers; another "
+        f"when it goes) (default: the one you logged in to, else $P2PIM_SERVER, else {DEFAULT_SERVER})",
     )
     common.add_argument(
         "--profile",

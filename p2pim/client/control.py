@@ -55,8 +55,12 @@ class Control:
         on_lost: Callable[[ClientConnection], Awaitable[None]],
         counters: dict[str, int],
     ) -> None:
-        """``on_reply`` returns True for a reply it took (one nobody awaits here)."""
-        self.server = server
+        """``server``: one URL, or several separated by commas (the nodes of a cluster:
+        the first that answers is used; a lost one makes the next reconnect start with
+        the one after it). ``on_reply`` returns True for a reply it took (one nobody
+        awaits here)."""
+        self.servers = [u.strip() for u in server.split(",") if u.strip()] or [server]
+        self._current = 0
         self._on_push = on_push
         self._on_reply = on_reply
         self._on_lost = on_lost
@@ -70,12 +74,35 @@ class Control:
         self._writing = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
+    @property
+    def server(self) -> str:
+        """The URL in use (or tried next)."""
+        return self.servers[self._current]
+
+    def move_on(self) -> None:
+        """The node we were on is going away: the next connect starts with the next one."""
+        self._current = (self._current + 1) % len(self.servers)
+
     async def connect(self) -> None:
-        """Open the WebSocket and read the server's challenge. Raises :class:`Unreachable`."""
+        """Open the WebSocket to the first server that answers (from the current one, in
+        order) and read its challenge. Raises :class:`Unreachable` if none does."""
+        failures: list[Unreachable] = []
+        for _ in self.servers:
+            try:
+                await self._connect(self.server)
+                return
+            except Unreachable as exc:
+                failures.append(exc)
+                self.move_on()
+        if len(failures) == 1:
+            raise failures[0]
+        raise Unreachable("cannot reach any of the servers: " + "; ".join(f.message for f in failures))
+
+    async def _connect(self, server: str) -> None:
         try:
             ws = await asyncio.wait_for(
                 connect(
-                    self.server,
+                    server,
                     max_size=4 * MAX_FRAME,
                     compression=None,
                     open_timeout=CONNECT_TIMEOUT,
@@ -89,23 +116,23 @@ class Control:
         except InvalidStatus as exc:  # the server answered, and said no (e.g. too many connections)
             said = exc.response.body.decode("utf-8", "replace").strip()[:200] if exc.response.body else ""
             raise Unreachable(
-                f"the server at {self.server} refused the connection: "
+                f"the server at {server} refused the connection: "
                 f"{said or 'HTTP ' + str(exc.response.status_code)}"
             ) from None
         except (OSError, InvalidHandshake, TimeoutError) as exc:
-            raise Unreachable(f"cannot reach the server at {self.server}: {reason(exc)}") from None
+            raise Unreachable(f"cannot reach the server at {server}: {reason(exc)}") from None
         except InvalidURI:
             raise ClientError(
-                pb.BAD_REQUEST, f"bad server address {self.server!r} (ws://host:port)"
+                pb.BAD_REQUEST, f"bad server address {server!r} (ws://host:port)"
             ) from None
         try:
             first = pb.Frame.FromString(await asyncio.wait_for(ws.recv(), CONNECT_TIMEOUT))  # type: ignore[arg-type]
         except Exception:
             await ws.close()
-            raise Unreachable(f"{self.server} did not greet us like a p2pim rendezvous") from None
+            raise Unreachable(f"{server} did not greet us like a p2pim rendezvous") from None
         if first.WhichOneof("body") != "challenge":
             await ws.close()
-            raise Unreachable(f"{self.server} did not greet us like a p2pim rendezvous")
+            raise Unreachable(f"{server} did not greet us like a p2pim rendezvous")
         transport = ws.transport
         if hasattr(transport, "max_size"):
             # asyncio reads with recv(256 KiB), above glibc's mmap threshold: each read can

@@ -83,6 +83,10 @@ BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 RELAY_IDS_KEPT = 4096  # request ids of recent relays, to match a refusal to its message
 BUSY_RETRIES, BUSY_RETRY_MAX_MS = 3, 2000  # a login the server shed for load is tried again
+# "Not now, retry": shedding load, or its database away for a moment (a cluster's failover)
+BUSY_CODES = (pb.RATE_LIMITED, pb.UNAVAILABLE)
+# A node closing with this (1012, "service restart") is draining: move to another one at once.
+MOVE_CODES = (1001, 1012)
 
 PRESENCE_NAMES = {pb.ONLINE: "online", pb.AWAY: "away", pb.OFFLINE: "offline"}
 BUDDY_STATES = {
@@ -244,12 +248,16 @@ class Client:
         if ws.close_reason:
             detail += f" ({ws.close_reason})"
         self._emit(ConnectionState(False, detail))
+        if ws.close_code in MOVE_CODES and len(self.control.servers) > 1:
+            self.control.move_on()  # the node is draining (or stopping): another one next
         if was_up and self.reconnect and self._token:
             self._tasks.append(asyncio.create_task(self._reconnect()))
 
     async def _reconnect(self) -> None:
         attempt = 0
         while not self._closing:
+            # Full jitter even for the first try: a node's clients do not all land on the
+            # next one at the same instant.
             await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
             attempt += 1
             try:
@@ -336,7 +344,7 @@ class Client:
             except ClientError as exc:
                 # A server shedding load says "retry in a second"; a throttled password guess
                 # says far longer, and that one the user should see.
-                busy = exc.code == pb.RATE_LIMITED and 0 < exc.retry_after_ms <= BUSY_RETRY_MAX_MS
+                busy = exc.code in BUSY_CODES and 0 < exc.retry_after_ms <= BUSY_RETRY_MAX_MS
                 if not busy or attempt == BUSY_RETRIES:
                     raise
                 await asyncio.sleep(exc.retry_after_ms / 1000 * random.uniform(0.5, 1.5))
@@ -345,7 +353,7 @@ class Client:
             self.messenger.identity = self.groups.core.identity = new_identity
         self.username = self.messenger.name = self.groups.core.me = username
         self.keys.me, self.keys.own_key = username, self.profile.identity.public_key
-        host = urlsplit(self.server).hostname or "127.0.0.1"
+        host = urlsplit(self.control.server).hostname or "127.0.0.1"
         self.stun_servers = [(a.ip or host, a.port) for a in reply.login_ok.stun]  # for NAT diagnostics
         self.device_id, self.device_count = reply.login_ok.device_id, max(1, reply.login_ok.devices)
         self.store.set_setting("devices", str(self.device_count))  # for sends while offline
@@ -715,8 +723,9 @@ class Client:
         return True
 
     def _refused(self, msg_id: bytes, error: pb.Error) -> None:
-        # RATE_LIMITED: the server is shedding load; the message waits and goes again.
-        retry = max(0.05, error.retry_after_ms / 1000) if error.code == pb.RATE_LIMITED else 0.0
+        # RATE_LIMITED: the server is shedding load; UNAVAILABLE: its database is away for a
+        # moment. The message waits and goes again.
+        retry = max(0.05, error.retry_after_ms / 1000) if error.code in BUSY_CODES else 0.0
         now = asyncio.get_running_loop().time()
         self.messenger.refused(msg_id, error.code == pb.PEER_OFFLINE, error.message, retry, now)
 

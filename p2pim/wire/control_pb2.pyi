@@ -65,6 +65,8 @@ class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.V
     """
     LINK_FAILED: _ErrorCode.ValueType  # 16
     """no such link code (or it expired, or was used)"""
+    UNAVAILABLE: _ErrorCode.ValueType  # 17
+    """the server cannot reach its database now: nothing was done; retry after retry_after_ms"""
 
 class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper): ...
 
@@ -100,6 +102,8 @@ account's identity key with the password (`login --new-key`).
 """
 LINK_FAILED: ErrorCode.ValueType  # 16
 """no such link code (or it expired, or was used)"""
+UNAVAILABLE: ErrorCode.ValueType  # 17
+"""the server cannot reach its database now: nothing was done; retry after retry_after_ms"""
 Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
 
 class _Presence:

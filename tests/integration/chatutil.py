@@ -21,8 +21,9 @@ E = TypeVar("E")
 _ids = itertools.count(1)
 
 
-async def new_user(url: str, root: Path, name: str, register: bool = True) -> Client:
-    client = Client(url, Profile(name, root / "profiles"))
+async def new_user(url: str, root: Path, name: str, register: bool = True, **opts: Any) -> Client:
+    """``opts``: for :class:`Client` (``direct=False``: everything through the server)."""
+    client = Client(url, Profile(name, root / "profiles"), **opts)
     await client.connect()
     if register:
         await client.register(name, PASSWORD)
@@ -35,9 +36,9 @@ async def users(url: str, root: Path, *names: str) -> list[Client]:
     return [await new_user(url, root, name) for name in names]
 
 
-async def relogin(url: str, root: Path, name: str) -> Client:
+async def relogin(url: str, root: Path, name: str, **opts: Any) -> Client:
     """A fresh client process for an existing profile (token login)."""
-    client = Client(url, Profile(name, root / "profiles"))
+    client = Client(url, Profile(name, root / "profiles"), **opts)
     await client.connect()
     await client.login(name)
     return client

@@ -1,4 +1,4 @@
-"""A client process for durability tests: ``sender.py URL ROOT NAME PEER COUNT``.
+"""A client process for durability tests: ``sender.py URL ROOT NAME PEER COUNT [relay]``.
 
 Logs in with the saved session, queues COUNT numbered messages for PEER as fast
 as it can (printing "queued I" once each is in the outbox), then waits until
@@ -17,8 +17,9 @@ from p2pim.client import Client, Unreachable
 from p2pim.profile import Profile
 
 
-async def main(url: str, root: str, name: str, peer: str, count: int) -> None:
-    client = Client(url, Profile(name, Path(root) / "profiles"))
+async def main(url: str, root: str, name: str, peer: str, count: int, relay: bool) -> None:
+    """``relay``: no direct path (everything goes through the server)."""
+    client = Client(url, Profile(name, Path(root) / "profiles"), direct=False if relay else None)
     while True:  # the server may not be up yet
         try:
             await client.connect()
@@ -45,4 +46,5 @@ async def main(url: str, root: str, name: str, peer: str, count: int) -> None:
 if __name__ == "__main__":
     # If this ever hangs, the test's failure output shows where.
     faulthandler.dump_traceback_later(20, exit=False, file=sys.stdout)
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+    relay = sys.argv[6:] == ["relay"]
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), relay))

@@ -21,8 +21,8 @@ _ids = itertools.count(1)
 
 
 class World:
-    def __init__(self, **limits: object) -> None:
-        self.db = Database(":memory:")
+    def __init__(self, target: str = ":memory:", **limits: object) -> None:
+        self.db = Database(target)
         self.hub = Hub(self.db, Limits(**limits))  # type: ignore[arg-type]
         self.keys: dict[str, Identity] = {}
         self.now = 1000.0
@@ -80,8 +80,8 @@ def store(w: World, s: Session, to: str, size: int = 100) -> pb.Frame:
     return w.request(s, store=pb.Store(to=to, msg_id=new_msg_id(), envelope=b"e" * size))
 
 
-def test_the_offline_backlog_is_pushed_a_window_at_a_time_as_acks_come() -> None:
-    w = World(offline_window=4)
+def test_the_offline_backlog_is_pushed_a_window_at_a_time_as_acks_come(store_target: str) -> None:
+    w = World(store_target, offline_window=4)
     for name in ("alice", "bob"):
         w.account(name)
     w.buddies("alice", "bob")
@@ -105,8 +105,8 @@ def test_the_offline_backlog_is_pushed_a_window_at_a_time_as_acks_come() -> None
     assert w.db.offline_count(bob.user_id) == 8
 
 
-def test_a_session_that_leaves_the_backlog_gets_only_what_is_stored_while_it_is_on() -> None:
-    w = World()
+def test_a_session_that_leaves_the_backlog_gets_only_what_is_stored_while_it_is_on(store_target: str) -> None:
+    w = World(store_target)
     for name in ("alice", "bob"):
         w.account(name)
     w.buddies("alice", "bob")
@@ -120,8 +120,8 @@ def test_a_session_that_leaves_the_backlog_gets_only_what_is_stored_while_it_is_
     assert len(pushed(w.frames(listener))) == 2
 
 
-def test_one_sender_may_fill_only_its_share_of_a_store() -> None:
-    w = World(offline_max_envelopes=6, offline_sender_envelopes=2)
+def test_one_sender_may_fill_only_its_share_of_a_store(store_target: str) -> None:
+    w = World(store_target, offline_max_envelopes=6, offline_sender_envelopes=2)
     for name in ("alice", "bob", "mallory"):
         w.account(name)
     w.buddies("bob", "alice")
@@ -255,8 +255,8 @@ def test_a_password_login_leaves_its_hashing_to_the_shell_and_garbage_closes_onl
     assert not any(isinstance(dg.data, Close) for dg in out if dg.sock is s)
 
 
-def test_the_hub_timer_expires_old_offline_envelopes_hourly() -> None:
-    w = World(offline_max_age_s=100)
+def test_the_hub_timer_expires_old_offline_envelopes_hourly(store_target: str) -> None:
+    w = World(store_target, offline_max_age_s=100)
     w.account("alice")
     w.account("bob")
     w.buddies("alice", "bob")

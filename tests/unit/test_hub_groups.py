@@ -12,8 +12,8 @@ from .test_hub import World
 NAMES = ["alice", "bob", "carol", "mallory"]
 
 
-def world(**limits: object) -> tuple[World, dict[str, object]]:
-    w = World(**limits)
+def world(target: str, **limits: object) -> tuple[World, dict[str, object]]:
+    w = World(target, **limits)
     for n in NAMES:
         w.account(n)
     for n in ("bob", "carol"):
@@ -41,8 +41,10 @@ def stored(w: World, s: object) -> list[pb.OfflineEnvelope]:
     return [f.offline_envelope for f in w.frames(s) if f.HasField("offline_envelope")]
 
 
-def test_membership_changes_are_ordered_events_for_each_member_and_posts_reach_members_only() -> None:
-    w, s = world()
+def test_membership_changes_are_ordered_events_for_each_member_and_posts_reach_members_only(
+    store_target: str,
+) -> None:
+    w, s = world(store_target)
     gid = team(w, s)
     for n in ("alice", "bob", "carol"):
         events = [pb.GroupEvent.FromString(e.envelope) for e in stored(w, s[n]) if not e.sender]
@@ -54,8 +56,8 @@ def test_membership_changes_are_ordered_events_for_each_member_and_posts_reach_m
     assert got["alice"][0].group == gid and got["alice"][0].sender == "bob"
 
 
-def test_what_each_role_may_not_do() -> None:
-    w, s = world()
+def test_what_each_role_may_not_do(store_target: str) -> None:
+    w, s = world(store_target)
     gid = team(w, s)
     assert code(post(w, s["mallory"], gid)) == pb.NOT_A_MEMBER  # a stranger
     assert code(w.request(s["mallory"], group_list=pb.GroupListRequest())) == 0
@@ -87,8 +89,8 @@ def test_what_each_role_may_not_do() -> None:
     assert code(w.request(s["alice"], group_create=pb.GroupCreate(name="x" * 65))) == pb.BAD_REQUEST
 
 
-def test_a_removed_member_is_told_gets_nothing_more_and_loses_what_waited() -> None:
-    w, s = world()
+def test_a_removed_member_is_told_gets_nothing_more_and_loses_what_waited(store_target: str) -> None:
+    w, s = world(store_target)
     gid = team(w, s)
     stored(w, s["carol"])
     w.hub.disconnect(s["carol"], w.now)  # carol is away: two posts wait for her
@@ -111,8 +113,8 @@ def test_a_removed_member_is_told_gets_nothing_more_and_loses_what_waited() -> N
 
 
 @pytest.mark.parametrize("cap", [3])
-def test_the_member_cap_and_the_post_rate(cap: int) -> None:
-    w, s = world(group_max_members=cap, group_post_rate=1.0, group_post_burst=3)
+def test_the_member_cap_and_the_post_rate(cap: int, store_target: str) -> None:
+    w, s = world(store_target, group_max_members=cap, group_post_rate=1.0, group_post_burst=3)
     w.buddies("alice", "mallory")
     gid = team(w, s)  # alice, bob, carol: full
     assert (
@@ -125,8 +127,8 @@ def test_the_member_cap_and_the_post_rate(cap: int) -> None:
     assert code(post(w, s["bob"], gid)) == 0  # the bucket refills
 
 
-def test_a_sender_sees_how_many_members_took_its_post() -> None:
-    w, s = world()
+def test_a_sender_sees_how_many_members_took_its_post(store_target: str) -> None:
+    w, s = world(store_target)
     gid = team(w, s)
     for n in NAMES:
         stored(w, s[n])
@@ -151,8 +153,8 @@ def test_a_sender_sees_how_many_members_took_its_post() -> None:
     assert counts("bob") == [(2, 2, 1)]
 
 
-def test_groups_per_user_are_bounded_invitations_included() -> None:
-    w, s = world(group_max_per_user=2)
+def test_groups_per_user_are_bounded_invitations_included(store_target: str) -> None:
+    w, s = world(store_target, group_max_per_user=2)
     create = pb.GroupCreate
     assert code(w.request(s["alice"], group_create=create(name="one", invite=["bob"]))) == 0
     assert code(w.request(s["alice"], group_create=create(name="two"))) == 0

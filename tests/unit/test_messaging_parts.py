@@ -107,8 +107,8 @@ def test_server_db_migrates_and_refuses_newer_schema(tmp_path: Path) -> None:
         Database(tmp_path / "s.db")
 
 
-def test_server_db_offline_store_dedups_and_acks_only_own(tmp_path: Path) -> None:
-    db = Database(tmp_path / "s.db")
+def test_server_db_offline_store_dedups_and_acks_only_own(store_target: str) -> None:
+    db = Database(store_target)
     assert db.add_user("alice", b"h", b"k" * 32, 0) and db.add_user("bob", b"h", b"k" * 32, 0)
     assert not db.add_user("alice", b"h", b"k" * 32, 0)
     bob, alice = db.user("bob"), db.user("alice")
@@ -133,10 +133,10 @@ def test_server_db_offline_store_dedups_and_acks_only_own(tmp_path: Path) -> Non
     assert db.expire(now_ms=10_000, max_age_ms=5_000) == 1
 
 
-def test_server_db_a_removed_device_leaves_its_copies_to_the_others(tmp_path: Path) -> None:
+def test_server_db_a_removed_device_leaves_its_copies_to_the_others(store_target: str) -> None:
     """Three devices; one is removed: the copies it made for the others still reach each of
     them (not dropped), and a copy the remaining devices have all had goes (not kept)."""
-    db = Database(tmp_path / "s.db")
+    db = Database(store_target)
     assert db.add_user("alice", b"h", b"k" * 32, 0)
     alice = db.user("alice")
     assert alice is not None
