@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from natlab.classify import tool
 from bench.services import Nats, Postgres
+from natlab.classify import tool
 
 
 def free_udp_ports(n: int, ip: str = "127.0.0.1") -> list[int]:

@@ -122,9 +122,7 @@ class Control:
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise Unreachable(f"cannot reach the server at {server}: {reason(exc)}") from None
         except InvalidURI:
-            raise ClientError(
-                pb.BAD_REQUEST, f"bad server address {server!r} (ws://host:port)"
-            ) from None
+            raise ClientError(pb.BAD_REQUEST, f"bad server address {server!r} (ws://host:port)") from None
         try:
             first = pb.Frame.FromString(await asyncio.wait_for(ws.recv(), CONNECT_TIMEOUT))  # type: ignore[arg-type]
         except Exception:

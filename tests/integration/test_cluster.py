@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.services import Nats, Postgres
 from p2pim.client import BuddyChange, Client, ClientError, ConnectionState, Message, PresenceChange
 from p2pim.client.events import GroupChange, GroupMessage
 from p2pim.profile import Profile
 from p2pim.wire import control_pb2 as pb
 
 from ..conftest import RendezvousProcess, free_tcp_port
-from bench.services import Nats, Postgres
 from .chatutil import befriend, collect, gather_for, new_user, relogin, until, wait_for
 from .test_devices import device
 
