@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  missing=""; \
-	  for p in iproute2 nftables conntrack stun-server iptux xvfb xdotool miniupnpd-nftables chromium chromium-driver; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  for p in iproute2 nftables conntrack stun-server iptux xvfb xdotool miniupnpd-nftables chromium chromium-driver postgresql nats-server; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
 	else echo "not root: skipping apt-get (lab tests will skip)"; fi
 
@@ -50,6 +50,7 @@ proto: install
 bench: install system-deps
 	$(BIN)/python bench/nat_bench.py
 	$(BIN)/python bench/relay_bench.py
+	$(BIN)/python bench/relay_bench.py --setup all
 	$(BIN)/python bench/paths_bench.py
 	$(BIN)/python bench/lan_bench.py
 	$(BIN)/python bench/abuse_bench.py

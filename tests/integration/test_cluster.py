@@ -9,6 +9,9 @@ goes through the nodes and the bus.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -22,7 +25,7 @@ from p2pim.client.events import GroupChange, GroupMessage
 from p2pim.profile import Profile
 from p2pim.wire import control_pb2 as pb
 
-from ..conftest import RendezvousProcess, free_tcp_port
+from ..conftest import RendezvousProcess, free_tcp_port, tool
 from .chatutil import befriend, collect, gather_for, new_user, relogin, until, wait_for
 from .test_devices import device
 
@@ -295,3 +298,61 @@ def test_drain_moves_clients_to_another_node(tmp_path: Path, postgres: Postgres,
         asyncio.run(main())
     finally:
         nodes.stop()
+
+
+def test_workers_share_one_port_and_a_killed_one_comes_back(
+    tmp_path: Path, postgres: Postgres, nats: Nats
+) -> None:
+    """``--workers 2``: both take connections on one port (the kernel spreads them), users on
+    different workers talk; a worker killed -9 is started again and its clients come back."""
+    port, ops = free_tcp_port(), free_tcp_port()
+    argv = [
+        tool("rendezvous"), "serve", "--port", str(port), "--db", postgres.new_database(), "--bus", nats.url,
+        "--workers", "2", "--no-stun", "--kdf-cost", "min", "--heartbeat", "2", "--ops-port", str(ops),
+    ]  # fmt: skip
+    sup = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"ws://127.0.0.1:{port}"
+
+    def here(worker: int) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops + worker}/metrics", timeout=5) as r:
+            line = next(x for x in r.read().decode().splitlines() if x.startswith("p2pim_users_here"))
+        return float(line.rsplit(" ", 1)[1])
+
+    def workers() -> list[int]:
+        return [int(p) for p in Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()]
+
+    async def main() -> None:
+        await until(lambda: len(workers()) == 2 and _answers(ops) and _answers(ops + 1), 30)
+        users = [await new_user(url, tmp_path, f"u{i}", direct=False) for i in range(16)]
+        await until(lambda: here(0) > 0 and here(1) > 0, what="users on both workers")
+        for i in range(0, 16, 2):
+            await befriend(users[i], users[i + 1])
+        for i in range(0, 16, 2):
+            mid = await users[i].send(users[i + 1].username, "across the workers")
+            assert [m.msg_id for m in await collect(users[i + 1], Message, 1)] == [mid]
+        before = workers()
+        os.kill(before[0], signal.SIGKILL)
+        await until(lambda: len(workers()) == 2 and workers() != before, 30, "the worker started again")
+        await until(lambda: all(u.connected for u in users), 30, "every client back")
+        for i in range(0, 16, 2):
+            mid = await users[i].send(users[i + 1].username, "after the kill")
+            got = await collect(users[i + 1], Message, 1)
+            assert [m.msg_id for m in got if m.text == "after the kill"] == [mid]
+        for u in users:
+            await u.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        out, _ = sup.communicate(timeout=30)
+    assert sup.returncode == 0, out
+    assert out.count("rendezvous: stopped") == 2  # each worker drained and said so
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
