@@ -204,7 +204,7 @@ async def _wait_for_signal() -> None:
 
 
 def _node_name(args: argparse.Namespace) -> str:
-    base = args.node or f"{socket.gethostname()}-{args.port}"
+    base = args.node or re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{args.port}")[:60]
     return f"{base}-w{args.worker_index}" if args.worker_index >= 0 else base
 
 
@@ -221,8 +221,8 @@ def _check_cluster(args: argparse.Namespace) -> str | None:
         return "--workers needs --bus (the workers are nodes of one cluster)"
     if args.bus and not postgres:
         return "--bus needs --db postgresql://... (the nodes share their state there, not in a SQLite file)"
-    if args.bus and args.node and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.node):
-        return "--node is 1-64 letters, digits, '-' or '_'"
+    if args.bus and args.node and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", args.node):
+        return "--node is 1-64 letters, digits, '.', '-' or '_' (it names a bus subject)"
     return None
 
 

@@ -21,6 +21,7 @@ from .sql import Connection, SchemaTooNew, StoreUnavailable, connect
 __all__ = ["MIGRATIONS", "Database", "SchemaTooNew", "StoreUnavailable"]
 NOTICE_LOCK = 0x6E6F7469  # one node at a time sends email notices (see Database.try_lock)
 NO_LIMIT = 2**62
+THROTTLE_KEEP_MS = 3600 * 1000  # a shared bucket unused this long is full again: its row goes
 
 MIGRATIONS: list[str] = [
     # 1: first schema
@@ -140,6 +141,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE users ADD COLUMN last_notice_ms INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE offline ADD COLUMN counts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX users_mailed ON users(email_verified, notify);
+    """,
+    # 5: the cluster (issue 17): rate-limit buckets every node shares (password guesses at
+    # one account, from any node); a row per account tried, dropped an hour after its last use.
+    """
+    CREATE TABLE throttle (
+        key TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
     """,
 ]
 
@@ -765,6 +775,19 @@ class Database:
             )
         return cur.rowcount
 
+    def take_token(self, key: str, rate: float, burst: float, now_ms: int) -> bool:
+        """One token from the shared bucket ``key`` (``rate`` per second, up to ``burst``),
+        in one statement (nodes racing for the last token: one gets it); False if empty."""
+        refilled = "(throttle.tokens + (:now - throttle.at_ms) * :rate / 1000.0)"
+        capped = f"(CASE WHEN {refilled} > :burst THEN :burst ELSE {refilled} END)"
+        row = self.conn.execute(
+            "INSERT INTO throttle (key, tokens, at_ms) VALUES (:key, :burst - 1, :now) "
+            f"ON CONFLICT (key) DO UPDATE SET tokens = {capped} - 1, at_ms = :now "
+            f"WHERE {capped} >= 1 RETURNING tokens",
+            {"key": key, "rate": float(rate), "burst": float(burst), "now": now_ms},
+        ).fetchone()
+        return row is not None
+
     def store_size(self) -> tuple[int, int]:
         """(envelopes waiting, their bytes, group posts' counted once): for the metrics."""
         rows, size = self.conn.execute(
@@ -778,6 +801,7 @@ class Database:
         with self.conn.transaction():
             cur = self.conn.execute("DELETE FROM offline WHERE stored_ms < ?", (now_ms - max_age_ms,))
             self.conn.execute("DELETE FROM tokens WHERE expires_ms <= ?", (now_ms,))
+            self.conn.execute("DELETE FROM throttle WHERE at_ms < ?", (now_ms - THROTTLE_KEEP_MS,))
             # group posts no member's row points at any more (every copy taken), kept as long
             # as a stored envelope would be, for their delivered counts
             self.conn.execute(

@@ -606,6 +606,18 @@ class Hub:
             rate = self.limits.login_ip_rate if not ok_ip else self.limits.login_user_rate
             raise RequestError(pb.RATE_LIMITED, "too many attempts; wait and retry", int(1000 / rate))
 
+    def _throttle_everywhere(self, username: str, now: float) -> None:
+        """In a cluster, guesses at one account's password count on every node together
+        (each node's own bucket would let N nodes take N times the rate)."""
+        lim = self.limits
+        if not self.db.take_token(
+            f"login:{username}", lim.login_user_rate, lim.login_user_burst, int(now * 1000)
+        ):
+            self.counters.login_throttled += 1
+            raise RequestError(
+                pb.RATE_LIMITED, "too many attempts; wait and retry", int(1000 / lim.login_user_rate)
+            )
+
     def begin_login(self, session: Session, frame: pb.Frame, now: float) -> VerifyWork | None:
         """Checks that need no hashing. None: answered already (error, or a token login done)."""
         req = frame.login
@@ -617,6 +629,8 @@ class Hub:
             # attack (and so throttled) able to log in from devices holding a token.
             self._throttle(session, None if req.resume_token else req.username, now)
             user = self.db.user(req.username)
+            if user is not None and not req.resume_token and self.cluster is not None:
+                self._throttle_everywhere(user.username, now)
             if req.resume_token:
                 device = None if user is None else self.db.token_device(
                     user.id, _token_hash(req.resume_token), int(now * 1000)

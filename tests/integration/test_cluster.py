@@ -309,6 +309,7 @@ def test_workers_share_one_port_and_a_killed_one_comes_back(
     argv = [
         tool("rendezvous"), "serve", "--port", str(port), "--db", postgres.new_database(), "--bus", nats.url,
         "--workers", "2", "--no-stun", "--kdf-cost", "min", "--heartbeat", "2", "--ops-port", str(ops),
+        "--register-ip-burst", "100",
     ]  # fmt: skip
     sup = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"ws://127.0.0.1:{port}"

@@ -236,3 +236,34 @@ def test_ending_a_device_ends_its_sessions_on_other_nodes(tmp_path: Path) -> Non
     assert c.request(0, a, device_remove=pb.DeviceRemove(device_id=second)).HasField("ok")
     assert other.closed and "alice" not in c.hubs[1].online
     assert not a.closed and c.hubs[0].presence_of("alice") == pb.ONLINE
+
+
+def test_password_guesses_at_one_account_count_on_every_node_together(tmp_path: Path) -> None:
+    c = Cluster(str(tmp_path / "s.db"))
+    c.account("alice")
+    burst = int(c.hubs[0].limits.login_user_burst)
+    outcomes = []
+    for attempt in range(burst + 4):  # alternating nodes: each node's own bucket would allow 2 * burst
+        hub = c.hubs[attempt % 2]
+        s = hub.connect((f"10.0.{attempt}.1", 1))
+        login = pb.Login(username="alice", password="guess", signature=b"x" * 64)
+        work = hub.begin_login(s, pb.Frame(id=1, login=login), c.now)
+        if work is not None:
+            hub.hash_done(s)
+        outcomes.append(work is not None)
+    assert outcomes == [True] * burst + [False] * 4
+    c.now += 60  # the shared bucket refills at the per-user rate
+    s = c.hubs[1].connect(("10.1.0.1", 1))
+    login = pb.Login(username="alice", password="guess", signature=b"x" * 64)
+    assert c.hubs[1].begin_login(s, pb.Frame(id=1, login=login), c.now) is not None
+
+
+def test_shared_buckets_on_both_engines(store_target: str) -> None:
+    db = Database(store_target)
+    taken = [db.take_token("k", 1.0, 3, 1000) for _ in range(4)]
+    assert taken == [True, True, True, False]
+    assert db.take_token("k", 1.0, 3, 2000)  # a second later: one more
+    assert not db.take_token("k", 1.0, 3, 2000)
+    assert db.take_token("other", 1.0, 3, 2000)  # its own bucket
+    db.expire(now_ms=2000 + 3600 * 1000 + 1, max_age_ms=10**12)
+    assert [db.take_token("k", 1.0, 3, 10**10) for _ in range(4)] == [True, True, True, False]
