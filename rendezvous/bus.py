@@ -6,6 +6,9 @@ to manage, a single static binary (Debian ``nats-server``) that clusters on its 
 and its client reconnects and buffers across a restart by itself. Redis would bring a
 data store we would use only as a pipe.
 
+The bus is trusted (a node believes what another says): keep NATS on a private network
+and give it a user and password (``nats://user:password@host:4222``; never logged).
+
 The hub's bus outputs (``Datagram(BUS, data, subject)``) are queued here and written
 by one task per burst, so a relay costs no task of its own; the queue is bounded (a
 bus that is away loses what does not fit, counted: nothing on it is durable). What
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +41,7 @@ class BusUnavailable(Exception):
 class NatsBus:
     def __init__(self, url: str, node: str, on_message: Callable[[bytes], None]) -> None:
         self.url = url
+        self.shown = re.sub(r"//[^@/,]*@", "//", url)  # for messages: no credentials
         self.node = node
         self._on_message = on_message
         self._nc: Any = None
@@ -44,6 +49,7 @@ class NatsBus:
         self._writer: asyncio.Task[None] | None = None
         self.dropped = 0
         self.reconnects = 0
+        self._closing = False
 
     async def start(self, timeout_s: float = 5.0) -> None:
         import nats  # only clusters need it imported
@@ -62,7 +68,8 @@ class NatsBus:
                 reconnected_cb=self._reconnected,
             )
         except Exception as exc:  # nats-py raises several kinds (refused, timeout, no servers)
-            raise BusUnavailable(f"cannot reach the bus at {self.url}: {exc or type(exc).__name__}") from None
+            why = str(exc) or type(exc).__name__
+            raise BusUnavailable(f"cannot reach the bus at {self.shown}: {why}") from None
         for subject in (ALL, node_subject(self.node)):
             await self._nc.subscribe(subject, cb=self._in)
 
@@ -96,13 +103,16 @@ class NatsBus:
         log.debug("bus: %s", exc)
 
     async def _disconnected(self) -> None:
-        log.warning("bus: disconnected from %s; reconnecting", self.url)
+        if self._closing:  # our own close, not news
+            return
+        log.warning("bus: disconnected from %s; reconnecting", self.shown)
 
     async def _reconnected(self) -> None:
         self.reconnects += 1
         log.warning("bus: reconnected")
 
     async def close(self) -> None:
+        self._closing = True
         if self._writer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._writer), 1.0)

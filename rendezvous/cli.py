@@ -26,6 +26,8 @@ from .stun_server import DEFAULT_BURST, DEFAULT_RATE, StunServerCore
 from .stun_service import StunService
 
 EXIT_START_FAILED = 1
+WORKER_SETTLE_S = 5.0  # a worker that lived this long started well
+WORKER_MAX_QUICK_DEATHS = 5
 
 
 def _add_stun_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,7 +211,8 @@ def _node_name(args: argparse.Namespace) -> str:
 
 
 def _shown_db(target: str) -> str:
-    return re.sub(r"//[^@/]*@", "//", target)  # a URL's password stays out of logs
+    """A database or bus URL for the log: without its user and password."""
+    return re.sub(r"//[^@/,]*@", "//", target)
 
 
 def _check_cluster(args: argparse.Namespace) -> str | None:
@@ -248,6 +251,8 @@ def _run_workers(args: argparse.Namespace, argv: list[str]) -> int:
         f"rendezvous: {args.workers} workers on port {args.port} (pids {[p.pid for p in procs.values()]})",
         flush=True,
     )
+    started = dict.fromkeys(procs, time.monotonic())
+    quick = 0  # workers that died within WORKER_SETTLE_S of starting, in a row
     failed = 0
     while procs:
         for i, p in list(procs.items()):
@@ -257,14 +262,21 @@ def _run_workers(args: argparse.Namespace, argv: list[str]) -> int:
             if stopping:
                 del procs[i]
                 failed = failed or code
-            else:  # a worker died: its clients reconnect to the others; start it again
-                print(
-                    f"rendezvous: worker {i} exited with {code}; starting it again",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                time.sleep(1.0)
-                procs[i] = subprocess.Popen([*base, "--worker-index", str(i)])
+                continue
+            # A worker died: its clients reconnect to the others; start it again, unless
+            # workers keep dying at once (a port in use, the database refusing): then stop.
+            quick = quick + 1 if time.monotonic() - started[i] < WORKER_SETTLE_S else 0
+            if quick >= WORKER_MAX_QUICK_DEATHS:
+                print(f"rendezvous: workers keep exiting at start (last: {code}); stopping", file=sys.stderr)
+                stop(signal.SIGTERM, None)
+                failed = EXIT_START_FAILED
+                continue
+            print(
+                f"rendezvous: worker {i} exited with {code}; starting it again", file=sys.stderr, flush=True
+            )
+            time.sleep(1.0)
+            procs[i] = subprocess.Popen([*base, "--worker-index", str(i)])
+            started[i] = time.monotonic()
         time.sleep(0.2)
     return failed
 
@@ -358,7 +370,7 @@ async def _run_serve(args: argparse.Namespace) -> int:
     scheme = "wss" if tls else "ws"
     where = f"{scheme}://{args.host}:{server.port}"
     stun_text = ", ".join(f"{ip}:{port}" for ip, port in stun.addresses) if stun else "off"
-    in_cluster = f"; node {node} on {args.bus}" if args.bus else ""
+    in_cluster = f"; node {node} on {_shown_db(args.bus)}" if args.bus else ""
     print(
         f"rendezvous: control on {where}; STUN on {stun_text}; database {_shown_db(db_path)}; "
         f"up to {server.admission.max_total} connections{in_cluster}",

@@ -123,7 +123,7 @@ class Ops:
             one(f"{name}_total", "counter", value, f"rendezvous counter {name}")
         hub, cluster, bus = self.hub, self.hub.cluster, self.server.bus
         rows, size = self.store_size()
-        one("connections", "gauge", len(self.server._outs), "open WebSocket connections")
+        one("connections", "gauge", self.server.connection_count, "open WebSocket connections")
         one("sessions", "gauge", sum(len(x) for x in hub.online.values()), "logged-in sessions on this node")
         one("users_here", "gauge", len(hub.online), "users with a session on this node")
         one("users_elsewhere", "gauge", len(cluster.users) if cluster else 0, "users on other nodes")

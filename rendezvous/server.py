@@ -269,6 +269,10 @@ class RendezvousServer:
         assert self._server is not None
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
+    @property
+    def connection_count(self) -> int:
+        return len(self._outs)
+
     async def drain(self, seconds: float) -> None:
         """Stop taking connections and tell every client to move (close 1012, after what is
         queued for it); wait up to ``seconds`` for them to go. :meth:`close` follows."""

@@ -20,7 +20,9 @@ engines walk the same numbered steps and a schema change is written once.
 
 A PostgreSQL that went away (restarted, killed) makes the request in hand fail
 with :class:`StoreUnavailable` (the client is told to retry; nothing is
-acknowledged), and the next query connects again.
+acknowledged), and a thread connects again meanwhile. The hub waits on each query: a
+database that stops answering (a network that drops packets) stalls a node for up to
+:data:`TCP_USER_TIMEOUT_MS` once, then requests fail at once until it is back.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import contextlib
 import functools
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -47,6 +50,7 @@ __all__ = [
 
 Params = Sequence[Any] | Mapping[str, Any]
 RECONNECT_EVERY_S = 0.5  # a lost PostgreSQL is tried again at most this often
+TCP_USER_TIMEOUT_MS = 2000  # unanswered bytes to the database: the connection is dead
 MIGRATION_LOCK = 0x70327069  # pg_advisory_xact_lock key: one node migrates at a time
 
 
@@ -145,21 +149,38 @@ class PostgresConnection:
         self._timeout = connect_timeout_s
         self._conn: Any = None
         self._next_try = 0.0
-        self._connect()
+        self._fresh: Any = None  # a connection the reconnecting thread made, not yet taken
+        self._reconnecting: threading.Thread | None = None
+        self._conn = self._open()  # at start, in line: a node without its database does not start
         self._migrate(migrations)
 
+    def _open(self) -> Any:
+        """A connection; a network that drops packets (rather than refusing) fails a query
+        within :data:`TCP_USER_TIMEOUT_MS` instead of hanging the node."""
+        return self._psycopg.connect(
+            self.url, autocommit=True, connect_timeout=self._timeout, tcp_user_timeout=TCP_USER_TIMEOUT_MS,
+            keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2,
+        )  # fmt: skip
+
     def _connect(self) -> Any:
+        """The live connection, or :class:`StoreUnavailable` at once. A lost one is made
+        again in a thread of its own (connecting may wait for seconds; the hub must not),
+        at most every :data:`RECONNECT_EVERY_S`."""
         if self._conn is not None and not self._conn.closed:
             return self._conn
+        if self._fresh is not None:
+            self._conn, self._fresh = self._fresh, None
+            return self._conn
         now = time.monotonic()
-        if now < self._next_try:
-            raise StoreUnavailable("the database is unavailable; retry shortly")
-        try:
-            self._conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout)
-        except self._psycopg.OperationalError as exc:
+        if now >= self._next_try and (self._reconnecting is None or not self._reconnecting.is_alive()):
             self._next_try = now + RECONNECT_EVERY_S
-            raise StoreUnavailable(f"cannot reach the database: {_first_line(exc)}") from None
-        return self._conn
+            self._reconnecting = threading.Thread(target=self._reconnect, name="pg-reconnect", daemon=True)
+            self._reconnecting.start()
+        raise StoreUnavailable("the database is unavailable; reconnecting")
+
+    def _reconnect(self) -> None:
+        with contextlib.suppress(self._psycopg.OperationalError):
+            self._fresh = self._open()
 
     def _migrate(self, migrations: list[str]) -> None:
         conn = self._connect()
