@@ -126,21 +126,22 @@ class Cluster:
         return bool(nodes)
 
     def pump(self, names: Iterable[str]) -> None:
-        by_node: dict[str, list[str]] = {}
-        for name in names:
-            for node in self.nodes_of(name):
-                by_node.setdefault(node, []).append(name)
-        for node, who in by_node.items():
+        """Something was stored for them: nodes that have them read the store again."""
+        for node, who in self._by_node(names).items():
             self._publish(node_subject(node), bus.NodeMessage(pump=bus.Usernames(usernames=who)))
 
     def changed(self, names: Iterable[str]) -> None:
         """Their buddy lists changed: nodes that have them read the lists again."""
+        for node, who in self._by_node(names).items():
+            self._publish(node_subject(node), bus.NodeMessage(changed=bus.Usernames(usernames=who)))
+
+    def _by_node(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Who of ``names`` each other node has (one message per node, not per user)."""
         by_node: dict[str, list[str]] = {}
         for name in names:
             for node in self.nodes_of(name):
                 by_node.setdefault(node, []).append(name)
-        for node, who in by_node.items():
-            self._publish(node_subject(node), bus.NodeMessage(changed=bus.Usernames(usernames=who)))
+        return by_node
 
     def link(self, channel: int, frame: bytes, to_creator: bool, node: str = "") -> None:
         """A device link's traffic to the node holding the channel (or, ``node`` empty, to all:

@@ -20,6 +20,8 @@ from rendezvous.cluster import BUS, NODE_TIMEOUT_S, node_subject
 from rendezvous.db import Database
 from rendezvous.hub import Hub, Session
 
+from .test_hub import add_account, make_buddies
+
 _ids = itertools.count(1)
 
 
@@ -34,18 +36,10 @@ class Cluster:
         self.published: list[tuple[str, str, bytes]] = []  # (from node, subject, data)
 
     def account(self, name: str) -> None:
-        ident = Identity.generate()
-        self.keys[name] = ident
-        assert self.db.add_user(name, b"$argon2id$x", ident.public_key, 0)
-        user = self.db.user(name)
-        assert user is not None
-        device = self.db.devices(user.id)[0].id
-        self.db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15, device)
+        self.keys[name] = add_account(self.db, name)
 
     def buddies(self, a: str, b: str) -> None:
-        ua, ub = self.db.user(a), self.db.user(b)
-        assert ua is not None and ub is not None
-        self.db.make_mutual(ua.id, ub.id)
+        make_buddies(self.db, a, b)
 
     def login(self, node: int, name: str) -> Session:
         hub = self.hubs[node]
@@ -107,6 +101,16 @@ class Cluster:
                 hub.receive_bus(data, self.now)
 
 
+def alice_and_bob(tmp_path: Path) -> tuple[Cluster, Session, Session]:
+    """Two buddies, alice on node 0 and bob on node 1, after the nodes met."""
+    c = Cluster(str(tmp_path / "s.db"))
+    c.account("alice")
+    c.account("bob")
+    c.buddies("alice", "bob")
+    c.tick(1.0)
+    return c, c.login(0, "alice"), c.login(1, "bob")
+
+
 def kinds(frames: list[pb.Frame]) -> list[str]:
     return [str(f.WhichOneof("body")) for f in frames]
 
@@ -143,12 +147,7 @@ def test_presence_relay_and_lookup_cross_nodes(tmp_path: Path) -> None:
 
 
 def test_a_store_on_one_node_is_pushed_by_the_other(tmp_path: Path) -> None:
-    c = Cluster(str(tmp_path / "s.db"))
-    c.account("alice")
-    c.account("bob")
-    c.buddies("alice", "bob")
-    c.tick(1.0)
-    a, b = c.login(0, "alice"), c.login(1, "bob")
+    c, a, b = alice_and_bob(tmp_path)
     c.frames(b)
     ok = c.request(0, a, store=pb.Store(to="bob", msg_id=new_msg_id(), envelope=b"sealed"))
     assert ok.HasField("ok")
@@ -178,12 +177,7 @@ def test_buddy_changes_reach_the_other_nodes_cache(tmp_path: Path) -> None:
 
 
 def test_a_silent_node_is_gone_and_a_returning_one_is_caught_up(tmp_path: Path) -> None:
-    c = Cluster(str(tmp_path / "s.db"))
-    c.account("alice")
-    c.account("bob")
-    c.buddies("alice", "bob")
-    c.tick(1.0)
-    a, b = c.login(0, "alice"), c.login(1, "bob")
+    c, a, b = alice_and_bob(tmp_path)
     c.frames(a)
     c.frames(b)
     c.cut = True  # the bus goes down

@@ -20,6 +20,23 @@ from rendezvous.hub import ACK_FLUSH_S, Close, Hub, Limits, Session
 _ids = itertools.count(1)
 
 
+def add_account(db: Database, name: str) -> Identity:
+    """An account whose resume token is its name (token logins need no password hashing)."""
+    ident = Identity.generate()
+    assert db.add_user(name, b"$argon2id$x", ident.public_key, 0)
+    user = db.user(name)
+    assert user is not None
+    device = db.devices(user.id)[0].id
+    db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15, device)
+    return ident
+
+
+def make_buddies(db: Database, a: str, b: str) -> None:
+    ua, ub = db.user(a), db.user(b)
+    assert ua is not None and ub is not None
+    db.make_mutual(ua.id, ub.id)
+
+
 class World:
     def __init__(self, target: str = ":memory:", **limits: object) -> None:
         self.db = Database(target)
@@ -29,18 +46,10 @@ class World:
         self._inbox: dict[int, list[pb.Frame]] = {}
 
     def account(self, name: str) -> None:
-        ident = Identity.generate()
-        self.keys[name] = ident
-        assert self.db.add_user(name, b"$argon2id$x", ident.public_key, 0)
-        user = self.db.user(name)
-        assert user is not None
-        device = self.db.devices(user.id)[0].id
-        self.db.add_token(user.id, hashlib.sha256(name.encode()).digest(), 10**15, device)
+        self.keys[name] = add_account(self.db, name)
 
     def buddies(self, a: str, b: str) -> None:
-        ua, ub = self.db.user(a), self.db.user(b)
-        assert ua is not None and ub is not None
-        self.db.make_mutual(ua.id, ub.id)
+        make_buddies(self.db, a, b)
 
     def login(self, name: str, ip: str = "10.0.0.1", leave_offline: bool = False) -> Session:
         s = self.hub.connect((ip, 40000))
