@@ -73,7 +73,7 @@ class Remote:
     sessions: int
     presence: pb.Presence.ValueType
     endpoints: pb.Endpoints | None
-    last_seen_ms: int
+    devices: frozenset[int]
 
 
 class Cluster:
@@ -95,6 +95,9 @@ class Cluster:
             return pb.ONLINE
         return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
 
+    def device_online(self, name: str, device_id: int) -> bool:
+        return any(device_id in r.devices for r in self.users.get(name, {}).values())
+
     def endpoints(self, name: str) -> pb.Endpoints | None:
         with_eps = [r.endpoints for r in self.users.get(name, {}).values() if r.endpoints is not None]
         return with_eps[-1] if with_eps else None
@@ -109,6 +112,7 @@ class Cluster:
             sessions=len(sessions),
             presence=self.hub.local_presence(name),
             last_seen_ms=int(now * 1000),
+            devices=sorted({x.device_id for x in sessions}),
         )
         eps = self.hub.local_endpoints(name)
         if eps is not None:
@@ -225,7 +229,7 @@ class Cluster:
                 state.sessions,
                 state.presence,
                 eps if state.HasField("endpoints") else None,
-                state.last_seen_ms,
+                frozenset(state.devices[:64]),
             )
         if self.hub.presence_of(name) != before or state.sessions == 0:
             self.hub.announce(name, now)

@@ -293,7 +293,9 @@ class DeviceHandlers:
         return self.hub.db.devices(session.user_id)
 
     def _info(self, d: Device, session: Session) -> pb.DeviceInfo:
-        online = any(x.device_id == d.id for x in self.hub.online.get(session.username, ()))
+        online = any(x.device_id == d.id for x in self.hub.online.get(session.username, ())) or (
+            self.hub.cluster is not None and self.hub.cluster.device_online(session.username, d.id)
+        )
         return pb.DeviceInfo(
             device_id=d.id, name=d.name, created_ms=d.created_ms, last_seen_ms=d.last_seen_ms,
             online=online, this=d.id == session.device_id,

@@ -122,6 +122,7 @@ class UserState(_message.Message):
     PRESENCE_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     sessions: _builtins.int
     """logged-in sessions (quiet ones included)"""
@@ -132,6 +133,10 @@ class UserState(_message.Message):
     def endpoints(self) -> _control_pb2.Endpoints:
         """the last published (or observed) endpoints"""
 
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """the devices those sessions are (for `device list`)"""
+
     def __init__(
         self,
         *,
@@ -140,10 +145,11 @@ class UserState(_message.Message):
         presence: _control_pb2.Presence.ValueType = ...,
         endpoints: _control_pb2.Endpoints | None = ...,
         last_seen_ms: _builtins.int = ...,
+        devices: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "last_seen_ms", b"last_seen_ms", "presence", b"presence", "sessions", b"sessions", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "endpoints", b"endpoints", "last_seen_ms", b"last_seen_ms", "presence", b"presence", "sessions", b"sessions", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

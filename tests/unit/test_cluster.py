@@ -227,6 +227,8 @@ def test_ending_a_device_ends_its_sessions_on_other_nodes(tmp_path: Path) -> Non
     assert c.hubs[1].begin_login(other, pb.Frame(id=1, login=login), c.now) is None
     assert other.username == "alice" and other.device_id == second
     c.flush()
+    listed = c.request(0, a, device_list=pb.DeviceListRequest()).devices.devices
+    assert [(d.name, d.online) for d in listed] == [("first device", True), ("phone", True)]
     assert c.request(0, a, device_remove=pb.DeviceRemove(device_id=second)).HasField("ok")
     assert other.closed and "alice" not in c.hubs[1].online
     assert not a.closed and c.hubs[0].presence_of("alice") == pb.ONLINE
