@@ -293,7 +293,13 @@ class PeerPath:
         ipv6_first = (
             current is not None and is_v6(addr) and not is_v6(current.addr) and rtt < PREFER_V6 * current.rtt
         )
-        if self.path is None or rtt < BETTER * self.path.rtt or ipv6_first:
+        # An IPv6 path is not left for a faster-looking IPv4 one: such a pong can only be
+        # one still in flight from the punching round, whose first IPv6 sample carries the
+        # neighbour discovery and firewall set-up of a fresh path (Karn's caution); IPv4
+        # brings NAT state to keep. IPv6 is left when it fails.
+        keep_v6 = current is not None and is_v6(current.addr) and not is_v6(addr)
+        faster = current is not None and rtt < BETTER * current.rtt and not keep_v6
+        if self.path is None or faster or ipv6_first:
             reason = "punched" if self.path is None else "IPv6" if ipv6_first else "faster path"
             self.path = Path(sock, addr, rtt)
             self._misses, self._hb_tries, self._hb_due = 0, 0, now + self.keepalive

@@ -278,3 +278,15 @@ def test_an_ipv6_path_is_preferred_to_an_ipv4_one_unless_much_slower() -> None:
     assert a.path is not None and a.path.addr == V6_B and a.path.sock == MAIN6
     changes = [o for o in a.poll(0.02) if isinstance(o, PathChanged)]
     assert changes[-1].reason == "IPv6"
+
+
+def test_an_ipv6_path_is_not_left_for_an_ipv4_pong_that_looks_faster() -> None:
+    a = PeerPath("bob", keepalive=25.0)
+    a.set_local(Candidates((V6_A, A), A, False), None, None)
+    a.call_me_maybe(0.0, Candidates((V6_B, B), B, False), reply=True)
+    first = {p.sock: p for p in a.poll(0.0) if isinstance(p, SendPing)}
+    later = {p.sock: p for p in a.poll(0.25) if isinstance(p, SendPing)}
+    a.pong(0.26, MAIN6, V6_B, first[MAIN6].tx)  # IPv6's first ping, slowed by neighbour discovery
+    a.pong(0.2602, MAIN, B, later[MAIN].tx)  # IPv4's second ping: 10 ms, in flight from the round
+    assert a.path is not None and a.path.addr == V6_B
+    assert [c.reason for c in a.poll(0.3) if isinstance(c, PathChanged)] == ["punched"]
