@@ -165,9 +165,11 @@ class DeviceHandlers:
         joining = self._joining_of(session)
         if joining is not None:  # the channel is on another node: it checks and forwards
             number, far = joining
-            if not far.node or now > far.expires:
+            if now > far.expires:
                 raise RequestError(pb.LINK_FAILED, "the link is over (it expired, or the other side left)")
             assert self.hub.cluster is not None
+            # Before the holder answered (a joiner may speak first) this goes to every node,
+            # after the join on the same subject, so the holder takes them in order.
             self.hub.cluster.link(number, frame.SerializeToString(), to_creator=True, node=far.node)
             if req.close:
                 self.joining.pop(number, None)

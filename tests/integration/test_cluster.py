@@ -22,6 +22,7 @@ import pytest
 from bench.services import Nats, Postgres
 from p2pim.client import BuddyChange, Client, ClientError, ConnectionState, Message, PresenceChange
 from p2pim.client.events import GroupChange, GroupMessage
+from p2pim.files.events import FileDone, FileOffered
 from p2pim.profile import Profile
 from p2pim.wire import control_pb2 as pb
 
@@ -122,6 +123,18 @@ def test_every_flow_crosses_nodes(tmp_path: Path, postgres: Postgres, nats: Nats
             assert outcome is not None and outcome.state == "stored"
         c = await relogin(nodes.urls(2), tmp_path, "carol", direct=False)
         assert [m.text for m in await collect(c, Message, 5)] == [f"later {i}" for i in range(5)]
+        # a file from node 0 to node 2: offer, answer and every chunk through the bus
+        src = tmp_path / "notes.bin"
+        src.write_bytes(os.urandom(1024 * 1024 + 17))
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        await a.send_file("carol", src)
+        offered = await wait_for(c, lambda e: isinstance(e, FileOffered), 10)
+        assert isinstance(offered, FileOffered)
+        await c.accept_file(offered.file_id, downloads)
+        got = await wait_for(c, lambda e: isinstance(e, FileDone), 60)
+        assert isinstance(got, FileDone) and Path(got.path).read_bytes() == src.read_bytes()
+        await wait_for(a, lambda e: isinstance(e, FileDone), 20)
         # a group on three nodes: every post is stored once and pushed by each member's node
         await a.groups.create("team", ["bob", "carol"])
         for x in (b, c):
