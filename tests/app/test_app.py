@@ -218,6 +218,13 @@ def test_two_apps_in_a_real_browser(
         assert until(
             lambda: a.find_element(By.CSS_SELECTOR, "#files li .pct").text == "100%", what="alice's 100%"
         )
+        # Bob's "done" comes after the last chunk's ack (100%): it lands in bob's conversation,
+        # read while alice has it open. Leaving before it came would leave it unread there (as
+        # it should be), and the check below would catch that race, not a bug.
+        until(
+            lambda: a.find_element(By.CSS_SELECTOR, "#files li .file-state").text == "done",
+            what="alice's done",
+        )
         expected = bytes((i * 7 + 3) & 255 for i in range(FILE_SIZE))
         assert Path(where).parent == tmp_path / "downloads"
         arrived = Path(where).read_bytes()
