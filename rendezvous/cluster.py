@@ -62,6 +62,15 @@ class _Bus:
 BUS = _Bus()
 
 
+def shown_presence(presences: Iterable[pb.Presence.ValueType]) -> pb.Presence.ValueType:
+    """What buddies see of several sessions (or nodes): online if any is, else away if any
+    is, else offline."""
+    shown = set(presences)
+    if pb.ONLINE in shown:
+        return pb.ONLINE
+    return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
+
+
 def node_subject(node: str) -> str:
     return f"p2pim.node.{node}"
 
@@ -81,6 +90,7 @@ class Cluster:
         self.hub = hub
         self.node = node
         self.nodes: dict[str, float] = {}  # other nodes: when last heard
+        self._caught_up: dict[str, float] = {}  # other nodes: when we last caught them up
         self.users: dict[str, dict[str, Remote]] = {}  # username -> node -> its sessions there
         self._next_beat = 0.0
 
@@ -90,10 +100,7 @@ class Cluster:
         return list(self.users.get(name, ()))
 
     def presence(self, name: str) -> pb.Presence.ValueType:
-        shown = [r.presence for r in self.users.get(name, {}).values()]
-        if pb.ONLINE in shown:
-            return pb.ONLINE
-        return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
+        return shown_presence(r.presence for r in self.users.get(name, {}).values())
 
     def device_online(self, name: str, device_id: int) -> bool:
         return any(device_id in r.devices for r in self.users.get(name, {}).values())
@@ -111,7 +118,6 @@ class Cluster:
             username=name,
             sessions=len(sessions),
             presence=self.hub.local_presence(name),
-            last_seen_ms=int(now * 1000),
             devices=sorted({x.device_id for x in sessions}),
         )
         eps = self.hub.local_endpoints(name)
@@ -119,14 +125,13 @@ class Cluster:
             state.endpoints.CopyFrom(eps)
         self._publish(to, bus.NodeMessage(state=state))
 
-    def deliver(self, name: str, frame: pb.Frame, device_id: int = 0) -> bool:
-        """``frame`` to ``name``'s sessions on other nodes; False if it has none."""
+    def deliver(self, name: str, frame: bytes) -> bool:
+        """A serialized frame to ``name``'s sessions on other nodes; False if it has none."""
         nodes = self.nodes_of(name)
-        if nodes:
-            data = frame.SerializeToString()
-            for node in nodes:
-                msg = bus.NodeMessage(deliver=bus.Deliver(username=name, frames=[data], device_id=device_id))
-                self._publish(node_subject(node), msg)
+        for node in nodes:
+            self._publish(
+                node_subject(node), bus.NodeMessage(deliver=bus.Deliver(username=name, frames=[frame]))
+            )
         return bool(nodes)
 
     def pump(self, names: Iterable[str]) -> None:
@@ -192,7 +197,7 @@ class Cluster:
         elif kind == "state":
             self._state(msg.node, msg.state, now)
         elif kind == "deliver":
-            self.hub.deliver_local(msg.deliver.username, list(msg.deliver.frames), msg.deliver.device_id)
+            self.hub.deliver_local(msg.deliver.username, list(msg.deliver.frames))
         elif kind == "pump":
             for name in msg.pump.usernames:
                 self.hub.pump_local(name)
@@ -213,7 +218,6 @@ class Cluster:
 
     def _state(self, node: str, state: bus.UserState, now: float) -> None:
         name = state.username
-        before = self.hub.presence_of(name)
         if state.sessions == 0:
             nodes = self.users.get(name, {})
             nodes.pop(node, None)
@@ -231,8 +235,7 @@ class Cluster:
                 eps if state.HasField("endpoints") else None,
                 frozenset(state.devices[:64]),
             )
-        if self.hub.presence_of(name) != before or state.sessions == 0:
-            self.hub.announce(name, now)
+        self.hub.announce(name, now)  # it tells buddies here only if what they saw changed
 
     def _node_new(self, node: str, now: float) -> None:
         """A node we did not know: it learns our users; we all look at our stores again."""
@@ -245,19 +248,22 @@ class Cluster:
 
     def _catch_up(self, node: str, now: float) -> None:
         """``node`` may have missed what happened here (and we what happened there): it gets
-        every state we hold, and our sessions read the store again."""
+        every state we hold, and our sessions read the store again. Once per meeting: two
+        nodes meeting each see the other as new and each asks the other (``Beat.sync``)."""
+        if now - self._caught_up.get(node, -BEAT_S) < BEAT_S:
+            return
+        self._caught_up[node] = now
         for name in list(self.hub.online):
             self.state(name, now, to=node_subject(node))
         self.hub.pump_everyone()
 
     def _node_gone(self, node: str, now: float) -> None:
         del self.nodes[node]
+        self._caught_up.pop(node, None)
         gone = sum(1 for nodes in self.users.values() if node in nodes)
         log.warning("node %s: not heard for %.1f s; its %d users are offline", node, NODE_TIMEOUT_S, gone)
         for name in [n for n, nodes in self.users.items() if node in nodes]:
-            before = self.hub.presence_of(name)
             del self.users[name][node]
             if not self.users[name]:
                 del self.users[name]
-            if self.hub.presence_of(name) != before:
-                self.hub.announce(name, now)
+            self.hub.announce(name, now)

@@ -65,7 +65,7 @@ from p2pim.wire.limits import DEFAULT_HEARTBEAT_S, ID_SIZE, MAX_ENVELOPE, MAX_FR
 
 from .account import AccountHandlers, AccountWork, Mail
 from .admission import bump
-from .cluster import Cluster
+from .cluster import Cluster, shown_presence
 from .db import Database, StoreUnavailable, User
 from .devices import DeviceHandlers
 from .errors import RequestError, error_frame
@@ -92,14 +92,9 @@ MAX_SQL_INT = 2**63 - 1  # SQLite INTEGER; a uint64 from the wire may not fit
 MAX_PAUSE_S = 1.0  # the longest the shell stops reading a connection after a RATE_LIMITED
 LATE_LOOK_S = 1.0  # in a cluster, a login reads the store once more this much later (see _late)
 STORE_RETRY_MS = 1000  # the database is away: what a refused request is told to wait
-UNMETERED = ("offline_ack", "logout")
+UNMETERED = ("offline_ack", "logout")  # acks pace the backlog: metering them would stall it
 # Requests that wait for a password hash in the shell's pool (begin_* here, then finish_*).
-HASHED = (
-    "register",
-    "login",
-    "account_password",
-    "account_delete",
-)  # acks pace the backlog: metering them would stall it
+HASHED = ("register", "login", "account_password", "account_delete")
 
 
 @dataclass(frozen=True)
@@ -420,7 +415,7 @@ class Hub:
         # Each chore on its own: one the database cannot take now waits for its next turn.
         with self._chore():
             while self._late and self._late[0][0] <= now:
-                self._look_again(self._late.popleft()[1])
+                self._pump_offline(self._late.popleft()[1], stored=True)
         with self._chore():
             if self._ack_due is not None and now >= self._ack_due:
                 self.flush_acks()
@@ -716,9 +711,7 @@ class Hub:
         session.presence = req.presence if req.presence in (pb.ONLINE, pb.AWAY) else pb.ONLINE
         session.quiet = req.quiet
         session.leave_offline = req.leave_offline
-        session.offline_cursor = (
-            cursor  # leave_offline: skip the backlog; what is stored from now on still comes
-        )
+        session.offline_cursor = cursor  # leave_offline: no backlog; what is stored from now on comes
         if buddies is not None:
             self._set_buddies(user.username, buddies)
         sessions.append(session)
@@ -801,20 +794,15 @@ class Hub:
     # -- presence -------------------------------------------------------------
 
     def local_presence(self, name: str) -> pb.Presence.ValueType:
-        """What buddies see of ``name``'s sessions here: online if any shown one is, else away
-        if any is, else offline."""
-        shown = [x.presence for x in self.online.get(name, ()) if not x.quiet]
-        if pb.ONLINE in shown:
-            return pb.ONLINE
-        return pb.AWAY if pb.AWAY in shown else pb.OFFLINE
+        """What buddies see of ``name``'s sessions here (the quiet ones do not show)."""
+        return shown_presence(x.presence for x in self.online.get(name, ()) if not x.quiet)
 
     def presence_of(self, name: str) -> pb.Presence.ValueType:
         """The same over every node of the cluster."""
         here = self.local_presence(name)
         if self.cluster is None or here == pb.ONLINE:
             return here
-        there = self.cluster.presence(name)
-        return pb.ONLINE if there == pb.ONLINE else (pb.AWAY if pb.AWAY in (here, there) else pb.OFFLINE)
+        return shown_presence((here, self.cluster.presence(name)))
 
     def is_online(self, name: str) -> bool:
         """Has ``name`` a session anywhere (a quiet one too)?"""
@@ -836,17 +824,18 @@ class Hub:
         return reply
 
     def _to_user(self, name: str, frame: pb.Frame) -> bool:
-        """Send to every session of ``name``, on any node; False if there is none."""
-        sessions = self.online.get(name, [])
-        for x in sessions:
-            self._send(x, frame)
-        elsewhere = self.cluster is not None and self.cluster.deliver(name, frame)
-        return bool(sessions) or elsewhere
+        """Send to every session of ``name``, on any node (serialized once); False if there
+        is none."""
+        data = frame.SerializeToString()
+        here = name in self.online
+        self.deliver_local(name, [data])
+        elsewhere = self.cluster is not None and self.cluster.deliver(name, data)
+        return here or elsewhere
 
-    def deliver_local(self, name: str, frames: list[bytes], device_id: int = 0) -> None:
-        """Frames for ``name``'s sessions here (from another node, or presence from this one)."""
+    def deliver_local(self, name: str, frames: list[bytes]) -> None:
+        """Frames for ``name``'s sessions here (from this node, or from another)."""
         for x in self.online.get(name, ()):
-            if not x.closed and (not device_id or x.device_id == device_id):
+            if not x.closed:
                 self._out.extend(Datagram(x, data, x.remote) for data in frames)
 
     def _changed_here(self, name: str, now: float) -> None:
@@ -1134,12 +1123,8 @@ class Hub:
 
     def pump_everyone(self) -> None:
         """Every session here reads the store again (what came while the bus was cut)."""
-        for sessions in self.online.values():
-            for x in sessions:
-                self._pump_offline(x, stored=True)
-
-    def _look_again(self, session: Session) -> None:
-        self._pump_offline(session, stored=True)
+        for name in list(self.online):
+            self.pump_local(name)
 
     def _pump_offline(self, session: Session, stored: bool = False) -> None:
         """Push the next stored envelopes to ``session``, up to its window of unanswered ones.

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from p2pim.wire import control_pb2 as p2pim_dot_wire_dot_control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14p2pim/wire/bus.proto\x12\np2pim.wire\x1a\x18p2pim/wire/control.proto\"\xab\x02\n\x0bNodeMessage\x12\x0c\n\x04node\x18\x01 \x01(\t\x12 \n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x10.p2pim.wire.BeatH\x00\x12&\n\x05state\x18\x03 \x01(\x0b\x32\x15.p2pim.wire.UserStateH\x00\x12&\n\x07\x64\x65liver\x18\x04 \x01(\x0b\x32\x13.p2pim.wire.DeliverH\x00\x12%\n\x04pump\x18\x05 \x01(\x0b\x32\x15.p2pim.wire.UsernamesH\x00\x12(\n\x07\x63hanged\x18\x06 \x01(\x0b\x32\x15.p2pim.wire.UsernamesH\x00\x12\x1e\n\x03\x65nd\x18\x07 \x01(\x0b\x32\x0f.p2pim.wire.EndH\x00\x12#\n\x04link\x18\x08 \x01(\x0b\x32\x13.p2pim.wire.LinkHopH\x00\x42\x06\n\x04\x62ody\"#\n\x04\x42\x65\x61t\x12\r\n\x05users\x18\x01 \x01(\r\x12\x0c\n\x04sync\x18\x02 \x01(\x08\"\xa8\x01\n\tUserState\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12&\n\x08presence\x18\x03 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12(\n\tendpoints\x18\x04 \x01(\x0b\x32\x15.p2pim.wire.Endpoints\x12\x14\n\x0clast_seen_ms\x18\x05 \x01(\x03\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\r\">\n\x07\x44\x65liver\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0e\n\x06\x66rames\x18\x02 \x03(\x0c\x12\x11\n\tdevice_id\x18\x03 \x01(\r\"\x1e\n\tUsernames\x12\x11\n\tusernames\x18\x01 \x03(\t\":\n\x03\x45nd\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x07LinkHop\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nto_creator\x18\x03 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14p2pim/wire/bus.proto\x12\np2pim.wire\x1a\x18p2pim/wire/control.proto\"\xab\x02\n\x0bNodeMessage\x12\x0c\n\x04node\x18\x01 \x01(\t\x12 \n\x04\x62\x65\x61t\x18\x02 \x01(\x0b\x32\x10.p2pim.wire.BeatH\x00\x12&\n\x05state\x18\x03 \x01(\x0b\x32\x15.p2pim.wire.UserStateH\x00\x12&\n\x07\x64\x65liver\x18\x04 \x01(\x0b\x32\x13.p2pim.wire.DeliverH\x00\x12%\n\x04pump\x18\x05 \x01(\x0b\x32\x15.p2pim.wire.UsernamesH\x00\x12(\n\x07\x63hanged\x18\x06 \x01(\x0b\x32\x15.p2pim.wire.UsernamesH\x00\x12\x1e\n\x03\x65nd\x18\x07 \x01(\x0b\x32\x0f.p2pim.wire.EndH\x00\x12#\n\x04link\x18\x08 \x01(\x0b\x32\x13.p2pim.wire.LinkHopH\x00\x42\x06\n\x04\x62ody\"#\n\x04\x42\x65\x61t\x12\r\n\x05users\x18\x01 \x01(\r\x12\x0c\n\x04sync\x18\x02 \x01(\x08\"\x98\x01\n\tUserState\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12&\n\x08presence\x18\x03 \x01(\x0e\x32\x14.p2pim.wire.Presence\x12(\n\tendpoints\x18\x04 \x01(\x0b\x32\x15.p2pim.wire.Endpoints\x12\x0f\n\x07\x64\x65vices\x18\x06 \x03(\rJ\x04\x08\x05\x10\x06\"+\n\x07\x44\x65liver\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x0e\n\x06\x66rames\x18\x02 \x03(\x0c\"\x1e\n\tUsernames\x12\x11\n\tusernames\x18\x01 \x03(\t\":\n\x03\x45nd\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x07LinkHop\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\x12\x12\n\nto_creator\x18\x03 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BEAT']._serialized_start=364
   _globals['_BEAT']._serialized_end=399
   _globals['_USERSTATE']._serialized_start=402
-  _globals['_USERSTATE']._serialized_end=570
-  _globals['_DELIVER']._serialized_start=572
-  _globals['_DELIVER']._serialized_end=634
-  _globals['_USERNAMES']._serialized_start=636
-  _globals['_USERNAMES']._serialized_end=666
-  _globals['_END']._serialized_start=668
-  _globals['_END']._serialized_end=726
-  _globals['_LINKHOP']._serialized_start=728
-  _globals['_LINKHOP']._serialized_end=789
+  _globals['_USERSTATE']._serialized_end=554
+  _globals['_DELIVER']._serialized_start=556
+  _globals['_DELIVER']._serialized_end=599
+  _globals['_USERNAMES']._serialized_start=601
+  _globals['_USERNAMES']._serialized_end=631
+  _globals['_END']._serialized_start=633
+  _globals['_END']._serialized_end=691
+  _globals['_LINKHOP']._serialized_start=693
+  _globals['_LINKHOP']._serialized_end=754
 # @@protoc_insertion_point(module_scope)

@@ -121,14 +121,12 @@ class UserState(_message.Message):
     SESSIONS_FIELD_NUMBER: _builtins.int
     PRESENCE_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
-    LAST_SEEN_MS_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     username: _builtins.str
     sessions: _builtins.int
     """logged-in sessions (quiet ones included)"""
     presence: _control_pb2.Presence.ValueType
     """what buddies see of those sessions"""
-    last_seen_ms: _builtins.int
     @_builtins.property
     def endpoints(self) -> _control_pb2.Endpoints:
         """the last published (or observed) endpoints"""
@@ -144,12 +142,11 @@ class UserState(_message.Message):
         sessions: _builtins.int = ...,
         presence: _control_pb2.Presence.ValueType = ...,
         endpoints: _control_pb2.Endpoints | None = ...,
-        last_seen_ms: _builtins.int = ...,
         devices: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "endpoints", b"endpoints", "last_seen_ms", b"last_seen_ms", "presence", b"presence", "sessions", b"sessions", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "endpoints", b"endpoints", "presence", b"presence", "sessions", b"sessions", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -163,10 +160,7 @@ class Deliver(_message.Message):
 
     USERNAME_FIELD_NUMBER: _builtins.int
     FRAMES_FIELD_NUMBER: _builtins.int
-    DEVICE_ID_FIELD_NUMBER: _builtins.int
     username: _builtins.str
-    device_id: _builtins.int
-    """0: every device"""
     @_builtins.property
     def frames(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """serialized Frame"""
@@ -176,11 +170,10 @@ class Deliver(_message.Message):
         *,
         username: _builtins.str = ...,
         frames: _abc.Iterable[_builtins.bytes] | None = ...,
-        device_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "frames", b"frames", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frames", b"frames", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
