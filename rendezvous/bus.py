@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from .cluster import ALL, node_subject
+from .sql import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class BusUnavailable(Exception):
 class NatsBus:
     def __init__(self, url: str, node: str, on_message: Callable[[bytes], None]) -> None:
         self.url = url
-        self.shown = re.sub(r"//[^@/,]*@", "//", url)  # for messages: no credentials
+        self.shown = without_credentials(url)
         self.node = node
         self._on_message = on_message
         self._nc: Any = None

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .passwords import COSTS
+from .sql import is_postgres, without_credentials
 from .stun_server import DEFAULT_BURST, DEFAULT_RATE, StunServerCore
 from .stun_service import StunService
 
@@ -210,14 +211,9 @@ def _node_name(args: argparse.Namespace) -> str:
     return f"{base}-w{args.worker_index}" if args.worker_index >= 0 else base
 
 
-def _shown_db(target: str) -> str:
-    """A database or bus URL for the log: without its user and password."""
-    return re.sub(r"//[^@/,]*@", "//", target)
-
-
 def _check_cluster(args: argparse.Namespace) -> str | None:
     """What is wrong with the cluster options, if anything."""
-    postgres = (args.db or "").startswith(("postgresql://", "postgres://"))
+    postgres = is_postgres(args.db or "")
     if args.workers < 1:
         return "--workers is 1 or more"
     if args.workers > 1 and not args.bus:
@@ -342,7 +338,7 @@ async def _run_serve(args: argparse.Namespace) -> int:
     try:
         db = Database(db_path)
     except (SchemaTooNew, sqlite3.Error, OSError, StoreUnavailable) as exc:
-        print(f"rendezvous: cannot open database {_shown_db(db_path)}: {exc}", file=sys.stderr)
+        print(f"rendezvous: cannot open database {without_credentials(db_path)}: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     node = _node_name(args)
     hub = Hub(db, limits, mail=mailer is not None, node=node if args.bus else "")
@@ -370,9 +366,9 @@ async def _run_serve(args: argparse.Namespace) -> int:
     scheme = "wss" if tls else "ws"
     where = f"{scheme}://{args.host}:{server.port}"
     stun_text = ", ".join(f"{ip}:{port}" for ip, port in stun.addresses) if stun else "off"
-    in_cluster = f"; node {node} on {_shown_db(args.bus)}" if args.bus else ""
+    in_cluster = f"; node {node} on {without_credentials(args.bus)}" if args.bus else ""
     print(
-        f"rendezvous: control on {where}; STUN on {stun_text}; database {_shown_db(db_path)}; "
+        f"rendezvous: control on {where}; STUN on {stun_text}; database {without_credentials(db_path)}; "
         f"up to {server.admission.max_total} connections{in_cluster}",
         flush=True,
     )

@@ -233,8 +233,7 @@ class Database:
     def __init__(self, target: Path | str) -> None:
         """``target``: a SQLite file, or a ``postgresql://`` URL."""
         self.conn: Connection = connect(str(target), MIGRATIONS)
-        self.path = getattr(self.conn, "path", str(target))
-        self.engine = self.conn.engine
+        self.path = self.conn.path
 
     @property
     def schema_version(self) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,7 +69,7 @@ class Cursor(Protocol):
 class Connection(Protocol):
     """What :class:`rendezvous.db.Database` needs of an engine."""
 
-    engine: str  # "sqlite" or "postgresql"
+    path: str  # for messages (a URL without its credentials)
     for_update: str  # " FOR UPDATE" where rows can be locked, else ""
 
     def execute(self, sql: str, params: Params = ()) -> Cursor: ...
@@ -85,7 +84,6 @@ class Connection(Protocol):
 
 
 class SqliteConnection:
-    engine = "sqlite"
     for_update = ""  # one process writes the file: nothing to lock row by row
 
     def __init__(self, path: str, migrations: list[str]) -> None:
@@ -137,7 +135,6 @@ def _pg_sql(sql: str) -> str:
 
 
 class PostgresConnection:
-    engine = "postgresql"
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, migrations: list[str], connect_timeout_s: int = 5) -> None:
@@ -145,7 +142,7 @@ class PostgresConnection:
 
         self._psycopg = psycopg
         self.url = url
-        self.path = re.sub(r"//[^@/]*@", "//", url)  # for messages: without a password
+        self.path = without_credentials(url)
         self._timeout = connect_timeout_s
         self._conn: Any = None
         self._next_try = 0.0
@@ -238,6 +235,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def without_credentials(url: str) -> str:
+    """A database or bus URL (or a comma-separated list of them) fit for a log line."""
+    return re.sub(r"//[^@/,]*@", "//", url)
+
+
 def is_postgres(target: str) -> bool:
     return target.startswith(("postgresql://", "postgres://"))
 
@@ -247,13 +249,3 @@ def connect(target: str, migrations: list[str]) -> Connection:
     if is_postgres(target):
         return PostgresConnection(target, migrations)
     return SqliteConnection(target, migrations)
-
-
-def integrity_errors() -> tuple[type[Exception], ...]:
-    """Unique-key violations of either engine (a race two nodes can lose)."""
-    errors: list[type[Exception]] = [sqlite3.IntegrityError]
-    with contextlib.suppress(ImportError):
-        import psycopg
-
-        errors.append(psycopg.errors.IntegrityError)
-    return tuple(errors)
