@@ -167,10 +167,7 @@ class DeviceHandlers:
             number, far = joining
             if now > far.expires:
                 raise RequestError(pb.LINK_FAILED, "the link is over (it expired, or the other side left)")
-            assert self.hub.cluster is not None
-            # Before the holder answered (a joiner may speak first) this goes to every node,
-            # after the join on the same subject, so the holder takes them in order.
-            self.hub.cluster.link(number, frame.SerializeToString(), to_creator=True, node=far.node)
+            self._to_holder(number, far, frame)
             if req.close:
                 self.joining.pop(number, None)
             return pb.Frame(ok=pb.Ok())
@@ -184,7 +181,7 @@ class DeviceHandlers:
         self, channel: Channel, sender: Session | RemoteEnd, req: pb.DeviceLinkData, now: float
     ) -> None:
         """One message through ``channel`` from ``sender`` to its other end."""
-        if len(req.data) > LINK_MAX_BYTES or channel.messages >= LINK_MAX_MESSAGES or now > channel.expires:
+        if len(req.data) > LINK_MAX_BYTES or channel.messages >= LINK_MAX_MESSAGES:
             self._close(channel, "too much")
             raise RequestError(pb.BAD_REQUEST, "too much through one link")
         channel.messages += 1
@@ -238,9 +235,7 @@ class DeviceHandlers:
         if joining is not None:
             number, far = joining
             del self.joining[number]
-            if far.node and self.hub.cluster is not None:
-                bye = pb.Frame(device_link_data=pb.DeviceLinkData(close=True))
-                self.hub.cluster.link(number, bye.SerializeToString(), to_creator=True, node=far.node)
+            self._to_holder(number, far, pb.Frame(device_link_data=pb.DeviceLinkData(close=True)))
 
     def expire(self, now: float) -> None:
         for channel in [c for c in self.channels.values() if now > c.expires]:
@@ -263,6 +258,9 @@ class DeviceHandlers:
                 self._to(channel.owner, pb.DeviceLinkIn())
                 return
             if channel.joiner != RemoteEnd(node):
+                return
+            if now > channel.expires:
+                self._close(channel, "expired")
                 return
             try:
                 frame = pb.Frame.FromString(hop.frame)
@@ -287,6 +285,13 @@ class DeviceHandlers:
         self.hub._send(joining.session, pb.Frame(device_link_in=msg))
         if msg.closed:
             del self.joining[hop.channel]
+
+    def _to_holder(self, number: int, far: Joining, frame: pb.Frame) -> None:
+        """A joiner's message to the node holding the channel. Before that node answered (a
+        joiner may speak, or leave, first) it goes to every node, after the join on the same
+        subject, so the holder takes them in order."""
+        assert self.hub.cluster is not None
+        self.hub.cluster.link(number, frame.SerializeToString(), to_creator=True, node=far.node)
 
     def _joining_of(self, session: Session) -> tuple[int, Joining] | None:
         return next(((n, j) for n, j in self.joining.items() if j.session is session), None)
